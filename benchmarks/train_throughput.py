@@ -1,0 +1,76 @@
+"""Training throughput of a recipe (default: demo) in fp32 and bf16, as JSON.
+
+    python benchmarks/train_throughput.py [--recipe demo] [--steps 20] [--precision fp32 bf16]
+
+Batches are built once from the recipe's real data pipeline and reused, so the figure is the
+model + objective + optimizer step alone (data loading is measured separately by the loop's
+samples/s in metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from coalign.config import load_recipe
+from coalign.data.loader import BatchDataset
+from coalign.data.transforms.base import Pipeline
+from coalign.objectives.task import Task
+from coalign.run import build_model, build_source, build_transforms
+from coalign.train.optim import build_optimizer
+from coalign.train.precision import autocast, cpu_has_fast_bf16, default_device
+
+
+def measure(recipe, precision: str, steps: int, warmup: int = 3) -> dict:
+    torch.manual_seed(0)
+    device = default_device()
+    source = build_source(recipe.data.train, "data.train")
+    transforms = build_transforms(recipe)
+    for t in transforms.values():
+        t.fit(source, None)
+    data = BatchDataset(source, Pipeline(transforms), recipe.data.batch_size, recipe.seed)
+    batches = [data[i] for i in range(4)]
+    task = Task.from_specs(build_model(recipe, transforms), recipe.objectives).to(device).train()
+    opt = build_optimizer(task, recipe.train)
+    samples = 0
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+            samples = 0
+        batch = batches[i % len(batches)]
+        with autocast(precision, device):
+            loss = task(batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        samples += len(batch["id"])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"precision": precision, "samples_per_s": round(samples / seconds, 1),
+            "step_ms": round(1000 * seconds / steps, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="demo")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    recipe = load_recipe(args.recipe, args.overrides)
+    results = [measure(recipe, p, args.steps) for p in args.precision]
+    print(json.dumps({
+        "benchmark": "train_throughput", "recipe": recipe.name, "batch_size": recipe.data.batch_size,
+        "device": str(default_device()), "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_fast_bf16": cpu_has_fast_bf16(),
+        "machine": platform.machine(), "torch": torch.__version__, "results": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""coalign command line: train | eval | list | demo. Each subcommand parses its own arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from coalign.registry import ConfigError
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a recipe", description="Train a recipe (a YAML path or a built-in name).")
+    p.add_argument("recipe", nargs="?", help="recipe YAML or built-in recipe name (omit with --resume)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.embed_dim=64")
+    p.add_argument("--smoke", action="store_true", help="shrink the recipe to run in under a minute on CPU")
+    p.add_argument("--out", type=Path, help="run folder (default: runs/<name>-<time>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from coalign.config import load_recipe
+    from coalign.train.loop import train
+
+    if args.resume:
+        result = train(None, args.resume, resume=True, progress=not args.no_progress)
+    else:
+        if not args.recipe:
+            raise ConfigError("coalign train needs a recipe (or --resume RUN_DIR)")
+        recipe = load_recipe(args.recipe, args.overrides, smoke=args.smoke)
+        out = args.out or Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = train(recipe, out, progress=not args.no_progress)
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a run or checkpoint", description="Zero-shot classification and "
+                       "retrieval on the recipe's evaluation sets (or those named by overrides).")
+    p.add_argument("run", type=Path, help="run folder or checkpoint folder")
+    p.add_argument("--out", type=Path, help="results JSON (default: RUN/eval/step_N.json)")
+    p.add_argument("--max-samples", type=int, help="evaluate at most this many samples per set")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from coalign.evaluate.suite import evaluate, format_table
+    from coalign.run import build_source, load_run
+    from coalign.train.loop import _evaluators
+
+    run = load_run(args.run)
+    sources = {k: build_source(s, f"data.eval.{k}") for k, s in run.recipe.data.eval.items()}
+    if not sources:
+        raise ConfigError("the recipe has no data.eval sets to evaluate on")
+    max_samples = args.max_samples or run.recipe.eval.max_samples
+    results = evaluate(run.model, run.transforms, sources, _evaluators(run.recipe), args.batch_size,
+                       max_samples, progress=True)
+    run_dir = run.checkpoint.parent.parent
+    out = args.out or run_dir / "eval" / f"step_{run.step:08d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"checkpoint": str(run.checkpoint), "step": run.step, "results": results}, indent=2))
+    print(format_table(results))
+    print(f"results: {out}")
+    return 0
+
+
+def _add_list(sub) -> None:
+    p = sub.add_parser("list", help="list registered sources, transforms, encoders, objectives, evaluators")
+    p.set_defaults(func=cmd_list)
+
+
+def cmd_list(args) -> int:
+    import coalign.components  # noqa: F401
+    from coalign.config import recipes_dir
+    from coalign.registry import ALL
+
+    for kind, registry in ALL.items():
+        print(f"{kind}: {', '.join(registry.names())}")
+    print(f"recipes: {', '.join(sorted(p.stem for p in recipes_dir().glob('*.yaml')))}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train the demo recipe on the built-in world and evaluate it")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    import shutil
+
+    from coalign.config import load_recipe
+    from coalign.train.loop import train
+
+    recipe = load_recipe("demo", args.overrides, smoke=args.smoke)
+    if args.out.exists():
+        shutil.rmtree(args.out)  # the demo always starts fresh; real runs refuse to overwrite
+    result = train(recipe, args.out)
+    print(f"\ntrained {result.step} steps in {result.seconds:.0f} s; run folder: {result.run_dir}")
+    print(f"evaluate again with: coalign eval {result.run_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="coalign", description="One embedding space for many modalities.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_eval, _add_list, _add_demo):
+        add(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+        print(f"coalign {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Collate transformed samples into a batch dict; skipped samples are counted, not fatal.
+
+batch = {
+    "<modality>": tensor (B_m, ...) stacked over the samples that have that modality,
+    "present": {"<modality>": bool (B,)}  which rows of the batch have it (all True when none is missing),
+    "label": {"<key>": long (B,)}        when every sample carries that label,
+    "id": [str] * B,
+    "skipped": SkipCounter                 samples dropped from this batch, by reason,
+}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from coalign.data.sources.base import Sample, SkipCounter
+
+META_KEYS = {"id", "label", "present", "skipped"}
+
+
+def collate(samples: list[Sample], modalities: list[str], skipped: SkipCounter | None = None) -> dict[str, Any]:
+    batch: dict[str, Any] = {"id": [s.get("id", "") for s in samples], "present": {}}
+    for m in modalities:
+        mask = torch.tensor([s.get(m) is not None for s in samples], dtype=torch.bool)
+        if mask.any():
+            batch[m] = torch.stack([s[m] for s in samples if s.get(m) is not None])
+            batch["present"][m] = mask
+    labels = [s.get("label") or {} for s in samples]
+    keys = set.intersection(*(set(lab) for lab in labels)) if labels else set()
+    batch["label"] = {k: torch.tensor([lab[k] for lab in labels], dtype=torch.long) for k in sorted(keys)}
+    batch["skipped"] = skipped if skipped is not None else SkipCounter()
+    return batch
+
+
+def batch_size(batch: dict[str, Any]) -> int:
+    return len(batch["id"])

@@ -1,0 +1,96 @@
+"""Deterministic, resumable batches.
+
+The order of samples is a fixed function of (seed, step): epoch e visits the source in the
+permutation drawn from (seed, e), and batch `step` covers global positions
+[step * B, (step + 1) * B) of that endless sequence. Resuming at step s therefore yields exactly
+the batches an uninterrupted run would have seen, whatever the number of workers, and each
+sample's augmentation randomness is seeded from (seed, epoch, index) for the same reason.
+
+Workers build whole batches (the dataset below is indexed by step), so skip counts travel inside
+each batch and are merged in the main process.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from coalign.data.collate import collate
+from coalign.data.sources.base import SampleError, SkipCounter, Source
+from coalign.data.transforms.base import Pipeline
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+
+
+def load_sample(source: Source, pipeline: Pipeline, index: int, rng: np.random.Generator, skipped: SkipCounter):
+    """One transformed sample, or None (counted in `skipped`) if it is unusable."""
+    try:
+        return pipeline(source[index], rng)
+    except SampleError as err:
+        skipped[err.reason] += 1
+        return None
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """Item `step` is the collated training batch for that step."""
+
+    def __init__(self, source: Source, pipeline: Pipeline, batch_size: int, seed: int):
+        if len(source) == 0:
+            raise ValueError("the training source is empty")
+        self.source, self.pipeline, self.batch_size, self.seed = source, pipeline, batch_size, seed
+
+    def __len__(self) -> int:  # endless in principle; the loop stops at its step budget
+        return 2**62
+
+    def positions(self, step: int) -> list[tuple[int, int]]:
+        """(epoch, index) of each sample in batch `step`."""
+        n = len(self.source)
+        out = []
+        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, offset = divmod(pos, n)
+            out.append((epoch, int(_permutation(self.seed, epoch, n)[offset])))
+        return out
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        skipped = SkipCounter()
+        samples = []
+        for epoch, index in self.positions(step):
+            rng = np.random.default_rng([self.seed, epoch, index])
+            sample = load_sample(self.source, self.pipeline, index, rng, skipped)
+            if sample is not None:
+                samples.append(sample)
+        return collate(samples, self.pipeline.modalities(), skipped)
+
+
+def train_batches(
+    source: Source, pipeline: Pipeline, batch_size: int, seed: int, start_step: int, num_workers: int = 0
+) -> Iterator[dict[str, Any]]:
+    """Batches for steps start_step, start_step + 1, ... (endless)."""
+    dataset = BatchDataset(source, pipeline, batch_size, seed)
+    steps = range(start_step, len(dataset))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=steps,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+    yield from loader
+
+
+def eval_samples(source: Source, pipeline: Pipeline, max_samples: int | None, skipped: SkipCounter):
+    """(index, transformed sample) for the first `max_samples` usable samples of an evaluation source."""
+    rng = np.random.default_rng(0)
+    limit = len(source) if max_samples is None else min(len(source), max_samples)
+    for index in range(limit):
+        sample = load_sample(source, pipeline, index, rng, skipped)
+        if sample is not None:
+            yield index, sample

@@ -1,0 +1,5 @@
+"""Data sources: one file per format; each registers itself in `coalign.registry.SOURCES`."""
+
+from coalign.data.sources.base import Sample, SampleError, SkipCounter, Source, ZeroShotTask
+
+__all__ = ["Sample", "SampleError", "SkipCounter", "Source", "ZeroShotTask"]

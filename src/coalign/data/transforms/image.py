@@ -1,0 +1,86 @@
+"""Image transform: decode (array, path or bytes), resize, optional random-resized-crop, normalise."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from coalign.data.sources.base import SampleError
+from coalign.data.transforms.base import Transform
+from coalign.registry import TRANSFORMS, StrictModel
+
+# OpenAI CLIP's normalisation, so that converted checkpoints see the inputs they were trained on.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageConfig(StrictModel):
+    size: int = 64
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    crop_scale: tuple[float, float] | None = None  # random-resized-crop area range when training
+
+
+def decode_image(value: Any) -> Image.Image:
+    """An RGB PIL image from an array, a PIL image, a path or encoded bytes; SampleError otherwise."""
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, np.ndarray):
+        if value.ndim == 2:
+            value = np.stack([value] * 3, axis=-1)
+        if value.ndim != 3 or value.shape[-1] not in (1, 3, 4):
+            raise SampleError("corrupt_image", f"array of shape {value.shape} is not an image")
+        return Image.fromarray(np.ascontiguousarray(value).astype(np.uint8)).convert("RGB")
+    try:
+        if isinstance(value, str | Path):
+            if not Path(value).is_file():
+                raise SampleError("missing_image", str(value))
+            with Image.open(value) as im:
+                im.load()
+                return im.convert("RGB")
+        if isinstance(value, bytes | bytearray):
+            with Image.open(io.BytesIO(value)) as im:
+                im.load()
+                return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise SampleError("corrupt_image", f"{str(value)[:200]}: {err}") from None
+    raise SampleError("corrupt_image", f"cannot read an image from {type(value).__name__}")
+
+
+@TRANSFORMS.register("image")
+class ImageTransform(Transform):
+    Config = ImageConfig
+
+    def __init__(self, cfg: ImageConfig | None = None, **kwargs):
+        self.cfg = cfg or ImageConfig(**kwargs)
+        self.mean = torch.tensor(self.cfg.mean).view(3, 1, 1)
+        self.std = torch.tensor(self.cfg.std).view(3, 1, 1)
+
+    def __call__(self, value: Any, rng: np.random.Generator) -> torch.Tensor:
+        img = decode_image(value)
+        size = self.cfg.size
+        if self.train and self.cfg.crop_scale is not None:
+            img = self._random_resized_crop(img, rng)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        return (x - self.mean) / self.std  # (3, H, W)
+
+    def _random_resized_crop(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        w, h = img.size
+        lo, hi = self.cfg.crop_scale
+        area = w * h * rng.uniform(lo, hi)
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw = int(round(min(w, np.sqrt(area * aspect))))
+        ch = int(round(min(h, np.sqrt(area / aspect))))
+        x0 = int(rng.integers(0, w - cw + 1))
+        y0 = int(rng.integers(0, h - ch + 1))
+        return img.crop((x0, y0, x0 + cw, y0 + ch))
+
+    def describe(self) -> dict[str, Any]:
+        return {"image_size": self.cfg.size, "channels": 3}

@@ -1,0 +1,66 @@
+"""Transformer text encoder over token ids (tiny to CLIP-B scale by configuration)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from coalign.models.encoders.base import Encoder, Tokens, masked_mean
+from coalign.models.layers import Transformer, init_weights, padding_attn_mask
+from coalign.registry import ENCODERS, StrictModel
+
+
+class TextConfig(StrictModel):
+    vocab_size: int | None = None  # taken from the tokenizer when unset
+    context_length: int | None = None  # likewise
+    pad_id: int = 0
+    width: int = 512
+    depth: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    causal: bool = False
+    pool: Literal["eos", "mean", "first"] = "eos"  # eos: the last real token, as CLIP
+
+    @classmethod
+    def smoke_options(cls) -> dict:
+        return {"width": 32, "depth": 1, "heads": 2}
+
+
+@ENCODERS.register("text_transformer")
+class TextTransformer(Encoder):
+    Config = TextConfig
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        if cfg.vocab_size is None or cfg.context_length is None:
+            raise ValueError("text_transformer needs vocab_size and context_length (normally from the tokenizer)")
+        self.cfg, self.width = cfg, cfg.width
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.context_length, cfg.width) * 0.01)
+        self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        init_weights(self.transformer)
+
+    def forward(self, ids: torch.Tensor) -> Tokens:
+        """ids: (B, L) long, padded with pad_id after the last real token."""
+        valid = ids != self.cfg.pad_id  # (B, L)
+        x = self.token_embed(ids) + self.pos_embed[:, : ids.shape[1]]
+        x = self.transformer(x, padding_attn_mask(valid, self.cfg.causal))
+        return Tokens(x, valid)
+
+    def pool(self, out: Tokens) -> torch.Tensor:
+        if self.cfg.pool == "mean":
+            return masked_mean(out.tokens, out.mask)
+        if self.cfg.pool == "first":
+            return out.tokens[:, 0]
+        last = out.mask.long().sum(1).clamp_min(1) - 1  # (B,) index of the last real token
+        return out.tokens[torch.arange(out.tokens.shape[0], device=last.device), last]
+
+    @classmethod
+    def example_input(cls, cfg: TextConfig, batch: int = 2) -> torch.Tensor:
+        ids = torch.randint(3, cfg.vocab_size, (batch, cfg.context_length))
+        ids[0, cfg.context_length // 2 :] = cfg.pad_id  # one padded row
+        return ids

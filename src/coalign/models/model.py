@@ -1,0 +1,71 @@
+"""MultimodalModel: one encoder tower and one projection head per modality."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coalign.config import ModelConfig
+from coalign.models.encoders.base import Encoder, Tokens
+from coalign.registry import ENCODERS, HEADS
+
+
+@dataclass
+class Features:
+    """What the model computes for one modality of a batch."""
+
+    tokens: Tokens  # (B, N, D) and padding mask
+    pooled: torch.Tensor  # (B, D)
+    embedding: torch.Tensor  # (B, E), L2-normalised
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, towers: dict[str, Encoder], heads: dict[str, nn.Module], embed_dim: int):
+        super().__init__()
+        self.towers = nn.ModuleDict(towers)
+        self.heads = nn.ModuleDict(heads)
+        self.embed_dim = embed_dim
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, inputs: dict[str, dict[str, Any]]) -> MultimodalModel:
+        """Build from a recipe's model section; `inputs[modality]` (from the transforms' `describe()`)
+        fills encoder options the recipe leaves unset, such as image_size or vocab_size."""
+        towers, heads = {}, {}
+        for modality, spec in cfg.towers.items():
+            options = spec.options()
+            config_cls = ENCODERS.config_class(spec.encoder)
+            fields = config_cls.model_fields if config_cls is not None else {}
+            for key, value in inputs.get(modality, {}).items():
+                if key in fields and options.get(key) is None:
+                    options[key] = value
+            towers[modality] = ENCODERS.create(spec.encoder, where=f"model.towers.{modality}", **options)
+            heads[modality] = HEADS.get(cfg.head)(towers[modality].width, cfg.embed_dim)
+        return cls(towers, heads, cfg.embed_dim)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.towers)
+
+    def features(self, modality: str, x: Any, **encoder_kwargs: Any) -> Features:
+        tower = self._tower(modality)
+        tokens = tower(x, **encoder_kwargs)
+        pooled = tower.pool(tokens)
+        embedding = F.normalize(self.heads[modality](pooled).float(), dim=-1)
+        return Features(tokens, pooled, embedding)
+
+    def encode(self, modality: str, x: Any) -> torch.Tensor:
+        """(B, E) L2-normalised embeddings: the one function evaluation, search and serving use."""
+        return self.features(modality, x).embedding
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Features]:
+        """Features for every modality the batch carries and the model has."""
+        return {m: self.features(m, batch[m]) for m in self.modalities if m in batch}
+
+    def _tower(self, modality: str) -> Encoder:
+        if modality not in self.towers:
+            raise KeyError(f"this model has no '{modality}' tower; it has {', '.join(self.modalities)}")
+        return self.towers[modality]

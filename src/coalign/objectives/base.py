@@ -1,0 +1,39 @@
+"""The objective contract: a registered nn.Module, `objective(features, batch) -> {"<name>_loss": t, ...}`.
+
+Every key ending in `_loss` is summed (with the objective's weight) by the Task; every other key is
+a metric that is logged under the objective's name (for example a learnt temperature).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from coalign.models.model import Features
+
+
+class Objective(nn.Module):
+    name: str = "objective"
+
+    def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def paired(features: dict[str, Features], batch: dict[str, Any], a: str, b: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of modalities a and b for the samples that have both, row-aligned: (M, E), (M, E).
+
+    Each modality's features cover only the rows that have it (`batch["present"][m]`), so the rows
+    where both are present are picked out of each side separately.
+    """
+    for m in (a, b):
+        if m not in features:
+            raise KeyError(f"objective needs modality '{m}', but the batch has {sorted(features)}")
+    present = batch.get("present", {})
+    ea, eb = features[a].embedding, features[b].embedding
+    pa, pb = present.get(a), present.get(b)
+    if pa is None or pb is None or (bool(pa.all()) and bool(pb.all())):
+        return ea, eb
+    both = pa & pb
+    return ea[both[pa]], eb[both[pb]]

@@ -1,0 +1,45 @@
+"""Task: model + weighted objectives -> named losses. The training loop only ever sums `loss`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from coalign.config import ObjectiveSpec
+from coalign.models.model import MultimodalModel
+from coalign.objectives.base import Objective
+from coalign.registry import OBJECTIVES
+
+
+class Task(nn.Module):
+    def __init__(self, model: MultimodalModel, objectives: list[Objective], weights: list[float]):
+        super().__init__()
+        if len(objectives) != len(weights):
+            raise ValueError("one weight per objective")
+        self.model = model
+        self.objectives = nn.ModuleList(objectives)
+        self.weights = list(weights)
+
+    @classmethod
+    def from_specs(cls, model: MultimodalModel, specs: list[ObjectiveSpec]) -> Task:
+        objectives = [OBJECTIVES.create(s.name, where=f"objectives.{i}", **s.options()) for i, s in enumerate(specs)]
+        return cls(model, objectives, [s.weight for s in specs])
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """{"loss": weighted sum, "<name>_loss": each loss, "<name>/<metric>": each metric}."""
+        features = self.model(batch)
+        out: dict[str, torch.Tensor] = {}
+        total = None
+        for objective, weight in zip(self.objectives, self.weights, strict=True):
+            for key, value in objective(features, batch).items():
+                if key.endswith("_loss"):
+                    if key in out:
+                        raise ValueError(f"two objectives both return '{key}'; give them distinct names")
+                    out[key] = value
+                    total = weight * value if total is None else total + weight * value
+                else:
+                    out[f"{objective.name}/{key}"] = value
+        out["loss"] = total
+        return out

@@ -1,0 +1,140 @@
+"""One registry type for everything a recipe can name.
+
+Sources, transforms, encoders, objectives and evaluators all live in a `Registry`. A registered
+entry may carry a pydantic `Config` class (as a class attribute); `create(name, **cfg)` validates
+the keyword arguments against it before building, so a recipe with a misspelt key fails at start.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+import pydantic
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message names the field and what would be valid."""
+
+
+def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    """' (did you mean 'x'?)' when a close match exists, else ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def format_validation_error(err: pydantic.ValidationError, prefix: str, model: type | None = None) -> str:
+    """Turn a pydantic error into lines `a.b.c: what is wrong; what is valid`."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(model, e["loc"][:-1]) if model is not None else []
+            key = str(e["loc"][-1])
+            hint = suggest(key, valid)
+            listing = f"; valid keys: {', '.join(sorted(valid))}" if valid else ""
+            lines.append(f"{loc}: unknown key{hint}{listing}")
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _fields_at(model: type, loc: tuple) -> list[str]:
+    """The field names of the nested pydantic model found by following `loc` (best effort)."""
+    cur: Any = model
+    for part in loc:
+        if isinstance(part, int) or cur is None:
+            continue
+        fields = getattr(cur, "model_fields", {})
+        if part not in fields:
+            return []
+        cur = _model_in(fields[part].annotation)
+    return list(getattr(cur, "model_fields", {}).keys())
+
+
+def _model_in(annotation: Any) -> type | None:
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+class Registry(Generic[T]):
+    """Name -> constructor. `create("vit", width=192)` builds; `names()` lists; unknown names fail helpfully."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def deco(obj: Callable[..., T]) -> Callable[..., T]:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            self._entries[name] = obj
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> Callable[..., T]:
+        if name not in self._entries:
+            raise ConfigError(
+                f"unknown {self.kind} '{name}'{suggest(name, self.names())}; "
+                f"valid {self.kind}s: {', '.join(self.names())}"
+            )
+        return self._entries[name]
+
+    def config_class(self, name: str) -> type[pydantic.BaseModel] | None:
+        return getattr(self.get(name), "Config", None)
+
+    def validate(self, name: str, cfg: dict[str, Any], where: str = "") -> pydantic.BaseModel | None:
+        """Validate `cfg` against the entry's Config; raise ConfigError naming `where.field`."""
+        cls = self.config_class(name)
+        if cls is None:
+            return None
+        try:
+            return cls(**cfg)
+        except pydantic.ValidationError as err:
+            raise ConfigError(format_validation_error(err, where, cls)) from None
+
+    def create(self, name: str, where: str = "", **cfg: Any) -> T:
+        parsed = self.validate(name, cfg, where or f"{self.kind} '{name}'")
+        ctor = self.get(name)
+        return ctor(parsed) if parsed is not None else ctor(**cfg)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+class StrictModel(pydantic.BaseModel):
+    """Base for every config: unknown keys are errors, values are validated on assignment."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
+
+
+SOURCES: Registry = Registry("source")
+TRANSFORMS: Registry = Registry("transform")
+ENCODERS: Registry = Registry("encoder")
+HEADS: Registry = Registry("head")
+OBJECTIVES: Registry = Registry("objective")
+EVALUATORS: Registry = Registry("evaluator")
+
+ALL = {
+    "sources": SOURCES,
+    "transforms": TRANSFORMS,
+    "encoders": ENCODERS,
+    "heads": HEADS,
+    "objectives": OBJECTIVES,
+    "evaluators": EVALUATORS,
+}

@@ -1,0 +1,68 @@
+"""Build a recipe's parts, and load a trained run: the shared entry for training, evaluation,
+search and serving (so they all use the same transforms and the same `encode`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import coalign.components  # noqa: F401  (fills the registries)
+from coalign.config import Recipe, SourceSpec, load_recipe
+from coalign.data.sources.base import Source
+from coalign.data.transforms.base import Pipeline, Transform
+from coalign.models.model import MultimodalModel
+from coalign.registry import SOURCES, TRANSFORMS
+from coalign.train.state import load_weights, resolve_checkpoint
+
+RECIPE_FILE = "recipe.yaml"
+
+
+def build_source(spec: SourceSpec, where: str) -> Source:
+    return SOURCES.create(spec.source, where=where, **spec.options())
+
+
+def build_transforms(recipe: Recipe) -> dict[str, Transform]:
+    return {
+        m: TRANSFORMS.create(t.transform, where=f"data.transforms.{m}", **t.options())
+        for m, t in recipe.data.transforms.items()
+        if m in recipe.model.towers
+    }
+
+
+def build_model(recipe: Recipe, transforms: dict[str, Transform]) -> MultimodalModel:
+    return MultimodalModel.from_config(recipe.model, {m: t.describe() for m, t in transforms.items()})
+
+
+@dataclass
+class LoadedRun:
+    recipe: Recipe
+    model: MultimodalModel
+    transforms: dict[str, Transform]  # in eval mode
+    checkpoint: Path
+    step: int
+
+    def pipeline(self) -> Pipeline:
+        return Pipeline(self.transforms)
+
+
+def load_run(path: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
+    """Load a run folder (its latest checkpoint) or one checkpoint folder, ready to encode."""
+    checkpoint = resolve_checkpoint(Path(path))
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+    recipe_path = run_dir / RECIPE_FILE
+    if not recipe_path.exists():
+        raise FileNotFoundError(f"'{run_dir}' has no {RECIPE_FILE}; is it a coalign run folder?")
+    recipe = load_recipe(recipe_path)
+    transforms = build_transforms(recipe)
+    for t in transforms.values():
+        t.load(run_dir)
+        t.eval()
+    model = build_model(recipe, transforms)
+    weights = load_weights(checkpoint)
+    prefix = "model."
+    model.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+    model.to(device).eval()
+    step = int(checkpoint.name.split("_")[-1]) if checkpoint.name.startswith("step_") else 0
+    return LoadedRun(recipe, model, transforms, checkpoint, step)

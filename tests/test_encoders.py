@@ -1,0 +1,57 @@
+"""Every registered encoder honours the contract (timm-style: tests iterate the registry)."""
+
+import pytest
+import torch
+
+from coalign.registry import ENCODERS
+
+SMALL = {
+    "vit": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2},
+    "text_transformer": {"vocab_size": 50, "context_length": 12, "width": 32, "depth": 2, "heads": 2},
+}
+
+
+@pytest.mark.parametrize("name", ENCODERS.names())
+def test_encoder_contract_forward_pool_backward(name):
+    assert name in SMALL, f"add a small config for new encoder '{name}' to this test"
+    cls = ENCODERS.get(name)
+    enc = ENCODERS.create(name, **SMALL[name])
+    x = cls.example_input(enc.cfg, batch=3)
+    out = enc(x)
+    assert out.tokens.ndim == 3 and out.tokens.shape[0] == 3 and out.tokens.shape[2] == enc.width
+    if out.mask is not None:
+        assert out.mask.shape == out.tokens.shape[:2] and out.mask.dtype == torch.bool
+    pooled = enc.pool(out)
+    assert pooled.shape == (3, enc.width)
+    pooled.sum().backward()
+    assert all(p.grad is not None for p in enc.parameters() if p.requires_grad)
+    # Gradient checkpointing gives the same gradients.
+    grads = [p.grad.clone() for p in enc.parameters()]
+    enc.zero_grad()
+    enc.set_grad_checkpointing(True)
+    enc.pool(enc(x)).sum().backward()
+    for g, p in zip(grads, enc.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", ["eos", "mean", "first"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_text_padding_does_not_change_the_embedding(pool, causal):
+    enc = ENCODERS.create("text_transformer", **SMALL["text_transformer"], pool=pool, causal=causal).eval()
+    ids = torch.tensor([[1, 7, 8, 9, 2, 0, 0, 0, 0, 0, 0, 0]])
+    short = torch.tensor([[1, 7, 8, 9, 2, 0]])  # same caption, less padding
+    torch.testing.assert_close(enc.pool(enc(ids)), enc.pool(enc(short)), rtol=1e-5, atol=1e-5)
+    other = torch.tensor([[1, 7, 8, 10, 2, 0, 0, 0, 0, 0, 0, 0]])  # one word differs
+    assert not torch.allclose(enc.pool(enc(ids)), enc.pool(enc(other)))
+
+
+def test_vit_keeps_a_subset_of_patches():
+    enc = ENCODERS.create("vit", **SMALL["vit"])
+    x = torch.randn(2, 3, 32, 32)
+    keep = torch.tensor([[0, 5, 9], [1, 2, 15]])
+    assert enc(x, keep=keep).tokens.shape == (2, 4, 32)
+
+
+def test_vit_rejects_indivisible_image_size():
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        ENCODERS.create("vit", image_size=30, patch_size=8, width=32, depth=1, heads=2)

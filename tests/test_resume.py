@@ -1,0 +1,59 @@
+"""Checkpoints are atomic, and a killed run resumes to the same weights as an uninterrupted one."""
+
+import json
+
+import pytest
+import torch
+
+from coalign.run import load_run
+from coalign.train.loop import train
+from coalign.train.state import LATEST, latest_checkpoint, load_weights, save_checkpoint
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_recipe):
+    recipe = tiny_recipe("train.steps=8", "train.checkpoint_every=3", "data.batch_size=16")
+    full = train(recipe, tmp_path / "full", progress=False)
+    assert full.step == 8
+
+    cut = train(recipe, tmp_path / "cut", progress=False, stop_after=5)  # "killed" after step 5
+    assert cut.step == 5 and cut.results == {}
+    assert latest_checkpoint(tmp_path / "cut").name == "step_00000005"
+    resumed = train(None, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.step == 8
+
+    a = load_weights(latest_checkpoint(tmp_path / "full"))
+    b = load_weights(latest_checkpoint(tmp_path / "cut"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert resumed.results.keys() == full.results.keys()
+    # The metrics log continues rather than restarting.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)
+
+
+@pytest.mark.slow
+def test_refuses_to_overwrite_a_run_and_loads_for_evaluation(tmp_path, tiny_recipe):
+    recipe = tiny_recipe("train.steps=2")
+    train(recipe, tmp_path / "run", progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(recipe, tmp_path / "run", progress=False)
+    run = load_run(tmp_path / "run")
+    assert run.step == 2 and set(run.model.modalities) == {"image", "text"}
+    ids = run.transforms["text"].encode(["a red circle"])
+    emb = run.model.encode("text", ids)
+    assert emb.shape == (1, run.model.embed_dim)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(1))
+
+
+def test_checkpoint_writes_are_atomic_and_pruned(tmp_path):
+    w = {"a": torch.arange(4.0)}
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, w, {"x": step}, keep=2)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000002", "step_00000003"]
+    assert (root / LATEST).read_text() == "step_00000003"
+    # A crash mid-write leaves a hidden temporary folder, never a half checkpoint that LATEST names.
+    (root / ".step_00000004.tmp").mkdir()
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
