@@ -51,8 +51,11 @@ def measure(recipe, precision: str, steps: int, warmup: int = 3) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"precision": precision, "samples_per_s": round(samples / seconds, 1),
-            "step_ms": round(1000 * seconds / steps, 1)}
+    return {
+        "precision": precision,
+        "samples_per_s": round(samples / seconds, 1),
+        "step_ms": round(1000 * seconds / steps, 1),
+    }
 
 
 def main() -> None:
@@ -64,12 +67,23 @@ def main() -> None:
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
     results = [measure(recipe, p, args.steps) for p in args.precision]
-    print(json.dumps({
-        "benchmark": "train_throughput", "recipe": recipe.name, "batch_size": recipe.data.batch_size,
-        "device": str(default_device()), "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_fast_bf16": cpu_has_fast_bf16(),
-        "machine": platform.machine(), "torch": torch.__version__, "results": results,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_throughput",
+                "recipe": recipe.name,
+                "batch_size": recipe.data.batch_size,
+                "device": str(default_device()),
+                "threads": torch.get_num_threads(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "cpu_fast_bf16": cpu_has_fast_bf16(),
+                "machine": platform.machine(),
+                "torch": torch.__version__,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

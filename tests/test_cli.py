@@ -24,14 +24,19 @@ def test_bad_recipe_fails_before_any_work(tmp_path, capsys):
 @pytest.mark.slow
 def test_train_smoke_then_eval(tmp_path, capsys):
     run = tmp_path / "run"
-    overrides = ["data.train.size=64", "data.eval.test.size=16", "data.eval.heldout_combos.size=16", "train.steps=3"]
+    overrides = [
+        "data.train.size=64",
+        "data.eval.heldout_samples.size=16",
+        "data.eval.heldout_combos.size=16",
+        "train.steps=3",
+    ]
     assert main(["train", "demo", *overrides, "--smoke", "--out", str(run), "--no-progress"]) == 0
     for name in ("recipe.yaml", "tokenizer.json", "metrics.jsonl", "results.json", "data_report.json"):
         assert (run / name).exists(), name
     assert list((run / "tensorboard").iterdir())
     assert main(["eval", str(run), "--out", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
-    test = result["results"]["test"]
+    test = result["results"]["heldout_samples"]
     assert 0.0 <= test["zero_shot/image/shape/acc1"] <= 1.0
     assert "retrieval/image/image_retrieval_recall@5" in test
     assert test["samples"] == 16

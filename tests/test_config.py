@@ -45,12 +45,16 @@ def test_unknown_registry_name_lists_valid_names():
 
 
 def test_bad_source_option_value_is_reported_with_path():
-    with pytest.raises(ConfigError, match=r"data\.train.*split 'val' is not valid; valid splits: train, test, heldout"):
+    with pytest.raises(
+        ConfigError, match=r"data\.train.*split 'val' is not valid; valid splits: train, test, heldout"
+    ):
         load_recipe("demo", ["data.train.split=val"])
 
 
 def test_overrides_are_typed_and_applied():
-    r = load_recipe("demo", ["train.steps=7", "train.lr=0.5", "model.towers.image.width=64", "objectives.0.weight=2"])
+    r = load_recipe(
+        "demo", ["train.steps=7", "train.lr=0.5", "model.towers.image.width=64", "objectives.0.weight=2"]
+    )
     assert r.train.steps == 7 and r.train.lr == 0.5
     assert r.model.towers["image"].options()["width"] == 64
     assert r.objectives[0].weight == 2.0
@@ -86,5 +90,7 @@ def test_registry_unknown_and_duplicate_names():
     reg.register("alpha")(dict)
     with pytest.raises(ValueError, match="registered twice"):
         reg.register("alpha")(dict)
-    with pytest.raises(ConfigError, match="unknown widget 'alpah' \\(did you mean 'alpha'\\?\\); valid widgets: alpha"):
+    with pytest.raises(
+        ConfigError, match="unknown widget 'alpah' \\(did you mean 'alpha'\\?\\); valid widgets: alpha"
+    ):
         reg.get("alpah")

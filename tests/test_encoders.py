@@ -42,6 +42,8 @@ def test_text_padding_does_not_change_the_embedding(pool, causal):
     short = torch.tensor([[1, 7, 8, 9, 2, 0]])  # same caption, less padding
     torch.testing.assert_close(enc.pool(enc(ids)), enc.pool(enc(short)), rtol=1e-5, atol=1e-5)
     other = torch.tensor([[1, 7, 8, 10, 2, 0, 0, 0, 0, 0, 0, 0]])  # one word differs
+    if causal and pool == "first":
+        return  # <bos> sees nothing after itself under a causal mask
     assert not torch.allclose(enc.pool(enc(ids)), enc.pool(enc(other)))
 
 

@@ -12,7 +12,7 @@ from coalign.objectives.task import Task
 
 
 def brute_force_info_nce(a, b, scale):
-    """L = 1/2B * sum_i [ -log e^{s a_i.b_i} / sum_j e^{s a_i.b_j}  -log e^{s a_i.b_i} / sum_j e^{s a_j.b_i} ]."""
+    """L = 1/2B sum_i [-log e^{s a_i.b_i}/sum_j e^{s a_i.b_j} - log e^{s a_i.b_i}/sum_j e^{s a_j.b_i}]."""
     B = a.shape[0]
     total = 0.0
     for i in range(B):
@@ -68,8 +68,10 @@ def test_objective_temperature_init_and_clamp():
 def test_objective_uses_only_rows_with_both_modalities():
     a, b = _pair(B=6)
     a, b = a.detach().float(), b.detach().float()
-    present = {"image": torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool),
-               "text": torch.tensor([1, 1, 1, 1, 0, 1], dtype=torch.bool)}
+    present = {
+        "image": torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool),
+        "text": torch.tensor([1, 1, 1, 1, 0, 1], dtype=torch.bool),
+    }
     # Features hold only the present rows of each modality.
     feats = _features(a[present["image"]], b[present["text"]])
     out = InfoNCE()(feats, {"present": present})

@@ -29,7 +29,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_recipe):
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
     assert resumed.results.keys() == full.results.keys()
     # The metrics log continues rather than restarting.
-    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(steps)
 
 

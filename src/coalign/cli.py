@@ -12,12 +12,16 @@ from coalign.registry import ConfigError
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a recipe", description="Train a recipe (a YAML path or a built-in name).")
+    p = sub.add_parser(
+        "train", help="train a recipe", description="Train a recipe (a YAML path or a built-in name)."
+    )
     p.add_argument("recipe", nargs="?", help="recipe YAML or built-in recipe name (omit with --resume)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.embed_dim=64")
     p.add_argument("--smoke", action="store_true", help="shrink the recipe to run in under a minute on CPU")
     p.add_argument("--out", type=Path, help="run folder (default: runs/<name>-<time>)")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -39,8 +43,12 @@ def cmd_train(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a run or checkpoint", description="Zero-shot classification and "
-                       "retrieval on the recipe's evaluation sets (or those named by overrides).")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run or checkpoint",
+        description="Zero-shot classification and "
+        "retrieval on the recipe's evaluation sets (or those named by overrides).",
+    )
     p.add_argument("run", type=Path, help="run folder or checkpoint folder")
     p.add_argument("--out", type=Path, help="results JSON (default: RUN/eval/step_N.json)")
     p.add_argument("--max-samples", type=int, help="evaluate at most this many samples per set")
@@ -58,12 +66,21 @@ def cmd_eval(args) -> int:
     if not sources:
         raise ConfigError("the recipe has no data.eval sets to evaluate on")
     max_samples = args.max_samples or run.recipe.eval.max_samples
-    results = evaluate(run.model, run.transforms, sources, _evaluators(run.recipe), args.batch_size,
-                       max_samples, progress=True)
+    results = evaluate(
+        run.model,
+        run.transforms,
+        sources,
+        _evaluators(run.recipe),
+        args.batch_size,
+        max_samples,
+        progress=True,
+    )
     run_dir = run.checkpoint.parent.parent
     out = args.out or run_dir / "eval" / f"step_{run.step:08d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": str(run.checkpoint), "step": run.step, "results": results}, indent=2))
+    out.write_text(
+        json.dumps({"checkpoint": str(run.checkpoint), "step": run.step, "results": results}, indent=2)
+    )
     print(format_table(results))
     print(f"results: {out}")
     return 0

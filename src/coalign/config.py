@@ -125,10 +125,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         node = raw
         parts = key.split(".")
         for p in parts[:-1]:
-            if isinstance(node, list):
-                node = node[_list_index(p, node, key)]
-            else:
-                node = node.setdefault(p, {})
+            node = node[_list_index(p, node, key)] if isinstance(node, list) else node.setdefault(p, {})
         last = parts[-1]
         if isinstance(node, list):
             node[_list_index(last, node, key)] = value
@@ -189,9 +186,12 @@ def _validate_parts(recipe: Recipe) -> None:
     ]
     checks += [(SOURCES, s.source, s.options(), f"data.eval.{k}") for k, s in recipe.data.eval.items()]
     checks += [
-        (TRANSFORMS, t.transform, t.options(), f"data.transforms.{m}") for m, t in recipe.data.transforms.items()
+        (TRANSFORMS, t.transform, t.options(), f"data.transforms.{m}")
+        for m, t in recipe.data.transforms.items()
     ]
-    checks += [(ENCODERS, t.encoder, t.options(), f"model.towers.{m}") for m, t in recipe.model.towers.items()]
+    checks += [
+        (ENCODERS, t.encoder, t.options(), f"model.towers.{m}") for m, t in recipe.model.towers.items()
+    ]
     checks += [(OBJECTIVES, o.name, o.options(), f"objectives.{i}") for i, o in enumerate(recipe.objectives)]
     errors = []
     for registry, name, options, where in checks:
@@ -227,14 +227,13 @@ def shrink(recipe: Recipe) -> Recipe:
     r.data.batch_size = min(r.data.batch_size, 32)
     r.data.num_workers = 0
     r.eval.max_samples = min(r.eval.max_samples or 10**9, 128)
-    for spec in [r.data.train, *r.data.eval.values()]:
-        cls = SOURCES.config_class(spec.source)
-        for key, value in getattr(cls, "smoke_options", dict)().items():
-            setattr(spec, key, value)
-    for tower in r.model.towers.values():
-        cls = ENCODERS.config_class(tower.encoder)
-        for key, value in getattr(cls, "smoke_options", dict)().items():
-            setattr(tower, key, value)
+    parts = [(SOURCES, s.source, s) for s in [r.data.train, *r.data.eval.values()]]
+    parts += [(ENCODERS, t.encoder, t) for t in r.model.towers.values()]
+    for registry, name, spec in parts:
+        cls = registry.config_class(name)
+        for key, small in getattr(cls, "smoke_options", dict)().items():
+            current = spec.options().get(key)
+            setattr(spec, key, min(current, small) if isinstance(current, int | float) else small)
     return validate_recipe(r.model_dump())
 
 

@@ -66,7 +66,7 @@ def _model_in(annotation: Any) -> type | None:
 
 
 class Registry(Generic[T]):
-    """Name -> constructor. `create("vit", width=192)` builds; `names()` lists; unknown names fail helpfully."""
+    """Name -> constructor: `create("vit", width=192)` builds, `names()` lists, unknown names fail clearly."""
 
     def __init__(self, kind: str):
         self.kind = kind

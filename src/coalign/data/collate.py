@@ -20,7 +20,9 @@ from coalign.data.sources.base import Sample, SkipCounter
 META_KEYS = {"id", "label", "present", "skipped"}
 
 
-def collate(samples: list[Sample], modalities: list[str], skipped: SkipCounter | None = None) -> dict[str, Any]:
+def collate(
+    samples: list[Sample], modalities: list[str], skipped: SkipCounter | None = None
+) -> dict[str, Any]:
     batch: dict[str, Any] = {"id": [s.get("id", "") for s in samples], "present": {}}
     for m in modalities:
         mask = torch.tensor([s.get(m) is not None for s in samples], dtype=torch.bool)

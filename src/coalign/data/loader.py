@@ -29,7 +29,9 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
 
 
-def load_sample(source: Source, pipeline: Pipeline, index: int, rng: np.random.Generator, skipped: SkipCounter):
+def load_sample(
+    source: Source, pipeline: Pipeline, index: int, rng: np.random.Generator, skipped: SkipCounter
+):
     """One transformed sample, or None (counted in `skipped`) if it is unusable."""
     try:
         return pipeline(source[index], rng)

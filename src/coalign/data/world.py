@@ -169,7 +169,7 @@ def render_image(attrs: Attributes, rng: np.random.Generator, size: int = 64) ->
     c1 = c1.mean() + 0.35 * (c1 - c1.mean())
     angle = rng.uniform(0, 2 * math.pi)
     t = ((xx - size / 2) * math.cos(angle) + (yy - size / 2) * math.sin(angle)) / size + 0.5
-    img = (c0.astype(np.float32) * (1 - t[..., None]) + c1.astype(np.float32) * t[..., None])
+    img = c0.astype(np.float32) * (1 - t[..., None]) + c1.astype(np.float32) * t[..., None]
     for _ in range(int(rng.integers(0, 4))):
         bx, by, br = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(3, size / 4)
         blob = np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / (2 * br**2))[..., None]

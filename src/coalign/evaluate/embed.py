@@ -31,7 +31,9 @@ def _captions(value) -> list[str]:
 
 
 @torch.no_grad()
-def text_encoder(model: MultimodalModel, transform: Transform, device, batch_size: int = 256, autocast=None) -> Callable:
+def text_encoder(
+    model: MultimodalModel, transform: Transform, device, batch_size: int = 256, autocast=None
+) -> Callable:
     """A function list[str] -> (n, E) normalised text embeddings."""
 
     def encode(texts: list[str]) -> torch.Tensor:
@@ -59,7 +61,11 @@ def embed_source(
 ) -> EmbeddedSet:
     device = device or torch.device("cpu")
     modalities = [m for m in model.modalities if m != "text" and m in transforms]
-    encode_text = text_encoder(model, transforms["text"], device, batch_size, autocast) if "text" in transforms else None
+    encode_text = (
+        text_encoder(model, transforms["text"], device, batch_size, autocast)
+        if "text" in transforms
+        else None
+    )
     skipped = SkipCounter()
     rng = np.random.default_rng(0)
     pending: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
@@ -101,5 +107,12 @@ def embed_source(
     embeddings = {m: torch.cat(c) if c else torch.zeros(0, model.embed_dim) for m, c in chunks.items()}
     captions = encode_text(texts) if encode_text is not None else torch.zeros(0, model.embed_dim)
     labels_t = {k: torch.tensor(v) for k, v in labels.items() if len(v) == kept}
-    return EmbeddedSet(name, embeddings, captions, torch.tensor(owner, dtype=torch.long), labels_t,
-                       source.zero_shot_tasks(), skipped)
+    return EmbeddedSet(
+        name,
+        embeddings,
+        captions,
+        torch.tensor(owner, dtype=torch.long),
+        labels_t,
+        source.zero_shot_tasks(),
+        skipped,
+    )

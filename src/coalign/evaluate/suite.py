@@ -25,7 +25,10 @@ def _galleries(eset: EmbeddedSet) -> dict[str, torch.Tensor]:
 
 @EVALUATORS.register("zero_shot")
 def zero_shot(eset: EmbeddedSet, encode_text: Callable) -> dict[str, float]:
-    """Classify each non-text modality by prompting with class names: `zero_shot/<modality>/<label>/<metric>`."""
+    """Classify each non-text modality by prompting with class names.
+
+    Keys: `zero_shot/<modality>/<label>/<metric>`.
+    """
     out: dict[str, float] = {}
     for key, task in eset.tasks.items():
         if key not in eset.labels:
@@ -69,7 +72,9 @@ def evaluate(
         results: dict[str, dict[str, float]] = {}
         encode_text = text_encoder(model, transforms["text"], device, batch_size, autocast)
         for name, source in sources.items():
-            eset = embed_source(name, model, transforms, source, batch_size, max_samples, device, progress, autocast)
+            eset = embed_source(
+                name, model, transforms, source, batch_size, max_samples, device, progress, autocast
+            )
             metrics: dict[str, float] = {"samples": float(len(eset.caption_owner.unique()))}
             for ev in evaluators:
                 metrics.update(EVALUATORS.get(ev)(eset, encode_text))

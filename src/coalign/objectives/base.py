@@ -21,7 +21,9 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
-def paired(features: dict[str, Features], batch: dict[str, Any], a: str, b: str) -> tuple[torch.Tensor, torch.Tensor]:
+def paired(
+    features: dict[str, Features], batch: dict[str, Any], a: str, b: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings of modalities a and b for the samples that have both, row-aligned: (M, E), (M, E).
 
     Each modality's features cover only the rows that have it (`batch["present"][m]`), so the rows

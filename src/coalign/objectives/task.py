@@ -24,7 +24,9 @@ class Task(nn.Module):
 
     @classmethod
     def from_specs(cls, model: MultimodalModel, specs: list[ObjectiveSpec]) -> Task:
-        objectives = [OBJECTIVES.create(s.name, where=f"objectives.{i}", **s.options()) for i, s in enumerate(specs)]
+        objectives = [
+            OBJECTIVES.create(s.name, where=f"objectives.{i}", **s.options()) for i, s in enumerate(specs)
+        ]
         return cls(model, objectives, [s.weight for s in specs])
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

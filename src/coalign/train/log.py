@@ -21,7 +21,9 @@ class MetricLogger:
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         except ImportError:  # tensorboard is a dependency, but a stripped install still trains
             self.tb = None
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, dynamic_ncols=True, unit="step")
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, disable=not progress, dynamic_ncols=True, unit="step"
+        )
         self.samples_since = 0
         self.t_since = time.perf_counter()
 

@@ -48,7 +48,9 @@ class TrainResult:
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     if device.type == "cpu":
         return batch
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
 def train(
@@ -71,7 +73,9 @@ def train(
     elif recipe is None:
         raise ValueError("train() needs a recipe unless resuming")
     elif latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(f"'{run_dir}' already holds a run; use --resume to continue it, or another --out")
+        raise FileExistsError(
+            f"'{run_dir}' already holds a run; use --resume to continue it, or another --out"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = recipe.train
     if cfg.threads:
@@ -120,8 +124,14 @@ def train(
 
     def run_eval() -> dict[str, dict[str, float]]:
         results = evaluate(
-            task.model, eval_transforms, eval_sources, _evaluators(recipe), recipe.eval.batch_size,
-            recipe.eval.max_samples, device, autocast=lambda: autocast(precision, device),
+            task.model,
+            eval_transforms,
+            eval_sources,
+            _evaluators(recipe),
+            recipe.eval.batch_size,
+            recipe.eval.max_samples,
+            device,
+            autocast=lambda: autocast(precision, device),
         )
         for dataset, metrics in results.items():
             logger.log(step, {f"{dataset}/{k}": v for k, v in metrics.items()}, kind="eval")
@@ -129,8 +139,9 @@ def train(
 
     logger = MetricLogger(run_dir, cfg.steps, step, progress)
     logger.write(f"coalign: training '{recipe.name}' on {device} ({precision}) into {run_dir}")
-    batches = train_batches(source, Pipeline(transforms), recipe.data.batch_size, recipe.seed, step,
-                            recipe.data.num_workers)
+    batches = train_batches(
+        source, Pipeline(transforms), recipe.data.batch_size, recipe.seed, step, recipe.data.num_workers
+    )
     end = min(cfg.steps, stop_after or cfg.steps)
     results: dict[str, dict[str, float]] = {}
     started = time.perf_counter()
@@ -157,8 +168,11 @@ def train(
                 if not math.isfinite(value):
                     raise FloatingPointError(f"loss is {value} at step {step}; last checkpoint is kept")
                 metrics = {k: v.item() for k, v in out.items()}
-                metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm.item(),
-                               samples_per_s=logger.throughput())
+                metrics.update(
+                    lr=scheduler.get_last_lr()[0],
+                    grad_norm=grad_norm.item(),
+                    samples_per_s=logger.throughput(),
+                )
                 logger.log(step, metrics)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 run_eval()
@@ -182,4 +196,8 @@ def train(
 
 
 def _evaluators(recipe: Recipe) -> list[str]:
-    return [name for name, on in (("zero_shot", recipe.eval.zero_shot), ("retrieval", recipe.eval.retrieval)) if on]
+    return [
+        name
+        for name, on in (("zero_shot", recipe.eval.zero_shot), ("retrieval", recipe.eval.retrieval))
+        if on
+    ]

@@ -62,7 +62,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int
+) -> Path:
     """Write checkpoints/step_XXXXXXXX atomically, point LATEST at it, keep the newest `keep`."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)

@@ -95,4 +95,3 @@ class BPETextTransform(Transform):
     def describe(self) -> dict[str, Any]:
         size = self.tokenizer.get_vocab_size() if self.tokenizer is not None else self.cfg.vocab_size
         return {"vocab_size": size, "context_length": self.cfg.context_length, "pad_id": PAD}
-

@@ -36,7 +36,9 @@ class TextTransformer(Encoder):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         if cfg.vocab_size is None or cfg.context_length is None:
-            raise ValueError("text_transformer needs vocab_size and context_length (normally from the tokenizer)")
+            raise ValueError(
+                "text_transformer needs vocab_size and context_length (normally from the tokenizer)"
+            )
         self.cfg, self.width = cfg, cfg.width
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.context_length, cfg.width) * 0.01)
