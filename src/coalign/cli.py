@@ -59,7 +59,6 @@ def _add_eval(sub) -> None:
 def cmd_eval(args) -> int:
     from coalign.evaluate.suite import evaluate, format_table
     from coalign.run import build_source, load_run
-    from coalign.train.loop import _evaluators
 
     run = load_run(args.run)
     sources = {k: build_source(s, f"data.eval.{k}") for k, s in run.recipe.data.eval.items()}
@@ -70,7 +69,7 @@ def cmd_eval(args) -> int:
         run.model,
         run.transforms,
         sources,
-        _evaluators(run.recipe),
+        run.recipe.eval.evaluators,
         args.batch_size,
         max_samples,
         progress=True,

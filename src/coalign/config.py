@@ -16,6 +16,7 @@ import yaml
 
 from coalign.registry import (
     ENCODERS,
+    EVALUATORS,
     HEADS,
     OBJECTIVES,
     SOURCES,
@@ -85,8 +86,7 @@ class TrainConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    zero_shot: bool = True
-    retrieval: bool = True
+    evaluators: list[str] = ["zero_shot", "retrieval"]  # registry names (`coalign list`)
     batch_size: int = pydantic.Field(256, gt=0)
     max_samples: int | None = None
 
@@ -200,13 +200,22 @@ def _validate_parts(recipe: Recipe) -> None:
             registry.validate(name, options, where)
         except ConfigError as err:
             errors.append(f"{where}: {err}" if not str(err).startswith(where) else str(err))
-    try:
-        HEADS.get(recipe.model.head)
-    except ConfigError as err:
-        errors.append(f"model.head: {err}")
+    for where, registry, name in [("model.head", HEADS, recipe.model.head)] + [
+        (f"eval.evaluators.{i}", EVALUATORS, e) for i, e in enumerate(recipe.eval.evaluators)
+    ]:
+        try:
+            registry.get(name)
+        except ConfigError as err:
+            errors.append(f"{where}: {err}")
     missing = [m for m in recipe.model.towers if m not in recipe.data.transforms]
     if missing:
         errors.append(f"data.transforms: no transform for modalities {missing}; every tower needs one")
+    for key in recipe.data.transforms:
+        if key.split("@", 1)[0] not in recipe.model.towers:
+            errors.append(
+                f"data.transforms.{key}: the model has no '{key.split('@', 1)[0]}' tower; "
+                f"towers: {', '.join(recipe.model.towers)} (views are named <modality>@<view>)"
+            )
     if errors:
         raise ConfigError("invalid recipe:\n" + "\n".join(errors))
 

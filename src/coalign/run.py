@@ -23,16 +23,19 @@ def build_source(spec: SourceSpec, where: str) -> Source:
     return SOURCES.create(spec.source, where=where, **spec.options())
 
 
-def build_transforms(recipe: Recipe) -> dict[str, Transform]:
+def build_transforms(recipe: Recipe, views: bool = True) -> dict[str, Transform]:
+    """One transform per key of `data.transforms`; `views=False` leaves out the `<modality>@<view>`
+    keys, which only training objectives use."""
     return {
-        m: TRANSFORMS.create(t.transform, where=f"data.transforms.{m}", **t.options())
-        for m, t in recipe.data.transforms.items()
-        if m in recipe.model.towers
+        key: TRANSFORMS.create(t.transform, where=f"data.transforms.{key}", **t.options())
+        for key, t in recipe.data.transforms.items()
+        if views or "@" not in key
     }
 
 
 def build_model(recipe: Recipe, transforms: dict[str, Transform]) -> MultimodalModel:
-    return MultimodalModel.from_config(recipe.model, {m: t.describe() for m, t in transforms.items()})
+    inputs = {m: t.describe() for m, t in transforms.items() if "@" not in m}
+    return MultimodalModel.from_config(recipe.model, inputs)
 
 
 @dataclass
@@ -55,7 +58,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
     if not recipe_path.exists():
         raise FileNotFoundError(f"'{run_dir}' has no {RECIPE_FILE}; is it a coalign run folder?")
     recipe = load_recipe(recipe_path)
-    transforms = build_transforms(recipe)
+    transforms = build_transforms(recipe, views=False)
     for t in transforms.values():
         t.load(run_dir)
         t.eval()

@@ -1,12 +1,16 @@
 """Run the recipe's evaluators over its evaluation sources.
 
-Evaluators are registered functions `evaluator(embedded_set, encode_text) -> {metric: value}`;
-the suite embeds each source once and hands the same embeddings to every evaluator.
+Evaluators are registered functions `evaluator(embedded_set, ctx) -> {metric: value}`; the suite
+embeds each source once and hands the same embeddings to every evaluator. `ctx` carries the model,
+its transforms and the source for evaluators that need more than pooled embeddings (late
+interaction re-encodes tokens, for example).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,12 +23,24 @@ from coalign.models.model import MultimodalModel
 from coalign.registry import EVALUATORS
 
 
+@dataclass
+class EvalContext:
+    model: MultimodalModel
+    transforms: dict[str, Transform]
+    source: Source
+    encode_text: Callable[[list[str]], torch.Tensor]  # list[str] -> (n, E) normalised
+    batch_size: int
+    max_samples: int | None
+    device: torch.device
+    autocast: Any = None
+
+
 def _galleries(eset: EmbeddedSet) -> dict[str, torch.Tensor]:
     return {m: e for m, e in eset.embeddings.items() if len(e)}
 
 
 @EVALUATORS.register("zero_shot")
-def zero_shot(eset: EmbeddedSet, encode_text: Callable) -> dict[str, float]:
+def zero_shot(eset: EmbeddedSet, ctx: EvalContext) -> dict[str, float]:
     """Classify each non-text modality by prompting with class names.
 
     Keys: `zero_shot/<modality>/<label>/<metric>`.
@@ -33,7 +49,7 @@ def zero_shot(eset: EmbeddedSet, encode_text: Callable) -> dict[str, float]:
     for key, task in eset.tasks.items():
         if key not in eset.labels:
             continue
-        classes = class_embeddings(encode_text, task.classnames, task.templates)  # (C, E)
+        classes = class_embeddings(ctx.encode_text, task.classnames, task.templates)  # (C, E)
         for modality, emb in _galleries(eset).items():
             metrics = classification_metrics(emb @ classes.T, eset.labels[key])
             out.update({f"zero_shot/{modality}/{key}/{k}": v for k, v in metrics.items()})
@@ -41,7 +57,7 @@ def zero_shot(eset: EmbeddedSet, encode_text: Callable) -> dict[str, float]:
 
 
 @EVALUATORS.register("retrieval")
-def retrieval(eset: EmbeddedSet, encode_text: Callable) -> dict[str, float]:
+def retrieval(eset: EmbeddedSet, ctx: EvalContext) -> dict[str, float]:
     """Caption <-> sample retrieval, CLIP_benchmark's definitions: `retrieval/<modality>/<metric>`."""
     out: dict[str, float] = {}
     if not len(eset.captions):
@@ -75,9 +91,14 @@ def evaluate(
             eset = embed_source(
                 name, model, transforms, source, batch_size, max_samples, device, progress, autocast
             )
-            metrics: dict[str, float] = {"samples": float(len(eset.caption_owner.unique()))}
+            ctx = EvalContext(
+                model, transforms, source, encode_text, batch_size, max_samples, device, autocast
+            )
+            metrics: dict[str, float] = {
+                "samples": float(max((len(e) for e in eset.embeddings.values()), default=0))
+            }
             for ev in evaluators:
-                metrics.update(EVALUATORS.get(ev)(eset, encode_text))
+                metrics.update(EVALUATORS.get(ev)(eset, ctx))
             metrics.update({f"skipped/{k}": float(v) for k, v in eset.skipped.items()})
             results[name] = metrics
         return results

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coalign.config import ModelConfig
+from coalign.data.transforms.base import base_modality
 from coalign.models.encoders.base import Encoder, Tokens
 from coalign.registry import ENCODERS, HEADS
 
@@ -62,8 +63,13 @@ class MultimodalModel(nn.Module):
         return self.features(modality, x).embedding
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Features]:
-        """Features for every modality the batch carries and the model has."""
-        return {m: self.features(m, batch[m]) for m in self.modalities if m in batch}
+        """Features for every key of the batch that a tower encodes: each modality the model has, and
+        each view `<modality>@<view>` of one (encoded by that modality's tower)."""
+        return {
+            key: self.features(base_modality(key), value)
+            for key, value in batch.items()
+            if base_modality(key) in self.towers and isinstance(value, torch.Tensor)
+        }
 
     def _tower(self, modality: str) -> Encoder:
         if modality not in self.towers:

@@ -17,6 +17,9 @@ from coalign.models.model import Features
 class Objective(nn.Module):
     name: str = "objective"
 
+    def bind(self, model: nn.Module) -> None:
+        """Called once with the model before the optimizer is built: create heads that need its widths."""
+
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

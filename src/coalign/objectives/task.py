@@ -27,6 +27,8 @@ class Task(nn.Module):
         objectives = [
             OBJECTIVES.create(s.name, where=f"objectives.{i}", **s.options()) for i, s in enumerate(specs)
         ]
+        for objective in objectives:
+            objective.bind(model)
         return cls(model, objectives, [s.weight for s in specs])
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

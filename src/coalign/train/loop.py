@@ -92,7 +92,7 @@ def train(
         t.load(run_dir) if resume else t.fit(source, run_dir)
     if not resume:
         save_resolved(recipe, run_dir / RECIPE_FILE)
-    eval_transforms = build_transforms(recipe)
+    eval_transforms = build_transforms(recipe, views=False)
     for t in eval_transforms.values():
         t.load(run_dir)
         t.eval()
@@ -127,7 +127,7 @@ def train(
             task.model,
             eval_transforms,
             eval_sources,
-            _evaluators(recipe),
+            recipe.eval.evaluators,
             recipe.eval.batch_size,
             recipe.eval.max_samples,
             device,
@@ -193,11 +193,3 @@ def train(
         logger.write(format_table(results))
     logger.close()
     return TrainResult(run_dir, step, results, skipped, seconds)
-
-
-def _evaluators(recipe: Recipe) -> list[str]:
-    return [
-        name
-        for name, on in (("zero_shot", recipe.eval.zero_shot), ("retrieval", recipe.eval.retrieval))
-        if on
-    ]

@@ -39,19 +39,30 @@ class Transform:
         return self
 
 
+def base_modality(key: str) -> str:
+    """'image@v2' -> 'image'. A key `<modality>@<view>` is another view of that modality: it is read
+    from the same raw value, transformed by its own transform and encoded by the same tower."""
+    return key.split("@", 1)[0]
+
+
 class Pipeline:
-    """Applies `transforms[modality]` to each modality present in a sample; other keys pass through."""
+    """Applies `transforms[key]` to the raw value of `base_modality(key)`; other keys pass through.
+
+    Several keys may read one modality (`image`, `image@v1`, `image@v2`): that is how intra-modal
+    objectives (SLIP, TCL) get augmented views without any special case in the loader.
+    """
 
     def __init__(self, transforms: dict[str, Transform]):
         self.transforms = transforms
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         out = dict(sample)
-        for modality, transform in self.transforms.items():
-            if sample.get(modality) is not None:
-                out[modality] = transform(sample[modality], rng)
+        for key, transform in self.transforms.items():
+            raw = sample.get(base_modality(key))
+            if raw is not None:
+                out[key] = transform(raw, rng)
             else:
-                out.pop(modality, None)
+                out.pop(key, None)
         return out
 
     def modalities(self) -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydantic
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -24,6 +25,9 @@ class BPEConfig(StrictModel):
     vocab_size: int = 1000
     path: str | None = None  # a local tokenizer.json; when unset, one is trained on the captions
     fit_samples: int = 20_000  # how many training samples' captions to fit the tokenizer on
+    token_dropout: float = pydantic.Field(
+        0.0, ge=0.0, lt=1.0
+    )  # training only: drop each token with this chance
 
 
 def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
@@ -73,14 +77,21 @@ class BPETextTransform(Transform):
     def load(self, run_dir: Path) -> None:
         self.tokenizer = self._read(run_dir / TOKENIZER_FILE)
 
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        """(B, context_length) ids; long captions are cut, keeping <eos> last."""
+    def encode(self, texts: list[str], rng: np.random.Generator | None = None) -> torch.Tensor:
+        """(B, context_length) ids; long captions are cut, keeping <eos> last. With `rng` (training
+        views, as TCL's), each token is dropped with probability `token_dropout`, keeping at least one."""
         if self.tokenizer is None:
             raise RuntimeError("the tokenizer is neither trained nor loaded; call fit() or load()")
         L = self.cfg.context_length
         out = torch.full((len(texts), L), PAD, dtype=torch.long)
         for row, enc in enumerate(self.tokenizer.encode_batch(list(texts), add_special_tokens=False)):
-            ids = [BOS, *enc.ids[: L - 2], EOS]
+            tokens = enc.ids
+            if rng is not None and self.cfg.token_dropout > 0 and len(tokens) > 1:
+                keep = rng.random(len(tokens)) >= self.cfg.token_dropout
+                tokens = [t for t, k in zip(tokens, keep, strict=True) if k] or [
+                    tokens[int(rng.integers(len(tokens)))]
+                ]
+            ids = [BOS, *tokens[: L - 2], EOS]
             out[row, : len(ids)] = torch.tensor(ids)
         return out
 
@@ -90,7 +101,7 @@ class BPETextTransform(Transform):
         if not texts:
             raise SampleError("empty_caption")
         text = texts[int(rng.integers(len(texts)))] if self.train else texts[0]
-        return self.encode([text])[0]  # (L,)
+        return self.encode([text], rng if self.train else None)[0]  # (L,)
 
     def describe(self) -> dict[str, Any]:
         size = self.tokenizer.get_vocab_size() if self.tokenizer is not None else self.cfg.vocab_size
