@@ -1,8 +1,12 @@
 # The two commands: `make demo` and `make test`. Both create .venv when it is missing.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+# pip warns once per package about this machine's local index folders; keep the rest of its output.
+QUIET := 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
 
 .PHONY: demo test lint bench clean
 
@@ -11,12 +15,12 @@ $(BIN)/python:
 
 # torch is pinned to the build that pip finds on local disk; install it first, on its own.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(PIP) torch==2.14.1 torchvision==0.29.1
-	$(PIP) -e .
+	$(PIP) torch==2.14.1 torchvision==0.29.1 $(QUIET)
+	$(PIP) -e . $(QUIET)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test]' $(QUIET)
 	touch $@
 
 demo: $(VENV)/.installed

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
+from pathlib import Path
 import time
 
 import torch
@@ -20,7 +22,7 @@ from coalign.config import load_recipe
 from coalign.data.loader import BatchDataset
 from coalign.data.transforms.base import Pipeline
 from coalign.objectives.task import Task
-from coalign.run import build_model, build_source, build_transforms
+from coalign.run import build_model, build_source, build_transforms, prepare_transforms
 from coalign.train.optim import build_optimizer
 from coalign.train.precision import autocast, cpu_has_fast_bf16, default_device
 
@@ -30,8 +32,7 @@ def measure(recipe, precision: str, steps: int, warmup: int = 3) -> dict:
     device = default_device()
     source = build_source(recipe.data.train, "data.train")
     transforms = build_transforms(recipe)
-    for t in transforms.values():
-        t.fit(source, None)
+    prepare_transforms(transforms, source, Path(tempfile.mkdtemp()), resume=False)
     data = BatchDataset(source, Pipeline(transforms), recipe.data.batch_size, recipe.seed)
     batches = [data[i] for i in range(4)]
     task = Task.from_specs(build_model(recipe, transforms), recipe.objectives).to(device).train()

@@ -57,3 +57,22 @@ def test_vit_keeps_a_subset_of_patches():
 def test_vit_rejects_indivisible_image_size():
     with pytest.raises(ValueError, match="divisible by patch_size"):
         ENCODERS.create("vit", image_size=30, patch_size=8, width=32, depth=1, heads=2)
+
+
+def test_flip_masking_keeps_a_random_subset_in_training_only():
+    enc = ENCODERS.create("vit", **SMALL["vit"], mask_ratio=0.75)  # 16 patches -> keep 4
+    x = torch.randn(2, 3, 32, 32)
+    assert enc.train()(x).tokens.shape == (2, 1 + 4, 32)
+    assert enc.eval()(x).tokens.shape == (2, 1 + 16, 32)
+    with pytest.raises(Exception, match="mask_ratio"):
+        ENCODERS.create("vit", **SMALL["vit"], mask_ratio=1.0)
+
+
+def test_conv_stem_and_sincos_positions():
+    enc = ENCODERS.create("vit", **SMALL["vit"], stem="conv")  # patch 8 -> three stride-2 convs
+    assert enc(torch.randn(2, 3, 32, 32)).tokens.shape == (2, 17, 32)
+    # Position codes start distinct for every patch, so position is visible from the first step.
+    pos = enc.pos_embed[0, 1:]
+    assert torch.cdist(pos, pos).add(torch.eye(16) * 1e3).min() > 0.1
+    with pytest.raises(ValueError, match="power-of-two"):
+        ENCODERS.create("vit", image_size=36, patch_size=6, width=32, depth=1, heads=2, stem="conv")

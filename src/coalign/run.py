@@ -33,6 +33,16 @@ def build_transforms(recipe: Recipe, views: bool = True) -> dict[str, Transform]
     }
 
 
+def prepare_transforms(transforms: dict[str, Transform], source: Source, run_dir: Path, resume: bool) -> None:
+    """Fit each modality's transform on the training source (saving what it learnt in run_dir), then
+    give every view `<modality>@<view>` the same learnt state, so all views share one tokenizer."""
+    for key in sorted(transforms, key=lambda k: "@" in k):  # modalities first, then their views
+        if resume or "@" in key:
+            transforms[key].load(run_dir)
+        else:
+            transforms[key].fit(source, run_dir)
+
+
 def build_model(recipe: Recipe, transforms: dict[str, Transform]) -> MultimodalModel:
     inputs = {m: t.describe() for m, t in transforms.items() if "@" not in m}
     return MultimodalModel.from_config(recipe.model, inputs)

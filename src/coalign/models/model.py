@@ -17,11 +17,16 @@ from coalign.registry import ENCODERS, HEADS
 
 @dataclass
 class Features:
-    """What the model computes for one modality of a batch."""
+    """What the model computes for one modality of a batch.
+
+    For a group input (k items per sample, e.g. (B, k, L) captions) `embedding` is (B, k, E) with
+    zeros where `group_mask` (B, k) is False, and tokens / pooled cover only the real items, flattened.
+    """
 
     tokens: Tokens  # (B, N, D) and padding mask
     pooled: torch.Tensor  # (B, D)
-    embedding: torch.Tensor  # (B, E), L2-normalised
+    embedding: torch.Tensor  # (B, E), L2-normalised; (B, k, E) for groups
+    group_mask: torch.Tensor | None = None  # (B, k) for groups
 
 
 class MultimodalModel(nn.Module):
@@ -53,10 +58,22 @@ class MultimodalModel(nn.Module):
 
     def features(self, modality: str, x: Any, **encoder_kwargs: Any) -> Features:
         tower = self._tower(modality)
+        if isinstance(x, torch.Tensor) and x.ndim == tower.input_ndim + 1:
+            return self._group_features(modality, x, **encoder_kwargs)
         tokens = tower(x, **encoder_kwargs)
         pooled = tower.pool(tokens)
         embedding = F.normalize(self.heads[modality](pooled).float(), dim=-1)
         return Features(tokens, pooled, embedding)
+
+    def _group_features(self, modality: str, x: torch.Tensor, **encoder_kwargs: Any) -> Features:
+        """(B, k, ...) -> encode the real items only (an all-padding caption would attend to nothing)."""
+        B, k = x.shape[:2]
+        flat = x.flatten(0, 1)  # (B * k, ...)
+        valid = self.towers[modality].valid_items(flat)
+        inner = self.features(modality, flat[valid], **encoder_kwargs)
+        embedding = inner.embedding.new_zeros(B * k, inner.embedding.shape[-1])
+        embedding[valid] = inner.embedding
+        return Features(inner.tokens, inner.pooled, embedding.view(B, k, -1), valid.view(B, k))
 
     def encode(self, modality: str, x: Any) -> torch.Tensor:
         """(B, E) L2-normalised embeddings: the one function evaluation, search and serving use."""

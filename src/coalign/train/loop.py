@@ -22,7 +22,7 @@ from coalign.data.sources.base import SkipCounter
 from coalign.data.transforms.base import Pipeline
 from coalign.evaluate.suite import evaluate, format_table
 from coalign.objectives.task import Task
-from coalign.run import RECIPE_FILE, build_model, build_source, build_transforms
+from coalign.run import RECIPE_FILE, build_model, build_source, build_transforms, prepare_transforms
 from coalign.train.log import MetricLogger
 from coalign.train.optim import build_optimizer, build_scheduler
 from coalign.train.precision import autocast, default_device, resolve_precision
@@ -88,8 +88,7 @@ def train(
     source = build_source(recipe.data.train, "data.train")
     eval_sources = {k: build_source(s, f"data.eval.{k}") for k, s in recipe.data.eval.items()}
     transforms = build_transforms(recipe)
-    for t in transforms.values():
-        t.load(run_dir) if resume else t.fit(source, run_dir)
+    prepare_transforms(transforms, source, run_dir, resume)
     if not resume:
         save_resolved(recipe, run_dir / RECIPE_FILE)
     eval_transforms = build_transforms(recipe, views=False)

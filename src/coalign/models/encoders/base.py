@@ -23,6 +23,12 @@ class Tokens(NamedTuple):
 
 class Encoder(nn.Module):
     width: int  # D, the token width
+    input_ndim: int  # dimensions of one batch of inputs: 4 for (B, 3, H, W) images, 2 for (B, L) ids
+
+    def valid_items(self, x: Any) -> torch.Tensor:
+        """(n,) bool: which inputs are real. Groups of items (several captions per sample) pad with
+        empty items; an encoder whose inputs can be empty says which are (text: all-padding rows)."""
+        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
 
     def forward(self, x: Any) -> Tokens:
         raise NotImplementedError

@@ -32,6 +32,10 @@ class TextConfig(StrictModel):
 @ENCODERS.register("text_transformer")
 class TextTransformer(Encoder):
     Config = TextConfig
+    input_ndim = 2
+
+    def valid_items(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids != self.cfg.pad_id).any(dim=1)
 
     def __init__(self, cfg: TextConfig):
         super().__init__()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import pydantic
 import torch
 from torch import nn
 
@@ -25,6 +26,9 @@ class ViTConfig(StrictModel):
     # the patch grid (Xiao et al. 2021, "Early convolutions help transformers see better"): far more
     # sample-efficient on small data, which is what a CPU-sized run has.
     stem: Literal["patch", "conv"] = "patch"
+    # FLIP (Li et al. 2023): while training, encode only a random (1 - mask_ratio) of the patches.
+    # Compute falls roughly in proportion, so more pairs fit in the same time; evaluation sees all.
+    mask_ratio: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
 
     @classmethod
     def smoke_options(cls) -> dict:
@@ -46,6 +50,13 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def random_keep(batch: int, patches: int, mask_ratio: float, device: torch.device) -> torch.Tensor:
+    """(B, K) sorted indices of the patches each sample keeps, K = round(P * (1 - mask_ratio)) >= 1."""
+    k = max(1, round(patches * (1 - mask_ratio)))
+    noise = torch.rand(batch, patches, device=device)
+    return noise.argsort(dim=1)[:, :k].sort(dim=1).values
+
+
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     """(grid * grid, dim) fixed 2-D sine-cosine position codes (half the channels per axis)."""
     if dim % 4:
@@ -61,6 +72,7 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
 @ENCODERS.register("vit")
 class ViT(Encoder):
     Config = ViTConfig
+    input_ndim = 4
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -86,6 +98,8 @@ class ViT(Encoder):
         """x: (B, 3, H, W); keep: optional (B, K) indices of patches to keep (FLIP-style masking)."""
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, P, D)
         x = x + self.pos_embed[:, 1:]
+        if keep is None and self.training and self.cfg.mask_ratio > 0:
+            keep = random_keep(x.shape[0], x.shape[1], self.cfg.mask_ratio, x.device)
         if keep is not None:
             x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
