@@ -12,11 +12,10 @@ import argparse
 import json
 
 import torch
+from train_throughput import measure  # noqa: I001  (benchmarks/ is run as a folder of scripts)
 
 from coalign.config import load_recipe
 from coalign.train.precision import default_device
-
-from train_throughput import measure  # noqa: I001  (benchmarks/ is run as a folder of scripts)
 
 
 def main() -> None:
@@ -34,8 +33,18 @@ def main() -> None:
     base = results[0]["samples_per_s"]
     for r in results:
         r["speedup"] = round(r["samples_per_s"] / base, 2)
-    print(json.dumps({"benchmark": "flip_throughput", "recipe": args.recipe, "device": str(default_device()),
-                      "threads": torch.get_num_threads(), "results": results}, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "flip_throughput",
+                "recipe": args.recipe,
+                "device": str(default_device()),
+                "threads": torch.get_num_threads(),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import argparse
 import json
 import platform
 import tempfile
-from pathlib import Path
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,7 +35,7 @@ def measure(recipe, precision: str, steps: int, warmup: int = 3) -> dict:
     prepare_transforms(transforms, source, Path(tempfile.mkdtemp()), resume=False)
     data = BatchDataset(source, Pipeline(transforms), recipe.data.batch_size, recipe.seed)
     batches = [data[i] for i in range(4)]
-    task = Task.from_specs(build_model(recipe, transforms), recipe.objectives).to(device).train()
+    task = Task.from_specs(build_model(recipe, transforms), recipe.objectives, transforms).to(device).train()
     opt = build_optimizer(task, recipe.train)
     samples = 0
     for i in range(warmup + steps):

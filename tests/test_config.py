@@ -94,3 +94,20 @@ def test_registry_unknown_and_duplicate_names():
         ConfigError, match="unknown widget 'alpah' \\(did you mean 'alpha'\\?\\); valid widgets: alpha"
     ):
         reg.get("alpah")
+
+
+def test_views_must_match_their_modality_and_name_a_tower():
+    ok = load_recipe(
+        "demo", ["data.transforms.image@v1={transform: image, size: 64, crop_scale: [0.5, 1.0]}"]
+    )
+    assert "image@v1" in ok.data.transforms
+    with pytest.raises(
+        ConfigError, match=r"data\.transforms\.image@v1\.size: 32 differs from data\.transforms\.image\.size"
+    ):
+        load_recipe("demo", ["data.transforms.image@v1={transform: image, size: 32}"])
+    with pytest.raises(
+        ConfigError, match=r"data\.transforms\.image@v1\.transform: a view of 'image' must use 'image'"
+    ):
+        load_recipe("demo", ["data.transforms.image@v1={transform: bpe}"])
+    with pytest.raises(ConfigError, match="the model has no 'audio' tower"):
+        load_recipe("demo", ["data.transforms.audio={transform: image}"])

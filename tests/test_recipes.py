@@ -27,7 +27,10 @@ def test_recipe_trains_with_smoke(name, tmp_path, request):
     for i, spec in enumerate(raw.objectives):
         if "teacher" in spec.options():  # point at a real tiny teacher and share its tokenizer
             run = request.getfixturevalue("teacher")
-            overrides += [f"objectives.{i}.teacher={run}", f"data.transforms.text.path={run / 'tokenizer.json'}"]
+            overrides += [
+                f"objectives.{i}.teacher={run}",
+                f"data.transforms.text.path={run / 'tokenizer.json'}",
+            ]
     recipe = load_recipe(name, overrides, smoke=True)
     result = train(recipe, tmp_path / "run", progress=False)
     assert result.step == 3

@@ -210,14 +210,43 @@ def _validate_parts(recipe: Recipe) -> None:
     missing = [m for m in recipe.model.towers if m not in recipe.data.transforms]
     if missing:
         errors.append(f"data.transforms: no transform for modalities {missing}; every tower needs one")
-    for key in recipe.data.transforms:
-        if key.split("@", 1)[0] not in recipe.model.towers:
-            errors.append(
-                f"data.transforms.{key}: the model has no '{key.split('@', 1)[0]}' tower; "
-                f"towers: {', '.join(recipe.model.towers)} (views are named <modality>@<view>)"
-            )
+    errors += _view_errors(recipe)
     if errors:
         raise ConfigError("invalid recipe:\n" + "\n".join(errors))
+
+
+def _view_errors(recipe: Recipe) -> list[str]:
+    """A transform key is a tower's modality or a view `<modality>@<view>` of one; a view uses its
+    modality's transform with the same shared options (same tower input, same tokenizer)."""
+    errors = []
+    transforms = recipe.data.transforms
+    for key, spec in transforms.items():
+        base = key.split("@", 1)[0]
+        if base not in recipe.model.towers:
+            errors.append(
+                f"data.transforms.{key}: the model has no '{base}' tower; "
+                f"towers: {', '.join(recipe.model.towers)} (views are named <modality>@<view>)"
+            )
+            continue
+        if key == base or base not in transforms:
+            continue
+        parent = transforms[base]
+        if spec.transform != parent.transform:
+            errors.append(
+                f"data.transforms.{key}.transform: a view of '{base}' must use '{parent.transform}'"
+            )
+            continue
+        cls = TRANSFORMS.get(spec.transform)
+        defaults = TRANSFORMS.config_class(spec.transform)()
+        for option in getattr(cls, "shared_with_views", ()):
+            mine = spec.options().get(option, getattr(defaults, option))
+            theirs = parent.options().get(option, getattr(defaults, option))
+            if mine != theirs:
+                errors.append(
+                    f"data.transforms.{key}.{option}: {mine!r} differs from data.transforms.{base}.{option} "
+                    f"({theirs!r}); a view shares its modality's tower input and learnt state"
+                )
+    return errors
 
 
 # --------------------------------------------------------------------------------------------- smoke

@@ -17,8 +17,9 @@ from coalign.models.model import Features
 class Objective(nn.Module):
     name: str = "objective"
 
-    def bind(self, model: nn.Module) -> None:
-        """Called once with the model before the optimizer is built: create heads that need its widths."""
+    def bind(self, model: nn.Module, transforms: dict[str, Any] | None = None) -> None:
+        """Called once before the optimizer is built, with the model (to create heads that need its
+        widths) and the training transforms (to check that a teacher reads the same inputs)."""
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

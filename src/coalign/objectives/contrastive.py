@@ -1,10 +1,32 @@
-"""Symmetric InfoNCE between two modalities with a learnable temperature (CLIP, ALIGN)."""
+"""Symmetric InfoNCE between two modalities with a learnable temperature (CLIP, ALIGN), optionally
+with soft targets.
+
+The plain loss gives each row a one-hot target (its own pair). Two options soften it, per direction:
+
+- `label_smoothing` eps: target = (1 - eps) onehot + eps / B (Szegedy et al. 2016; used for CLIP by
+  PyramidCLIP), so no in-batch negative is pushed to zero probability.
+- `self_distill` alpha: target = (1 - alpha) hard + alpha q, where q is the softmax of the model's
+  own current in-batch similarities, detached, in the spirit of ALBEF's momentum distillation
+  (Li et al. 2021) without the momentum model. q comes from the anchor's own modality: for a->b,
+  q_i = softmax_j(scale * a_i . a_j); for b->a, softmax_j(scale * b_i . b_j) (the intra-modal soft
+  targets of SoftCLIP, Gao et al. 2024). A pair (i, j) whose anchors look alike (two images of the
+  same scene, two near-identical captions) is then a soft positive rather than a hard negative.
+
+  Why not the cross-modal similarities themselves, softmax(scale * a_i . b_j)? That q is exactly the
+  prediction p being trained, and for a soft cross-entropy d/dlogits = p - target, so
+  p - ((1 - alpha) y + alpha sg(p)) = (1 - alpha)(p - y): the same gradient as the hard loss times
+  (1 - alpha), i.e. only a smaller weight. ALBEF escapes this because its q comes from another
+  (momentum) model; without one, another view of the same batch has to supply q.
+
+With both options 0 the loss is exactly `info_nce`.
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import pydantic
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +41,8 @@ class InfoNCEConfig(StrictModel):
     init_temperature: float = 0.07  # logit scale starts at ln(1 / 0.07)
     max_logit_scale: float = 100.0  # CLIP clamps the scale at 100
     learn_temperature: bool = True
+    label_smoothing: float = pydantic.Field(0.0, ge=0.0, lt=1.0)  # eps of the uniform part of the target
+    self_distill: float = pydantic.Field(0.0, ge=0.0, lt=1.0)  # alpha of the self-similarity part
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -26,6 +50,36 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> tor
     logits = logit_scale * a @ b.T  # (B, B); row i's positive is column i
     target = torch.arange(a.shape[0], device=a.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def soft_targets(
+    anchor: torch.Tensor, logit_scale: torch.Tensor, label_smoothing: float, self_distill: float
+) -> torch.Tensor:
+    """(B, B) rows of target probabilities for the anchor's direction (see the module docstring)."""
+    B = anchor.shape[0]
+    eye = torch.eye(B, device=anchor.device, dtype=anchor.dtype)
+    target = (1.0 - label_smoothing) * eye + label_smoothing / B
+    if self_distill > 0:
+        with torch.no_grad():  # a target, not a path for gradients
+            q = torch.softmax(logit_scale * anchor @ anchor.T, dim=-1)  # (B, B)
+        target = (1.0 - self_distill) * target + self_distill * q.to(target.dtype)
+    return target
+
+
+def soft_info_nce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    logit_scale: torch.Tensor,
+    label_smoothing: float = 0.0,
+    self_distill: float = 0.0,
+) -> torch.Tensor:
+    """`info_nce` with soft targets: mean over directions of -1/B sum_ij target_ij log p_ij."""
+    if label_smoothing == 0 and self_distill == 0:
+        return info_nce(a, b, logit_scale)
+    logits = logit_scale * a @ b.T  # (B, B)
+    ta = soft_targets(a, logit_scale, label_smoothing, self_distill)  # a->b rows
+    tb = soft_targets(b, logit_scale, label_smoothing, self_distill)  # b->a rows
+    return 0.5 * (F.cross_entropy(logits, ta) + F.cross_entropy(logits.T, tb))
 
 
 @OBJECTIVES.register("clip")
@@ -45,4 +99,5 @@ class InfoNCE(Objective):
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         a, b = paired(features, batch, *self.cfg.modalities)
         scale = self.scale()
-        return {"clip_loss": info_nce(a, b, scale), "logit_scale": scale.detach()}
+        loss = soft_info_nce(a, b, scale, self.cfg.label_smoothing, self.cfg.self_distill)
+        return {"clip_loss": loss, "logit_scale": scale.detach()}

@@ -23,12 +23,14 @@ class Task(nn.Module):
         self.weights = list(weights)
 
     @classmethod
-    def from_specs(cls, model: MultimodalModel, specs: list[ObjectiveSpec]) -> Task:
+    def from_specs(
+        cls, model: MultimodalModel, specs: list[ObjectiveSpec], transforms: dict | None = None
+    ) -> Task:
         objectives = [
             OBJECTIVES.create(s.name, where=f"objectives.{i}", **s.options()) for i, s in enumerate(specs)
         ]
         for objective in objectives:
-            objective.bind(model)
+            objective.bind(model, transforms)
         return cls(model, objectives, [s.weight for s in specs])
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -95,7 +95,7 @@ def train(
     for t in eval_transforms.values():
         t.load(run_dir)
         t.eval()
-    task = Task.from_specs(build_model(recipe, transforms), recipe.objectives).to(device)
+    task = Task.from_specs(build_model(recipe, transforms), recipe.objectives, transforms).to(device)
     optimizer = build_optimizer(task, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     skipped = SkipCounter()

@@ -20,6 +20,9 @@ class Transform:
     """
 
     train: bool = True
+    # Options a view `<modality>@<view>` must share with its modality's transform: the view is encoded by
+    # the same tower (image size) and reads the same learnt state (tokenizer).
+    shared_with_views: tuple[str, ...] = ()
 
     def __call__(self, value: Any, rng: np.random.Generator) -> Any:
         raise NotImplementedError

@@ -55,6 +55,7 @@ def decode_image(value: Any) -> Image.Image:
 @TRANSFORMS.register("image")
 class ImageTransform(Transform):
     Config = ImageConfig
+    shared_with_views = ("size", "mean", "std")
 
     def __init__(self, cfg: ImageConfig | None = None, **kwargs):
         self.cfg = cfg or ImageConfig(**kwargs)

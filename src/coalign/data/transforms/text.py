@@ -1,5 +1,14 @@
 """Text transform: a byte-level BPE tokenizer (trained on the recipe's captions, or loaded from a
-local `tokenizer.json`) that turns a caption into fixed-length token ids `<bos> ... <eos> <pad>*`."""
+local `tokenizer.json`) that turns a caption into fixed-length token ids `<bos> ... <eos> <pad>*`.
+
+A sample may carry several captions. How many a training step sees is `captions`:
+- `captions: 1` (the default) draws one caption per sample per step, at random: over epochs every
+  caption is used, one at a time (CLIP's practice with COCO's five captions).
+- `captions: k` returns up to k distinct captions per sample, as a (k, L) group padded with
+  all-<pad> rows; put it on a view such as `text@all` and an objective such as `multi_positive`
+  treats all of them as positives of the sample's image at once (DreamLIP).
+Evaluation always encodes the first caption, whatever `captions` says.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +37,8 @@ class BPEConfig(StrictModel):
     token_dropout: float = pydantic.Field(
         0.0, ge=0.0, lt=1.0
     )  # training only: drop each token with this chance
+    # training only: captions per sample per step; k > 1 gives (k, L) groups (see the module docstring)
+    captions: int = pydantic.Field(1, ge=1)
 
 
 def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
@@ -48,6 +59,7 @@ def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
 @TRANSFORMS.register("bpe")
 class BPETextTransform(Transform):
     Config = BPEConfig
+    shared_with_views = ("context_length", "vocab_size", "path", "fit_samples")
 
     def __init__(self, cfg: BPEConfig | None = None, **kwargs):
         self.cfg = cfg or BPEConfig(**kwargs)
@@ -100,8 +112,15 @@ class BPETextTransform(Transform):
         texts = [t for t in texts if isinstance(t, str) and t.strip()]
         if not texts:
             raise SampleError("empty_caption")
-        text = texts[int(rng.integers(len(texts)))] if self.train else texts[0]
-        return self.encode([text], rng if self.train else None)[0]  # (L,)
+        if not self.train:
+            return self.encode(texts[:1])[0]  # (L,)
+        k = self.cfg.captions
+        if k == 1:
+            return self.encode([texts[int(rng.integers(len(texts)))]], rng)[0]  # (L,)
+        picked = rng.choice(len(texts), size=min(k, len(texts)), replace=False)
+        ids = self.encode([texts[int(i)] for i in picked], rng)  # (n, L), n <= k
+        # all-<pad> rows mark "no caption": the model skips them and reports them in group_mask
+        return torch.cat([ids, ids.new_full((k - ids.shape[0], ids.shape[1]), PAD)])  # (k, L)
 
     def describe(self) -> dict[str, Any]:
         size = self.tokenizer.get_vocab_size() if self.tokenizer is not None else self.cfg.vocab_size

@@ -24,6 +24,7 @@ class Tokens(NamedTuple):
 class Encoder(nn.Module):
     width: int  # D, the token width
     input_ndim: int  # dimensions of one batch of inputs: 4 for (B, 3, H, W) images, 2 for (B, L) ids
+    num_prefix_tokens: int = 0  # leading tokens that are not content (a ViT's CLS), timm's name
 
     def valid_items(self, x: Any) -> torch.Tensor:
         """(n,) bool: which inputs are real. Groups of items (several captions per sample) pad with

@@ -73,6 +73,7 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
 class ViT(Encoder):
     Config = ViTConfig
     input_ndim = 4
+    num_prefix_tokens = 1  # the CLS token
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
