@@ -6,12 +6,35 @@ a metric that is logged under the objective's name (for example a learnt tempera
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import pydantic
 import torch
 from torch import nn
 
 from coalign.models.model import Features
+from coalign.registry import StrictModel
+
+
+class TemperatureOptions(StrictModel):
+    """CLIP's learnable temperature, shared by every objective that scales cosine similarities."""
+
+    init_temperature: float = pydantic.Field(0.07, gt=0)  # the logit scale starts at 1 / 0.07
+    max_logit_scale: float = pydantic.Field(100.0, gt=0)  # CLIP clamps the scale at 100
+    learn_temperature: bool = True
+
+
+class LearnedScale:
+    """Mixin: a parameter `logit_scale` = ln(scale), as CLIP and OpenCLIP store it (the optimiser then
+    works on a log scale); `scale()` clamps at ln(max_scale) in the forward pass, not in place."""
+
+    def init_scale(self, init_scale: float, max_scale: float, learn: bool) -> None:
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learn)
+        self._max_log_scale = math.log(max_scale)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=self._max_log_scale).exp()
 
 
 class Objective(nn.Module):

@@ -23,24 +23,19 @@ With both options 0 the loss is exactly `info_nce`.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pydantic
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from coalign.models.model import Features
-from coalign.objectives.base import Objective, paired
-from coalign.registry import OBJECTIVES, StrictModel
+from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions, paired
+from coalign.registry import OBJECTIVES
 
 
-class InfoNCEConfig(StrictModel):
+class InfoNCEConfig(TemperatureOptions):
     modalities: tuple[str, str] = ("image", "text")
-    init_temperature: float = 0.07  # logit scale starts at ln(1 / 0.07)
-    max_logit_scale: float = 100.0  # CLIP clamps the scale at 100
-    learn_temperature: bool = True
     label_smoothing: float = pydantic.Field(0.0, ge=0.0, lt=1.0)  # eps of the uniform part of the target
     self_distill: float = pydantic.Field(0.0, ge=0.0, lt=1.0)  # alpha of the self-similarity part
 
@@ -83,18 +78,14 @@ def soft_info_nce(
 
 
 @OBJECTIVES.register("clip")
-class InfoNCE(Objective):
+class InfoNCE(LearnedScale, Objective):
     Config = InfoNCEConfig
     name = "clip"
 
     def __init__(self, cfg: InfoNCEConfig | None = None, **kwargs: Any):
         super().__init__()
         self.cfg = cfg or InfoNCEConfig(**kwargs)
-        init = torch.tensor(math.log(1.0 / self.cfg.init_temperature))
-        self.logit_scale = nn.Parameter(init, requires_grad=self.cfg.learn_temperature)
-
-    def scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
+        self.init_scale(1.0 / self.cfg.init_temperature, self.cfg.max_logit_scale, self.cfg.learn_temperature)
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         a, b = paired(features, batch, *self.cfg.modalities)

@@ -14,7 +14,6 @@ Padding tokens are never a max and never in a mean. The evaluator `retrieval_lat
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pydantic
@@ -24,15 +23,13 @@ from torch import nn
 
 from coalign.models.encoders.base import Tokens
 from coalign.models.model import Features
-from coalign.objectives.base import Objective, paired
+from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions, paired
 from coalign.objectives.contrastive import info_nce
-from coalign.registry import OBJECTIVES, ConfigError, StrictModel
+from coalign.registry import OBJECTIVES, ConfigError
 
 
-class FILIPConfig(StrictModel):
+class FILIPConfig(TemperatureOptions):
     modalities: tuple[str, str] = ("image", "text")  # (the "image" side, the "text" side)
-    init_temperature: float = pydantic.Field(0.07, gt=0)  # logit scale starts at ln(1 / 0.07)
-    max_logit_scale: float = pydantic.Field(100.0, gt=0)  # clamp as CLIP does
     # Keep the image tower's prefix (CLS) token among the image tokens. FILIP uses patch tokens only.
     image_cls: bool = False
     # Weight of an extra InfoNCE term on the pooled embeddings (same temperature); 0 = FILIP alone.
@@ -171,14 +168,14 @@ def _paired_tokens(ta: Tokens, tb: Tokens, batch: dict[str, Any], a: str, b: str
 
 
 @OBJECTIVES.register("filip")
-class FILIP(Objective):
+class FILIP(LearnedScale, Objective):
     Config = FILIPConfig
     name = "filip"
 
     def __init__(self, cfg: FILIPConfig | None = None, **kwargs: Any):
         super().__init__()
         self.cfg = cfg or FILIPConfig(**kwargs)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.cfg.init_temperature)))
+        self.init_scale(1.0 / self.cfg.init_temperature, self.cfg.max_logit_scale, self.cfg.learn_temperature)
         self._image_skip = 0  # leading image tokens to drop; set by bind from the image tower
 
     def bind(self, model: nn.Module, transforms: dict[str, Any] | None = None) -> None:
@@ -192,9 +189,6 @@ class FILIP(Objective):
         # second time here (they would appear twice in the Task's parameters and state_dict).
         object.__setattr__(self, "_heads", model.heads)
         self._image_skip = 0 if self.cfg.image_cls else prefix_tokens(model.towers[self.cfg.modalities[0]])
-
-    def scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         heads = self.__dict__.get("_heads")

@@ -19,24 +19,19 @@ CLIP's, so the loss equals `info_nce`.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pydantic
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from coalign.models.model import Features
-from coalign.objectives.base import Objective
-from coalign.registry import OBJECTIVES, StrictModel
+from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions
+from coalign.registry import OBJECTIVES
 
 
-class MultiPositiveConfig(StrictModel):
+class MultiPositiveConfig(TemperatureOptions):
     modalities: tuple[str, str] = ("image", "text@all")  # (single side, group side)
-    init_temperature: float = 0.07
-    max_logit_scale: float = 100.0
-    learn_temperature: bool = True
 
     @pydantic.field_validator("modalities")
     @classmethod
@@ -89,18 +84,14 @@ def paired_group(
 
 
 @OBJECTIVES.register("multi_positive")
-class MultiPositive(Objective):
+class MultiPositive(LearnedScale, Objective):
     Config = MultiPositiveConfig
     name = "multi_positive"
 
     def __init__(self, cfg: MultiPositiveConfig | None = None, **kwargs: Any):
         super().__init__()
         self.cfg = cfg or MultiPositiveConfig(**kwargs)
-        init = torch.tensor(math.log(1.0 / self.cfg.init_temperature))
-        self.logit_scale = nn.Parameter(init, requires_grad=self.cfg.learn_temperature)
-
-    def scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
+        self.init_scale(1.0 / self.cfg.init_temperature, self.cfg.max_logit_scale, self.cfg.learn_temperature)
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         a, t, mask = paired_group(features, batch, *self.cfg.modalities)

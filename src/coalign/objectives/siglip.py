@@ -12,7 +12,6 @@ in the backward.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pydantic
@@ -22,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from coalign.models.model import Features
-from coalign.objectives.base import Objective, paired
+from coalign.objectives.base import LearnedScale, Objective, paired
 from coalign.registry import OBJECTIVES, StrictModel
 
 
@@ -109,22 +108,17 @@ def chunked_siglip_loss(
 
 
 @OBJECTIVES.register("siglip")
-class SigLIP(Objective):
+class SigLIP(LearnedScale, Objective):
     Config = SigLIPConfig
     name = "siglip"
 
     def __init__(self, cfg: SigLIPConfig | None = None, **kwargs: Any):
         super().__init__()
         self.cfg = cfg or SigLIPConfig(**kwargs)
-        # Stored as log(scale) (t'), as in CLIP/OpenCLIP, so the optimiser works on a log scale.
-        t = torch.tensor(math.log(self.cfg.init_logit_scale))
-        self.logit_scale = nn.Parameter(t, requires_grad=self.cfg.learn_temperature)
+        self.init_scale(self.cfg.init_logit_scale, self.cfg.max_logit_scale, self.cfg.learn_temperature)
         self.logit_bias = nn.Parameter(
             torch.tensor(self.cfg.init_logit_bias), requires_grad=self.cfg.learn_bias
         )
-
-    def scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         a, b = paired(features, batch, *self.cfg.modalities)
