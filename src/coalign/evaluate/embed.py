@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +28,44 @@ class EmbeddedSet:
 def _captions(value) -> list[str]:
     texts = [value] if isinstance(value, str) else list(value or [])
     return [t for t in texts if isinstance(t, str) and t.strip()]
+
+
+def eval_batches(
+    source: Source,
+    transforms: dict[str, Transform],
+    modalities: list[str],
+    batch_size: int,
+    max_samples: int | None,
+    skipped: SkipCounter,
+    need_captions: bool = True,
+) -> Iterator[tuple[dict[str, torch.Tensor], list[list[str]], list[dict]]]:
+    """The one walk over an evaluation source, shared by every evaluator that re-reads it (so their
+    samples and captions line up): batches of usable samples as ({modality: (b, ...)}, captions of
+    each sample, labels of each sample). Unusable samples are counted in `skipped`."""
+    rng = np.random.default_rng(0)
+    n = len(source) if max_samples is None else min(len(source), max_samples)
+    values: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+    caps: list[list[str]] = []
+    labels: list[dict] = []
+    for index in range(n):
+        try:
+            raw = source[index]
+            texts = _captions(raw.get("text"))
+            if need_captions and not texts:
+                raise SampleError("empty_caption")
+            sample = {m: transforms[m](raw[m], rng) for m in modalities}
+        except SampleError as err:
+            skipped[err.reason] += 1
+            continue
+        for m in modalities:
+            values[m].append(sample[m])
+        caps.append(texts)
+        labels.append(raw.get("label") or {})
+        if len(caps) == batch_size:
+            yield {m: torch.stack(v) for m, v in values.items()}, caps, labels
+            values, caps, labels = {m: [] for m in modalities}, [], []
+    if caps:
+        yield {m: torch.stack(v) for m, v in values.items()}, caps, labels
 
 
 @torch.no_grad()
@@ -67,43 +105,24 @@ def embed_source(
         else None
     )
     skipped = SkipCounter()
-    rng = np.random.default_rng(0)
-    pending: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     texts: list[str] = []
     owner: list[int] = []
     labels: dict[str, list[int]] = {}
-
-    def flush() -> None:
-        for m in modalities:
-            if pending[m]:
-                x = torch.stack(pending[m]).to(device)
-                with autocast() if autocast else torch.autocast(device.type, enabled=False):
-                    chunks[m].append(model.encode(m, x).float().cpu())
-                pending[m] = []
-
-    n = len(source) if max_samples is None else min(len(source), max_samples)
     kept = 0
-    for index in tqdm(range(n), desc=f"embed {name}", disable=not progress, leave=False):
-        try:
-            raw = source[index]
-            caps = _captions(raw.get("text"))
-            if encode_text is not None and not caps:
-                raise SampleError("empty_caption")
-            values = {m: transforms[m](raw[m], rng) for m in modalities}
-        except SampleError as err:
-            skipped[err.reason] += 1
-            continue
+    batches = eval_batches(
+        source, transforms, modalities, batch_size, max_samples, skipped, encode_text is not None
+    )
+    for values, caps, labs in tqdm(batches, desc=f"embed {name}", disable=not progress, leave=False):
         for m in modalities:
-            pending[m].append(values[m])
-        texts.extend(caps)
-        owner.extend([kept] * len(caps))
-        for k, v in (raw.get("label") or {}).items():
-            labels.setdefault(k, []).append(int(v))
-        kept += 1
-        if len(next(iter(pending.values()), [])) >= batch_size:
-            flush()
-    flush()
+            with autocast() if autocast else torch.autocast(device.type, enabled=False):
+                chunks[m].append(model.encode(m, values[m].to(device)).float().cpu())
+        for i, (c, lab) in enumerate(zip(caps, labs, strict=True)):
+            texts.extend(c)
+            owner.extend([kept + i] * len(c))
+            for k, v in lab.items():
+                labels.setdefault(k, []).append(int(v))
+        kept += len(caps)
     embeddings = {m: torch.cat(c) if c else torch.zeros(0, model.embed_dim) for m, c in chunks.items()}
     captions = encode_text(texts) if encode_text is not None else torch.zeros(0, model.embed_dim)
     labels_t = {k: torch.tensor(v) for k, v in labels.items() if len(v) == kept}

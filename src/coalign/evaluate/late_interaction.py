@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-from coalign.data.sources.base import SampleError
-from coalign.evaluate.embed import EmbeddedSet, _captions
+from coalign.data.sources.base import SkipCounter
+from coalign.evaluate.embed import EmbeddedSet, eval_batches
 from coalign.evaluate.retrieval import retrieval_metrics
 from coalign.evaluate.suite import EvalContext
 from coalign.objectives.filip import late_interaction_scores, prefix_tokens, project_tokens
@@ -71,39 +70,19 @@ def encode_tokens(eset: EmbeddedSet, ctx: EvalContext) -> tuple[dict[str, TokenS
     model, transforms, device = ctx.model, ctx.transforms, ctx.device
     modalities = [m for m in model.modalities if m != "text" and m in transforms]
     skip = {m: prefix_tokens(model.towers[m]) for m in modalities}  # as FILIP's default (no CLS)
-    rng = np.random.default_rng(0)
 
     def context():
         return ctx.autocast() if ctx.autocast else torch.autocast(device.type, enabled=False)
 
     parts: dict[str, list] = {m: [] for m in [*modalities, "text"]}
-    pending: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     texts: list[str] = []
-
-    def flush() -> None:
+    batches = eval_batches(ctx.source, transforms, modalities, ctx.batch_size, ctx.max_samples, SkipCounter())
+    for values, caps, _ in batches:  # the same walk as embed_source, so samples and captions line up
         for m in modalities:
-            if pending[m]:
-                with context():
-                    feats = model.features(m, torch.stack(pending[m]).to(device))
-                    parts[m].append(project_tokens(model.heads[m], feats.tokens, skip[m]))
-                pending[m] = []
-
-    n = len(ctx.source) if ctx.max_samples is None else min(len(ctx.source), ctx.max_samples)
-    for index in range(n):  # the same walk as embed_source, so samples and captions line up
-        try:
-            raw = ctx.source[index]
-            caps = _captions(raw.get("text"))
-            if not caps:
-                raise SampleError("empty_caption")
-            values = {m: transforms[m](raw[m], rng) for m in modalities}
-        except SampleError:
-            continue
-        for m in modalities:
-            pending[m].append(values[m])
-        texts.extend(caps)
-        if len(next(iter(pending.values()), [])) >= ctx.batch_size:
-            flush()
-    flush()
+            with context():
+                feats = model.features(m, values[m].to(device))
+                parts[m].append(project_tokens(model.heads[m], feats.tokens, skip[m]))
+        texts.extend(t for c in caps for t in c)
     for i in range(0, len(texts), ctx.batch_size):
         ids = transforms["text"].encode(texts[i : i + ctx.batch_size]).to(device)
         with context():
