@@ -8,7 +8,7 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 # pip warns once per package about this machine's local index folders; keep the rest of its output.
 QUIET := 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/coalign demo
+
+# After `make demo`: embed the world's held-out samples with the demo model, index them, serve the
+# search page on http://127.0.0.1:8000 (embedding resumes and is skipped once finished).
+serve: $(VENV)/.installed
+	@test -d runs/demo || { echo "run 'make demo' first"; exit 1; }
+	$(BIN)/coalign embed runs/demo heldout_samples runs/demo-index
+	test -f runs/demo-index/index/report.json || $(BIN)/coalign index runs/demo-index
+	$(BIN)/coalign serve runs/demo runs/demo-index
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,7 @@
-"""coalign command line: train | eval | list | demo. Each subcommand parses its own arguments."""
+"""coalign command line: train | eval | list | demo | embed | index | search | serve.
+
+Each subcommand parses its own arguments (the search and serve subsystems keep theirs beside their code).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import time
 from pathlib import Path
 
 from coalign.registry import ConfigError
+from coalign.search.commands import add_embed, add_index, add_search
+from coalign.serve.commands import add_serve
 
 
 def _add_train(sub) -> None:
@@ -127,7 +132,7 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="coalign", description="One embedding space for many modalities.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_list, _add_demo):
+    for add in (_add_train, _add_eval, _add_list, _add_demo, add_embed, add_index, add_search, add_serve):
         add(sub)
     args = parser.parse_args(argv)
     try:

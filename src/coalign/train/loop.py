@@ -171,6 +171,7 @@ def train(
                     lr=scheduler.get_last_lr()[0],
                     grad_norm=grad_norm.item(),
                     samples_per_s=logger.throughput(),
+                    elapsed_s=time.perf_counter() - started,  # wall time of this process's loop
                 )
                 logger.log(step, metrics)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:

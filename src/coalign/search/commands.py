@@ -1,0 +1,156 @@
+"""The `coalign embed | index | search` subcommands (argparse builders in the style of coalign.cli).
+
+Wired into coalign.cli by adding `add_embed, add_index, add_search` to its list of subcommand builders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from coalign.registry import ConfigError
+
+
+def add_embed(sub) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="embed a source with a trained run (resumable)",
+        description="Embed every sample of SOURCE with the run at CHECKPOINT into OUT: float16 shards, "
+        "metadata and thumbnails. Run the same command again to resume an interrupted run.",
+    )
+    p.add_argument("checkpoint", type=Path, help="run folder or checkpoint folder")
+    p.add_argument(
+        "source",
+        help="an evaluation set of the run's recipe (e.g. heldout_samples), a .csv/.tsv/.jsonl manifest, "
+        'or an inline mapping such as "{source: world, split: test, size: 1000}"',
+    )
+    p.add_argument("out", type=Path, help="output folder (created; reused to resume)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=10_000, help="source samples per shard (unit of resume)")
+    p.add_argument("--image-key", help="image column / field of a csv or jsonl manifest")
+    p.add_argument("--caption-key", help="caption column / field of a csv or jsonl manifest")
+    p.add_argument("--workers", type=int, default=0, help="data loading processes (decoding images)")
+    p.add_argument("--thumbnail-size", type=int, default=64, help="thumbnail side in pixels (0: none)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_embed)
+
+
+def cmd_embed(args) -> int:
+    from coalign.search.embed import embed_source
+
+    summary = embed_source(
+        args.checkpoint,
+        args.source,
+        args.out,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        progress=not args.no_progress,
+        image_key=args.image_key,
+        caption_key=args.caption_key,
+        device=args.device,
+        num_workers=args.workers,
+        thumbnail_size=args.thumbnail_size,
+    )
+    print(
+        f"embedded {summary['rows']} items ({', '.join(summary['modalities'])}) into {summary['out']} "
+        f"in {summary['seconds']:.1f} s; shards: {summary['computed_shards']} computed, "
+        f"{summary['reused_shards']} reused from an earlier run"
+    )
+    print(summary["skip_report"])
+    print(f"build a search index with: coalign index {summary['out']}")
+    return 0
+
+
+def add_index(sub) -> None:
+    p = sub.add_parser(
+        "index",
+        help="build FAISS indexes over embeddings",
+        description="Build one FAISS index per embedded modality of OUT (Flat, HNSW32 or IVF-PQ, chosen by "
+        "size and memory budget) and report its recall@10 against exact search.",
+    )
+    p.add_argument("out", type=Path, help="the folder `coalign embed` wrote")
+    p.add_argument("--max-memory", type=float, metavar="MB", help="memory budget of each index in MB")
+    p.add_argument(
+        "--factory", help="a FAISS index_factory string (e.g. 'IVF1024,PQ32'), instead of the rule"
+    )
+    p.add_argument("--sample-queries", type=int, default=1000, help="stored vectors used to measure recall")
+    p.set_defaults(func=cmd_index)
+
+
+def cmd_index(args) -> int:
+    from coalign.search.index import build_index
+
+    report = build_index(args.out, args.max_memory, args.factory, args.sample_queries)
+    for modality, r in report["modalities"].items():
+        recall = next((v for k, v in r.items() if k.startswith("recall@")), None)
+        print(
+            f"{modality:>8}: {r['factory']:<18} n={r['n']:<9} build {r['build_seconds']:.1f} s  "
+            f"{r['file_mb']:.1f} MB  recall@10 {recall:.3f}"
+        )
+    print(f"report: {Path(args.out) / 'index' / 'report.json'}")
+    return 0
+
+
+def add_search(sub) -> None:
+    p = sub.add_parser(
+        "search",
+        help="search an index by text or image",
+        description="Print the k stored items nearest to a text or an image query.",
+    )
+    p.add_argument(
+        "index", type=Path, help="the folder `coalign embed` wrote (with or without `coalign index`)"
+    )
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a text query")
+    query.add_argument("--image", type=Path, help="an image file as the query")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--modality", default="image", help="which stored embeddings to search (default: image)")
+    p.add_argument(
+        "--checkpoint", type=Path, help="encode the query with this run (default: the embedding's)"
+    )
+    p.add_argument("--json", action="store_true", help="print the hits as JSON lines")
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args) -> int:
+    from dataclasses import asdict
+
+    from coalign.data.sources.base import SampleError
+    from coalign.search.query import SearchIndex
+
+    if args.k <= 0:
+        raise ConfigError(f"--k must be positive, got {args.k}")
+    index = SearchIndex.load(args.index, args.checkpoint)
+    try:
+        vectors = (
+            index.encode_text([args.text]) if args.text is not None else index.encode_image([args.image])
+        )
+    except SampleError as err:
+        what = "--text" if args.text is not None else f"--image '{args.image}'"
+        raise ConfigError(f"{what}: cannot use this query ({err})") from None
+    hits = index.search(vectors, args.k, args.modality)[0]
+    if args.json:
+        for hit in hits:
+            print(json.dumps(asdict(hit)))
+        return 0
+    print(format_hits(hits))
+    return 0
+
+
+def format_hits(hits) -> str:
+    width = max([len(h.id) for h in hits] + [2])
+    lines = [f"{'rank':>4}  {'id':<{width}}  {'score':>7}  caption / path"]
+    for rank, h in enumerate(hits, start=1):
+        lines.append(f"{rank:>4}  {h.id:<{width}}  {h.score:7.4f}  {h.caption or h.path or ''}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A parser with only these three subcommands (tests; `coalign.cli` registers them with the rest)."""
+    parser = argparse.ArgumentParser(prog="coalign")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_embed, add_index, add_search):
+        add(sub)
+    return parser

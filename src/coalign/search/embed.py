@@ -1,0 +1,354 @@
+"""`coalign embed`: embed every sample of a source with a trained run, in resumable shards.
+
+Shard s covers the source indices [s * shard_size, (s + 1) * shard_size). Samples that raise
+`SampleError` are skipped and counted, so a shard holds at most shard_size rows. Rows are numbered
+over the kept samples in source order, which makes the numbering deterministic: a resumed run writes
+exactly what an uninterrupted one would. A shard's files are all written (atomically) before the
+manifest marks it finished, and a restart recomputes only the shards the manifest does not list.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+from PIL import Image
+from tqdm import tqdm
+
+from coalign.config import Recipe, SourceSpec
+from coalign.data.sources.base import SampleError, SkipCounter, Source
+from coalign.data.transforms.base import Transform
+from coalign.data.transforms.image import decode_image
+from coalign.registry import ConfigError
+from coalign.run import LoadedRun, build_source, load_run
+from coalign.search import (
+    FORMAT,
+    METADATA,
+    atomic_save_npy,
+    atomic_write_bytes,
+    metadata_schema,
+    part_path,
+    read_manifest,
+    shard_path,
+    thumbnail_file,
+    write_manifest,
+    write_parquet,
+)
+
+MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl"}
+# A missing value is counted under the reason its transform would give (the sources use the same keys).
+MISSING_REASON = {"text": "empty_caption", "image": "missing_image"}
+# What must match for a restart to continue an existing OUT rather than mix two different embeddings.
+IDENTITY_KEYS = (
+    "checkpoint",
+    "source",
+    "source_size",
+    "modalities",
+    "embed_dim",
+    "shard_size",
+    "thumbnail_size",
+)
+
+
+def resolve_source_spec(
+    source: str | dict | SourceSpec,
+    recipe: Recipe | None = None,
+    image_key: str | None = None,
+    caption_key: str | None = None,
+) -> dict[str, Any]:
+    """SOURCE as given on the command line -> a source spec dict {"source": name, **options}.
+
+    SOURCE is one of the run's recipe evaluation sets (`heldout_samples`), a .csv/.tsv/.jsonl
+    manifest path, or an inline YAML mapping ("{source: world, split: test, size: 1000}")."""
+    eval_sets = dict(recipe.data.eval) if recipe is not None else {}
+    if isinstance(source, SourceSpec):
+        spec = {"source": source.source, **source.options()}
+    elif isinstance(source, dict):
+        spec = dict(source)
+    elif source in eval_sets:
+        spec = {"source": eval_sets[source].source, **eval_sets[source].options()}
+    elif Path(source).suffix.lower() in MANIFEST_SUFFIXES:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"SOURCE manifest '{path}' does not exist or is not a file")
+        spec = {"source": MANIFEST_SUFFIXES[path.suffix.lower()], "path": str(path.absolute())}
+    else:
+        try:
+            parsed = yaml.safe_load(source)
+        except yaml.YAMLError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            valid = ", ".join(eval_sets) or "(the run's recipe has none)"
+            raise ConfigError(
+                f"SOURCE '{source}' is not an evaluation set of the run (valid: {valid}), a .csv/.tsv/.jsonl "
+                f'manifest, or an inline mapping like "{{source: world, split: test, size: 1000}}"'
+            )
+        spec = parsed
+    if "source" not in spec:
+        raise ConfigError(f"SOURCE mapping {spec} needs a 'source' key naming a registered source")
+    for option, key in (("image_key", image_key), ("caption_key", caption_key)):
+        if key is None:
+            continue
+        if spec["source"] not in ("csv", "jsonl"):
+            raise ConfigError(
+                f"--{option.replace('_', '-')} applies to csv and jsonl sources, not '{spec['source']}'"
+            )
+        spec[option] = key
+    if spec["source"] in ("csv", "jsonl") and "path" in spec:  # absolute, so a resume from elsewhere matches
+        spec["path"] = str(Path(spec["path"]).expanduser().absolute())
+    return spec
+
+
+def carried_modalities(run: LoadedRun, source: Source, probe: int = 64) -> list[str]:
+    """The model's modalities (with a transform) that the first readable samples of `source` carry."""
+    wanted = [m for m in run.model.modalities if m in run.transforms]
+    seen: set[str] = set()
+    for i in range(min(len(source), probe)):
+        try:
+            sample = source[i]
+        except SampleError:
+            continue
+        seen |= {m for m in wanted if sample.get(m) is not None}
+    found = [m for m in wanted if m in seen]
+    if len(source) and not found:
+        raise ConfigError(f"the source's samples carry none of the model's modalities ({', '.join(wanted)})")
+    return found
+
+
+def first_caption(value: Any) -> str | None:
+    texts = [value] if isinstance(value, str) else list(value or [])
+    return next((t for t in texts if isinstance(t, str) and t.strip()), None)
+
+
+class Prepared(torch.utils.data.Dataset):
+    """Source index -> transformed inputs, metadata and thumbnail bytes; or the SampleError's reason.
+
+    Decoding (the slow part for file sources) happens here, so DataLoader workers can share it."""
+
+    def __init__(self, source: Source, transforms: dict[str, Transform], modalities: list[str], thumb: int):
+        self.source, self.transforms, self.modalities, self.thumb = source, transforms, modalities, thumb
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | str:
+        try:
+            raw = self.source[index]
+            inputs, png = {}, None
+            for m in self.modalities:
+                value = raw.get(m)
+                if value is None:
+                    raise SampleError(MISSING_REASON.get(m, f"missing_{m}"))
+                if m == "image":  # decode once: for the model and for the thumbnail
+                    value = decode_image(value)
+                    png = thumbnail_png(value, self.thumb) if self.thumb else None
+                inputs[m] = self.transforms[m](value, np.random.default_rng(index))
+        except SampleError as err:
+            return err.reason
+        image = raw.get("image")
+        return {
+            "inputs": inputs,
+            "png": png,
+            "meta": {
+                "id": str(raw.get("id", index)),
+                "path": str(image) if isinstance(image, str | Path) else None,
+                "caption": first_caption(raw.get("text")),
+                "labels": json.dumps({k: int(v) for k, v in (raw.get("label") or {}).items()}),
+                "source_index": index,
+            },
+        }
+
+
+def thumbnail_png(image: Image.Image, size: int) -> bytes:
+    if max(image.size) > size:
+        image = image.copy()
+        image.thumbnail((size, size), Image.BICUBIC)  # keeps the aspect ratio
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+@torch.no_grad()
+def embed_shard(
+    run: LoadedRun,
+    prepared: Prepared,
+    out: Path,
+    shard: int,
+    start: int,
+    stop: int,
+    row0: int,
+    batch_size: int,
+    num_workers: int,
+    bar: tqdm,
+    running: SkipCounter,
+) -> dict[str, Any]:
+    """Embed source indices [start, stop), write the shard's files, return its manifest entry.
+    `running` accumulates skips over the whole run, for the progress bar."""
+    device = next(run.model.parameters()).device
+    subset = torch.utils.data.Subset(prepared, range(start, stop))
+    loader = torch.utils.data.DataLoader(
+        subset, batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list
+    )
+    chunks: dict[str, list[np.ndarray]] = {m: [] for m in prepared.modalities}
+    meta: list[dict[str, Any]] = []
+    skipped = SkipCounter()
+    for batch in loader:
+        kept = [item for item in batch if isinstance(item, dict)]
+        skipped.update(item for item in batch if isinstance(item, str))
+        for m in prepared.modalities if kept else []:
+            x = torch.stack([item["inputs"][m] for item in kept]).to(device)
+            chunks[m].append(run.model.encode(m, x).float().cpu().numpy().astype(np.float16))
+        for item in kept:
+            row = row0 + len(meta)
+            meta.append({"row": row, **item["meta"]})
+            if item["png"] is not None:
+                # No fsync per thumbnail (about 2 ms each): one os.sync below covers the whole shard.
+                atomic_write_bytes(thumbnail_file(out, row), item["png"], fsync=False)
+        running.update(item for item in batch if isinstance(item, str))
+        bar.update(len(batch))
+        bar.set_postfix(skipped=sum(running.values()), refresh=False)
+    dim = run.model.embed_dim
+    for m in prepared.modalities:
+        arr = np.concatenate(chunks[m]) if chunks[m] else np.zeros((0, dim), np.float16)
+        atomic_save_npy(shard_path(out, m, shard), arr)
+    schema = metadata_schema()
+    write_parquet(
+        part_path(out, shard), pa.table({c: [r[c] for r in meta] for c in schema.names}, schema=schema)
+    )
+    os.sync()  # the thumbnails reach the disk before the manifest says this shard is done
+    return dict(shard=shard, start=start, stop=stop, row_offset=row0, rows=len(meta), skipped=dict(skipped))
+
+
+def shard_done(out: Path, entry: dict[str, Any], modalities: list[str]) -> bool:
+    """A manifest entry whose files are all present (a deleted file means: recompute that shard)."""
+    files = [shard_path(out, m, entry["shard"]) for m in modalities] + [part_path(out, entry["shard"])]
+    return all(f.is_file() for f in files)
+
+
+def open_manifest(out: Path, fresh: dict[str, Any]) -> dict[str, Any]:
+    """The existing manifest of OUT if it describes the same embedding, else a new one; refuse to mix."""
+    old = read_manifest(out)
+    if old is None:
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(
+                f"'{out}' exists and is not a `coalign embed` folder (no manifest.json); "
+                "choose a new or empty OUT folder"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        return fresh
+    for key in IDENTITY_KEYS:
+        if old.get(key) != fresh[key]:
+            raise FileExistsError(
+                f"'{out}' holds a different embedding ({key}: {old.get(key)!r} there, {fresh[key]!r} now); "
+                "choose another OUT folder, or delete it to start over"
+            )
+    return old
+
+
+def embed_source(
+    checkpoint: str | Path,
+    source_spec: str | dict | SourceSpec,
+    out_dir: str | Path,
+    batch_size: int = 256,
+    shard_size: int = 10_000,
+    progress: bool = True,
+    *,
+    image_key: str | None = None,
+    caption_key: str | None = None,
+    device: str | None = None,
+    num_workers: int = 0,
+    thumbnail_size: int = 64,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Embed `source_spec` with the run at `checkpoint` into `out_dir`; resume if it holds a partial run.
+
+    `stop_after` stops after computing that many shards (how tests simulate an interrupted run).
+    Returns a summary: rows, modalities, shards computed / reused, skipped counts by reason, seconds."""
+    if batch_size <= 0 or shard_size <= 0:
+        raise ConfigError(f"batch_size and shard_size must be positive (got {batch_size}, {shard_size})")
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    run = load_run(checkpoint, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = resolve_source_spec(source_spec, run.recipe, image_key, caption_key)
+    source = build_source(SourceSpec(**spec), "SOURCE")
+    modalities = carried_modalities(run, source)
+    n = len(source)
+    manifest = open_manifest(
+        out,
+        {
+            "format": FORMAT,
+            "checkpoint": str(run.checkpoint.absolute()),
+            "step": run.step,
+            "source": spec,
+            "source_size": n,
+            "modalities": modalities,
+            "embed_dim": run.model.embed_dim,
+            "shard_size": shard_size,
+            "thumbnail_size": thumbnail_size,
+            "num_shards": math.ceil(n / shard_size),
+            "shards": [],
+            "finished": False,
+        },
+    )
+    manifest["shards"] = [s for s in manifest["shards"] if shard_done(out, s, modalities)]
+    done = {s["shard"]: s for s in manifest["shards"]}
+    prepared = Prepared(source, run.transforms, modalities, thumbnail_size)
+    bar = tqdm(
+        total=n,
+        initial=sum(s["stop"] - s["start"] for s in done.values()),
+        desc="embed",
+        unit="sample",
+        disable=not progress,
+    )
+    computed, row, running = 0, 0, SkipCounter()
+    for shard in range(manifest["num_shards"]):
+        if shard in done:
+            row += done[shard]["rows"]
+            continue
+        if stop_after is not None and computed >= stop_after:
+            break
+        start, stop = shard * shard_size, min(n, (shard + 1) * shard_size)
+        entry = embed_shard(
+            run, prepared, out, shard, start, stop, row, batch_size, num_workers, bar, running
+        )
+        row += entry["rows"]
+        computed += 1
+        manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda s: s["shard"])
+        write_manifest(out, manifest)
+    bar.close()
+    skipped = SkipCounter()
+    for s in manifest["shards"]:
+        skipped.update(s["skipped"])
+    finished = len(manifest["shards"]) == manifest["num_shards"]
+    if finished:
+        parts = [pq.read_table(part_path(out, s["shard"])) for s in manifest["shards"]]
+        write_parquet(out / METADATA, pa.concat_tables(parts) if parts else metadata_schema().empty_table())
+    manifest.update(finished=finished, count=row, skipped=dict(skipped))
+    write_manifest(out, manifest)
+    return {
+        "out": str(out),
+        "finished": finished,
+        "rows": row,
+        "modalities": modalities,
+        "embed_dim": run.model.embed_dim,
+        "shards": manifest["num_shards"],
+        "computed_shards": computed,
+        "reused_shards": len(done),
+        "skipped": dict(skipped),
+        "skip_report": skipped.report(),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

@@ -1,0 +1,316 @@
+"""The HTTP API over a `SearchIndex`: embed, search (by text, image, vector or item id), item metadata
+and thumbnails, health, Prometheus metrics, and the static search page.
+
+The app talks to the index only through the SearchIndex interface (coalign.search.query), so the tests
+run it over a small fake index. One ASGI middleware guards every request, outermost first: a catch-all
+that turns any crash into a JSON 500 (the process never dies on a request) and records metrics, the
+optional bearer token, and the body size limit (see coalign.serve.guard).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, File, Form, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from coalign.data.sources.base import SampleError
+from coalign.registry import ConfigError
+from coalign.serve.guard import Guard, error_response
+from coalign.serve.metrics import Metrics
+
+if TYPE_CHECKING:
+    from coalign.search.query import Hit, SearchIndex
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 5 * 1024 * 1024
+    max_text_chars: int = 1000
+    max_k: int = 100
+    max_batch: int = 64
+    max_image_pixels: int = 25_000_000  # a 5 MB PNG can hold a decompression bomb; refuse before decoding
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits.{name} must be a positive integer, got {value!r}")
+
+
+class ApiError(Exception):
+    """An answer to a bad request: `status`, a short `error` and a `detail` naming what to fix."""
+
+    def __init__(self, status: int, error: str, detail: Any = None):
+        super().__init__(error)
+        self.status, self.error, self.detail = status, error, detail
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    texts: list[str] | None = None
+    image: str | None = None  # base64, optionally a data: URL
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    image: str | None = None
+    vector: list[float] | None = None
+    id: str | None = None
+    k: int = 10
+    modality: str | None = None  # which index to search; default "image" when there is one
+
+
+def _decode_base64(value: str) -> bytes:
+    if value.startswith("data:"):  # data:image/png;base64,....
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(
+            400, "image is not valid base64", "send the image file's bytes base64-encoded"
+        ) from None
+
+
+def _check_image(data: bytes, limits: Limits) -> None:
+    """Refuse undecodable or oversized images from the header alone, before anything decodes pixels."""
+    if not data:
+        raise ApiError(400, "undecodable image", "the image is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Exception as err:  # PIL raises many types for garbage; all mean the same to a client
+        raise ApiError(400, "undecodable image", f"not an image file PIL can read ({err})") from None
+    if w * h > limits.max_image_pixels:
+        detail = {"limit": "max_image_pixels", "max_image_pixels": limits.max_image_pixels, "got": w * h}
+        raise ApiError(413, "image too large", detail)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _thumbnail_url(item_id: str) -> str:
+    return f"/items/{quote(item_id, safe='')}/thumbnail"
+
+
+def _hit_json(hit: Hit) -> dict[str, Any]:
+    return {
+        "id": hit.id,
+        "score": float(hit.score),
+        "caption": hit.caption,
+        "labels": _jsonable(hit.labels or {}),
+        "thumbnail": _thumbnail_url(hit.id),
+    }
+
+
+def _only_one(req: BaseModel, fields: tuple[str, ...]) -> str:
+    given = [f for f in fields if getattr(req, f) is not None]
+    if len(given) != 1:
+        raise ApiError(422, f"give exactly one of: {', '.join(fields)}", {"given": given})
+    return given[0]
+
+
+def create_app(index: SearchIndex, token: str | None = None, limits: Limits | None = None) -> FastAPI:
+    """The API over `index`. With `token`, every route but /health and the page needs the bearer token."""
+    limits = limits or Limits()
+    token = token or None  # an empty token would let "Bearer " in: treat it as no token
+    app = FastAPI(title="coalign search", docs_url=None, redoc_url=None)
+    metrics = Metrics()
+    # One encode or search at a time: on CPU, parallel requests would only fight over the same cores, and
+    # the app stays safe over any object with the SearchIndex methods, thread-safe or not (the tests' fake).
+    model_lock = threading.Lock()
+
+    def check_text(text: str) -> None:
+        if not text.strip():
+            raise ApiError(422, "text is empty", "send a non-empty query")
+        if len(text) > limits.max_text_chars:
+            detail = {"limit": "max_text_chars", "max_text_chars": limits.max_text_chars, "got": len(text)}
+            raise ApiError(422, "text too long", detail)
+
+    def encode_texts(texts: list[str]) -> np.ndarray:
+        for t in texts:
+            check_text(t)
+        try:
+            with model_lock:
+                return np.asarray(index.encode_text(texts), dtype=np.float32)
+        except ConfigError as err:  # the model has no text tower
+            raise ApiError(400, "this index cannot encode text", str(err)) from None
+
+    def encode_image(image: bytes | Path) -> np.ndarray:
+        if isinstance(image, bytes):
+            _check_image(image, limits)
+        try:
+            with model_lock:
+                return np.asarray(index.encode_image([image]), dtype=np.float32)
+        except (SampleError, Image.DecompressionBombError) as err:
+            raise ApiError(400, "undecodable image", str(err)) from None
+        except ConfigError as err:  # the model has no image tower
+            raise ApiError(400, "this index cannot encode images", str(err)) from None
+
+    def target_modality(modality: str | None) -> str:
+        valid = list(index.modalities)
+        if modality is None:
+            return "image" if "image" in valid else valid[0]
+        if modality not in valid:
+            raise ApiError(400, f"unknown modality '{modality}'", {"valid": valid})
+        return modality
+
+    def check_k(k: int) -> None:
+        if not 1 <= k <= limits.max_k:
+            raise ApiError(
+                422, "k out of range", {"limit": "max_k", "min": 1, "max_k": limits.max_k, "got": k}
+            )
+
+    def run_search(vectors: np.ndarray, k: int, modality: str, started: float) -> dict[str, Any]:
+        with model_lock:
+            hits = index.search(vectors, k, modality)[0]
+        return {
+            "results": [_hit_json(h) for h in hits],
+            "took_ms": round((time.perf_counter() - started) * 1e3, 2),
+        }
+
+    def item_vector(item_id: str) -> np.ndarray:
+        if index.item(item_id) is None:
+            raise ApiError(404, "unknown item", {"id": item_id})
+        thumb = index.thumbnail_path(item_id)
+        if thumb is None:
+            raise ApiError(422, "item has no stored image to search by", {"id": item_id})
+        return encode_image(thumb)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, err: ApiError):
+        return error_response(err.status, err.error, err.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, err: RequestValidationError):
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in err.errors()]
+        return error_response(422, "invalid request", detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, err: StarletteHTTPException):
+        return error_response(err.status_code, str(err.detail), None, headers=getattr(err, "headers", None))
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/health")
+    def health():
+        return {
+            "status": "ok",
+            "items": len(index),
+            "modalities": list(index.modalities),
+            "auth": bool(token),
+        }
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus():
+        gauges = {
+            "coalign_index_items": ("Items in the search index.", len(index)),
+            "coalign_index_embed_dim": ("Embedding dimension of the index.", int(index.embed_dim)),
+        }
+        return PlainTextResponse(
+            metrics.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    @app.post("/embed")
+    def embed(req: EmbedRequest):
+        field = _only_one(req, ("text", "texts", "image"))
+        if field == "texts":
+            if not 1 <= len(req.texts) <= limits.max_batch:
+                detail = {"limit": "max_batch", "max_batch": limits.max_batch, "got": len(req.texts)}
+                raise ApiError(422, "texts must hold 1 to max_batch items", detail)
+            emb = encode_texts(req.texts)
+            return {"modality": "text", "embeddings": emb.tolist(), "dim": int(emb.shape[1])}
+        emb = encode_texts([req.text]) if field == "text" else encode_image(_decode_base64(req.image))
+        return {
+            "modality": "text" if field == "text" else "image",
+            "embedding": emb[0].tolist(),
+            "dim": int(emb.shape[1]),
+        }
+
+    @app.post("/search")
+    def search(req: SearchRequest):
+        started = time.perf_counter()
+        field = _only_one(req, ("text", "image", "vector", "id"))
+        check_k(req.k)
+        modality = target_modality(req.modality)
+        if field == "text":
+            vectors = encode_texts([req.text])
+        elif field == "image":
+            vectors = encode_image(_decode_base64(req.image))
+        elif field == "id":
+            vectors = item_vector(req.id)
+        else:
+            vec = np.asarray(req.vector, dtype=np.float64)[None]  # float64: no overflow in the norm
+            norm = float(np.linalg.norm(vec)) if np.isfinite(vec).all() else math.nan
+            if vec.shape[1] != index.embed_dim or not 0 < norm < math.inf:
+                detail = {"embed_dim": int(index.embed_dim), "got": int(vec.shape[1])}
+                raise ApiError(422, "vector must hold embed_dim finite numbers, not all zero", detail)
+            vectors = (vec / norm).astype(np.float32)  # the index holds unit vectors; scores are cosines
+        return run_search(vectors, req.k, modality, started)
+
+    @app.post("/search/image")
+    def search_upload(
+        file: Annotated[UploadFile, File()],
+        k: Annotated[int, Form()] = 10,
+        modality: Annotated[str | None, Form()] = None,
+    ):
+        started = time.perf_counter()
+        check_k(k)
+        modality = target_modality(modality)
+        return run_search(encode_image(file.file.read()), k, modality, started)
+
+    # The thumbnail route comes first: ids may contain '/' (image-folder ids are relative paths).
+    @app.get("/items/{item_id:path}/thumbnail")
+    def thumbnail(item_id: str):
+        # Only a known id, and only the file the index names for it (always inside the index folder).
+        path = index.thumbnail_path(item_id) if index.item(item_id) is not None else None
+        root = getattr(index, "index_dir", None)  # belt and braces: the index already promises this
+        if (
+            root is not None
+            and path is not None
+            and not Path(path).resolve().is_relative_to(Path(root).resolve())
+        ):
+            path = None
+        if path is None or not Path(path).is_file():
+            raise ApiError(404, "no thumbnail for this item", {"id": item_id})
+        return FileResponse(path, media_type="image/png")
+
+    @app.get("/items/{item_id:path}")
+    def item(item_id: str):
+        hit = index.item(item_id)
+        if hit is None:
+            raise ApiError(404, "unknown item", {"id": item_id})
+        out = _hit_json(hit)
+        del out["score"]  # a score means nothing here; `path` is never sent: server paths stay private
+        return out
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(
+        Guard, routes=app.router.routes, metrics=metrics, token=token, max_body_bytes=limits.max_body_bytes
+    )
+    return app
