@@ -59,3 +59,15 @@ def test_checkpoint_writes_are_atomic_and_pruned(tmp_path):
     # A crash mid-write leaves a hidden temporary folder, never a half checkpoint that LATEST names.
     (root / ".step_00000004.tmp").mkdir()
     assert latest_checkpoint(tmp_path).name == "step_00000003"
+
+
+def test_optimizer_groups_decay_and_lr_scales():
+    from coalign.config import TrainConfig
+    from coalign.train.optim import build_optimizer
+
+    module = torch.nn.ModuleDict(
+        {"model": torch.nn.Linear(3, 4), "objectives": torch.nn.ModuleList([torch.nn.Linear(2, 2)])}
+    )
+    opt = build_optimizer(module, TrainConfig(lr=0.1, weight_decay=0.2), {"objectives.0.": 10.0})
+    groups = {(g["weight_decay"], g["lr"]): sum(p.numel() for p in g["params"]) for g in opt.param_groups}
+    assert groups == {(0.2, 0.1): 12, (0.0, 0.1): 4, (0.2, 1.0): 4, (0.0, 1.0): 2}

@@ -52,6 +52,7 @@ class TowerSpec(Part):
 class ObjectiveSpec(Part):
     name: str
     weight: float = 1.0
+    lr_scale: float = pydantic.Field(1.0, gt=0)  # learning-rate multiplier for the objective's own parameters
 
 
 class DataConfig(StrictModel):

@@ -33,6 +33,11 @@ class Task(nn.Module):
             objective.bind(model, transforms)
         return cls(model, objectives, [s.weight for s in specs])
 
+    @staticmethod
+    def lr_scales(specs: list[ObjectiveSpec]) -> dict[str, float]:
+        """Parameter-name prefix -> learning-rate multiplier, for the optimizer's groups."""
+        return {f"objectives.{i}.": s.lr_scale for i, s in enumerate(specs) if s.lr_scale != 1.0}
+
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """{"loss": weighted sum, "<name>_loss": each loss, "<name>/<metric>": each metric}."""
         features = self.model(batch)

@@ -96,7 +96,7 @@ def train(
         t.load(run_dir)
         t.eval()
     task = Task.from_specs(build_model(recipe, transforms), recipe.objectives, transforms).to(device)
-    optimizer = build_optimizer(task, cfg)
+    optimizer = build_optimizer(task, cfg, task.lr_scales(recipe.objectives))
     scheduler = build_scheduler(optimizer, cfg)
     skipped = SkipCounter()
     step = 0

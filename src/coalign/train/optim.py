@@ -10,19 +10,30 @@ from torch import nn
 from coalign.config import TrainConfig
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices decay; vectors and scalars (LayerNorm gains, biases, logit scales) do not, as in CLIP."""
-    decay, no_decay = [], []
-    for _, p in module.named_parameters():
+def param_groups(
+    module: nn.Module, weight_decay: float, lr: float, lr_scales: dict[str, float] | None = None
+) -> list[dict]:
+    """Matrices decay; vectors and scalars (LayerNorm gains, biases, logit scales) do not, as in CLIP.
+
+    `lr_scales` maps a parameter-name prefix (e.g. "objectives.0.") to a learning-rate multiplier:
+    an objective's own scalars (SigLIP's bias) may need to travel further than a short run allows.
+    """
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in module.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            scale = next((s for prefix, s in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
+            groups.setdefault((p.ndim >= 2, scale), []).append(p)
+    return [
+        {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale}
+        for (decays, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+    ]
 
 
-def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True
-    )
+def build_optimizer(
+    module: nn.Module, cfg: TrainConfig, lr_scales: dict[str, float] | None = None
+) -> torch.optim.Optimizer:
+    groups = param_groups(module, cfg.weight_decay, cfg.lr, lr_scales)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
 
 
 def cosine_with_warmup(steps: int, warmup: int, min_ratio: float = 0.0):
