@@ -39,6 +39,13 @@ class LearnedScale:
 
 class Objective(nn.Module):
     name: str = "objective"
+    Config: type[StrictModel] | None = None
+
+    def __init__(self, cfg: StrictModel | None = None, **kwargs: Any):
+        """Objectives take their validated Config (from the registry) or its fields as keywords."""
+        super().__init__()
+        if self.Config is not None:
+            self.cfg = cfg if cfg is not None else self.Config(**kwargs)
 
     def bind(self, model: nn.Module, transforms: dict[str, Any] | None = None) -> None:
         """Called once before the optimizer is built, with the model (to create heads that need its

@@ -83,8 +83,7 @@ class InfoNCE(LearnedScale, Objective):
     name = "clip"
 
     def __init__(self, cfg: InfoNCEConfig | None = None, **kwargs: Any):
-        super().__init__()
-        self.cfg = cfg or InfoNCEConfig(**kwargs)
+        super().__init__(cfg, **kwargs)
         self.init_scale(1.0 / self.cfg.init_temperature, self.cfg.max_logit_scale, self.cfg.learn_temperature)
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:

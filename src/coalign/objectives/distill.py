@@ -93,8 +93,7 @@ class Distill(Objective):
     name = "distill"
 
     def __init__(self, cfg: DistillConfig | None = None, **kwargs: Any):
-        super().__init__()
-        self.cfg = cfg or DistillConfig(**kwargs)
+        super().__init__(cfg, **kwargs)
         # The teacher sits in a plain list, not as a submodule: nn.Module registers only direct
         # Module attributes, so the teacher stays out of parameters() (never optimised, never
         # clipped), out of state_dict() (the student's checkpoint holds only the student; resume

@@ -173,8 +173,7 @@ class FILIP(LearnedScale, Objective):
     name = "filip"
 
     def __init__(self, cfg: FILIPConfig | None = None, **kwargs: Any):
-        super().__init__()
-        self.cfg = cfg or FILIPConfig(**kwargs)
+        super().__init__(cfg, **kwargs)
         self.init_scale(1.0 / self.cfg.init_temperature, self.cfg.max_logit_scale, self.cfg.learn_temperature)
         self._image_skip = 0  # leading image tokens to drop; set by bind from the image tower
 

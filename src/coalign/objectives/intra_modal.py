@@ -121,8 +121,7 @@ class SimCLR(Objective):
     Config = SimCLRConfig
 
     def __init__(self, cfg: SimCLRConfig | None = None, **kwargs: Any):
-        super().__init__()
-        self.cfg = cfg or self.Config(**kwargs)
+        super().__init__(cfg, **kwargs)
         self.name = self.cfg.loss_name  # metrics are logged as "<loss_name>/<metric>"
         self.head: nn.Module | None = None
 

@@ -89,8 +89,7 @@ class MultiPositive(LearnedScale, Objective):
     name = "multi_positive"
 
     def __init__(self, cfg: MultiPositiveConfig | None = None, **kwargs: Any):
-        super().__init__()
-        self.cfg = cfg or MultiPositiveConfig(**kwargs)
+        super().__init__(cfg, **kwargs)
         self.init_scale(1.0 / self.cfg.init_temperature, self.cfg.max_logit_scale, self.cfg.learn_temperature)
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:

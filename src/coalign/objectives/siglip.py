@@ -113,8 +113,7 @@ class SigLIP(LearnedScale, Objective):
     name = "siglip"
 
     def __init__(self, cfg: SigLIPConfig | None = None, **kwargs: Any):
-        super().__init__()
-        self.cfg = cfg or SigLIPConfig(**kwargs)
+        super().__init__(cfg, **kwargs)
         self.init_scale(self.cfg.init_logit_scale, self.cfg.max_logit_scale, self.cfg.learn_temperature)
         self.logit_bias = nn.Parameter(
             torch.tensor(self.cfg.init_logit_bias), requires_grad=self.cfg.learn_bias
