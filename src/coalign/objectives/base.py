@@ -55,21 +55,25 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
-def paired(
-    features: dict[str, Features], batch: dict[str, Any], a: str, b: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings of modalities a and b for the samples that have both, row-aligned: (M, E), (M, E).
+def rows_with_both(batch: dict[str, Any], a: str, b: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Boolean selectors into a's and b's feature rows for the samples that have both keys, or None
+    when every sample has both. Each key's features cover only the rows that have it
+    (`batch["present"][key]`), so the shared rows are picked out of each side separately."""
+    present = batch.get("present", {})
+    pa, pb = present.get(a), present.get(b)
+    if pa is None or pb is None or (bool(pa.all()) and bool(pb.all())):
+        return None
+    both = pa & pb
+    return both[pa], both[pb]
 
-    Each modality's features cover only the rows that have it (`batch["present"][m]`), so the rows
-    where both are present are picked out of each side separately.
-    """
+
+def paired(
+    features: dict[str, Features], batch: dict[str, Any], a: str, b: str, field: str = "embedding"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`field` of keys a and b for the samples that have both, row-aligned: (M, ...), (M, ...)."""
     for m in (a, b):
         if m not in features:
             raise KeyError(f"objective needs modality '{m}', but the batch has {sorted(features)}")
-    present = batch.get("present", {})
-    ea, eb = features[a].embedding, features[b].embedding
-    pa, pb = present.get(a), present.get(b)
-    if pa is None or pb is None or (bool(pa.all()) and bool(pb.all())):
-        return ea, eb
-    both = pa & pb
-    return ea[both[pa]], eb[both[pb]]
+    xa, xb = getattr(features[a], field), getattr(features[b], field)
+    rows = rows_with_both(batch, a, b)
+    return (xa, xb) if rows is None else (xa[rows[0]], xb[rows[1]])

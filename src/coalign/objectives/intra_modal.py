@@ -17,7 +17,7 @@ from torch import nn
 
 from coalign.data.transforms.base import base_modality
 from coalign.models.model import Features
-from coalign.objectives.base import Objective
+from coalign.objectives.base import Objective, paired
 from coalign.registry import OBJECTIVES, ConfigError, StrictModel
 
 
@@ -96,7 +96,7 @@ def aligned_views(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`field` ("pooled" or "embedding") of views a and b for the samples that have both: (M, *), (M, *).
 
-    Like `base.paired`, but for any field: each key's features cover only its present rows.
+    `base.paired` with a message that says how to add a missing view to the recipe.
     """
     missing = [k for k in (a, b) if k not in features]
     if missing:
@@ -105,13 +105,7 @@ def aligned_views(
             f"add them to the recipe as data.transforms.<modality>@<view> "
             f"(e.g. data.transforms.{missing[0]}: {{transform: ...}})"
         )
-    xa, xb = getattr(features[a], field), getattr(features[b], field)
-    present = batch.get("present", {})
-    pa, pb = present.get(a), present.get(b)
-    if pa is None or pb is None or (bool(pa.all()) and bool(pb.all())):
-        return xa, xb
-    both = pa & pb
-    return xa[both[pa]], xb[both[pb]]
+    return paired(features, batch, a, b, field)
 
 
 @OBJECTIVES.register("simclr")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from coalign.models.model import Features
-from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions
+from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions, rows_with_both
 from coalign.registry import OBJECTIVES
 
 
@@ -75,12 +75,8 @@ def paired_group(
     mask = fb.group_mask
     if mask is None:
         mask = torch.ones(eb.shape[:2], dtype=torch.bool, device=eb.device)
-    present = batch.get("present", {})
-    pa, pb = present.get(a), present.get(b)
-    if pa is None or pb is None or (bool(pa.all()) and bool(pb.all())):
-        return ea, eb, mask
-    both = pa & pb
-    return ea[both[pa]], eb[both[pb]], mask[both[pb]]
+    rows = rows_with_both(batch, a, b)
+    return (ea, eb, mask) if rows is None else (ea[rows[0]], eb[rows[1]], mask[rows[1]])
 
 
 @OBJECTIVES.register("multi_positive")
