@@ -1,35 +1,116 @@
-"""CSV/TSV manifests in OpenCLIP's format: one row per image, an image-path column and a caption column.
+"""CSV/TSV manifests: OpenCLIP's format (an image-path column and a caption column), for any modality.
 
-The manifest is read once at construction so a wrong column name fails at start; images are not
-opened here. Decoding belongs to the image transform, where a missing or corrupt file becomes a
-counted `SampleError` instead of a crash.
+One row is one sample. Besides `image_key` and `caption_key`, `modality_keys` names a column holding a
+file path per modality (`{audio: wav_path, points: cloud}`) and `tabular_keys` names columns whose cells
+form an inline tabular record `{column: value}` (numbers are parsed where they parse; an empty cell is
+a missing field). Relative paths resolve against `root` (default: the manifest's folder). Set
+`image_key: null` (or `caption_key: null`) for a manifest without images (or captions).
+
+Missing modalities are normal: an empty cell gives a sample without that key, which collate records in
+`batch["present"]`. A modality listed in `required` (default: image when `image_key` is set, and text when
+`caption_key` is set) is the exception: an empty image/audio/points/tabular cell is a
+`SampleError("missing_<modality>")`, and an empty caption stays "" so the text transform counts it as
+`empty_caption`, as it always has. A row with none of the configured modalities is a
+`SampleError("no_modalities")`.
+
+The manifest is read once at construction so a wrong column name fails at start; files are not opened
+here. Decoding belongs to the transforms, where a missing or corrupt file becomes a counted
+`SampleError` instead of a crash.
 """
 
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydantic
 
 from coalign.data.sources.base import Sample, SampleError, Source
 from coalign.registry import SOURCES, ConfigError, StrictModel, suggest
 
 SEPARATOR_ALIASES = {"tab": "\t", "\\t": "\t", "comma": ",", "pipe": "|"}
+# Modalities with an option of their own, and sample keys that are not modalities at all.
+OWN_OPTION = {"image": "image_key", "text": "caption_key", "tabular": "tabular_keys"}
+META_KEYS = ("id", "label", "present", "skipped")
+_NUMBER = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf|infinity|nan)", re.IGNORECASE)
+_INTEGER = re.compile(r"[+-]?\d+")
 
 
-class CSVConfig(StrictModel):
+class ManifestConfig(StrictModel):
+    """Options shared by the csv and jsonl sources: which column/key holds which modality."""
+
     path: str
-    image_key: str = "filepath"  # OpenCLIP's --csv-img-key default
-    caption_key: str = "title"  # OpenCLIP's --csv-caption-key default
-    separator: str | None = None  # default: tab for .tsv, comma otherwise
-    root: str | None = None  # relative image paths resolve against this; default: the manifest's folder
+    image_key: str | None = "image"  # None: the manifest has no images
+    caption_key: str | None = "caption"  # None: the manifest has no captions
+    root: str | None = None  # relative paths resolve against this; default: the manifest's folder
     label_keys: list[str] = []  # integer columns copied into sample["label"]
+    modality_keys: dict[str, str] = {}  # modality -> column holding a file path, e.g. {audio: wav_path}
+    tabular_keys: list[str] = []  # columns that together form sample["tabular"] = {column: value}
+    required: list[str] | None = None  # modalities a row must have; default: image (if set) and text (if set)
 
     @classmethod
     def smoke_options(cls) -> dict:
         return {}
+
+    @pydantic.field_validator("modality_keys")
+    @classmethod
+    def _modality_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for modality, key in v.items():
+            if modality in OWN_OPTION:
+                raise ValueError(f"'{modality}' has an option of its own: use {OWN_OPTION[modality]}")
+            if not modality or modality in META_KEYS or "@" in modality:
+                raise ValueError(
+                    f"'{modality}' is not a modality name (not empty, not one of {', '.join(META_KEYS)}, "
+                    "no '@': views are made by transforms)"
+                )
+            if not key:
+                raise ValueError(f"modality '{modality}' needs a non-empty column/key name")
+        return v
+
+    @pydantic.model_validator(mode="after")
+    def _check_required(self) -> ManifestConfig:
+        configured = self.modalities()
+        if not configured:
+            options = "image_key, caption_key, modality_keys or tabular_keys"
+            raise ValueError(f"no modality configured: set {options}")
+        for m in self.required or []:
+            if m not in configured:
+                hint = f" (add it to {OWN_OPTION.get(m, 'modality_keys')})"
+                raise ValueError(
+                    f"required: '{m}' is not a modality of this manifest{suggest(m, configured)}; "
+                    f"configured: {', '.join(configured)}{hint}"
+                )
+        return self
+
+    def has_tabular(self) -> bool:
+        return bool(self.tabular_keys)
+
+    def modalities(self) -> list[str]:
+        """The modalities a sample of this manifest may carry, in a fixed order."""
+        out = (["image"] if self.image_key else []) + (["text"] if self.caption_key else [])
+        return out + list(self.modality_keys) + (["tabular"] if self.has_tabular() else [])
+
+    def required_modalities(self) -> set[str]:
+        if self.required is not None:
+            return set(self.required)
+        return {m for m, key in (("image", self.image_key), ("text", self.caption_key)) if key}
+
+    def wanted_keys(self) -> dict[str, str]:
+        """Option name -> the column/key it names; each must exist in the manifest."""
+        wanted = {"image_key": self.image_key, "caption_key": self.caption_key}
+        wanted |= {f"modality_keys.{m}": k for m, k in self.modality_keys.items()}
+        wanted |= {f"tabular_keys[{i}]": k for i, k in enumerate(self.tabular_keys)}
+        wanted |= {f"label_keys[{i}]": k for i, k in enumerate(self.label_keys)}
+        return {field: key for field, key in wanted.items() if key is not None}
+
+
+class CSVConfig(ManifestConfig):
+    image_key: str | None = "filepath"  # OpenCLIP's --csv-img-key default
+    caption_key: str | None = "title"  # OpenCLIP's --csv-caption-key default
+    separator: str | None = None  # default: tab for .tsv, comma otherwise
 
     @pydantic.field_validator("separator")
     @classmethod
@@ -62,12 +143,35 @@ def check_keys(wanted: dict[str, str], present: list[str], kind: str, path: Path
             )
 
 
-def resolve_image(root: Path, value: Any, where: str) -> str:
-    """An absolute path string for an image cell (relative paths join `root`); empty -> SampleError."""
-    if value is None or not str(value).strip():
-        raise SampleError("missing_image", f"{where}: no image path")
+def blank(value: Any) -> bool:
+    """True when a cell holds nothing usable: None, a blank string, or an empty list/dict/array."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, dict):
+        return not value
+    if isinstance(value, list | tuple):
+        return all(blank(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return value.size == 0
+    return False
+
+
+def resolve_path(root: Path, value: Any, where: str, modality: str = "image") -> str:
+    """An absolute path string for a file cell (relative paths join `root`); blank -> SampleError."""
+    if blank(value):
+        raise SampleError(f"missing_{modality}", f"{where}: no {modality} path")
     p = Path(str(value).strip()).expanduser()
     return str(p if p.is_absolute() else (root / p).absolute())
+
+
+def parse_cell(text: str) -> int | float | str:
+    """A CSV cell as an int or float when it reads as a number (`3`, `-0.5`, `1e3`, `nan`), else the text."""
+    s = text.strip()
+    if _INTEGER.fullmatch(s):
+        return int(s)
+    return float(s) if _NUMBER.fullmatch(s) else s
 
 
 def parse_labels(values: dict[str, Any], keys: list[str], where: str) -> dict[str, int]:
@@ -84,9 +188,33 @@ def parse_labels(values: dict[str, Any], keys: list[str], where: str) -> dict[st
     return out
 
 
+def manifest_modalities(cfg: ManifestConfig, root: Path, raw: dict[str, Any], where: str) -> Sample:
+    """The modality values of one row: file paths resolved, blank optional ones left out.
+
+    `raw` maps each configured modality to its undecoded value (None/blank when the row lacks it).
+    Text and tabular values are inline; an np.ndarray (inline JSON numbers) passes through; anything
+    else is a file path.
+    """
+    required = cfg.required_modalities()
+    out: Sample = {}
+    for m, v in raw.items():
+        if blank(v):
+            if m not in required:
+                continue
+            if m == "text":  # the text transform counts it as empty_caption, as it always has
+                out[m] = "" if v is None else v
+                continue
+            raise SampleError(f"missing_{m}", f"{where}: no {m} (required)")
+        inline = m in ("text", "tabular") or isinstance(v, np.ndarray)
+        out[m] = v if inline else resolve_path(root, v, where, m)
+    if not out:
+        raise SampleError("no_modalities", f"{where}: none of {', '.join(raw)} is present")
+    return out
+
+
 @SOURCES.register("csv")
 class CSVSource(Source):
-    """Rows of a CSV/TSV manifest as samples {"id", "image": absolute path, "text", "label"}."""
+    """Rows of a CSV/TSV manifest as samples {"id", <modality>: path or value, ..., "label"}."""
 
     Config = CSVConfig
 
@@ -98,27 +226,36 @@ class CSVSource(Source):
         with open(self.path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter=self.cfg.resolved_separator())
             header = [h for h in (reader.fieldnames or []) if h is not None]
-            wanted = {"image_key": self.cfg.image_key, "caption_key": self.cfg.caption_key}
-            wanted |= {f"label_keys[{i}]": k for i, k in enumerate(self.cfg.label_keys)}
+            wanted = self.cfg.wanted_keys()
             check_keys(wanted, header, "csv", self.path)
             keep = list(dict.fromkeys([*wanted.values(), *(["id"] if "id" in header else [])]))
             self.columns: dict[str, list[str | None]] = {k: [] for k in keep}
+            self.rows = 0
             for row in reader:
+                self.rows += 1
                 for k in keep:
                     self.columns[k].append(row.get(k))
 
     def __len__(self) -> int:
-        return len(self.columns[self.cfg.image_key])
+        return self.rows
 
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < len(self):
             raise IndexError(f"csv index {index} out of range 0..{len(self) - 1}")
+        cfg = self.cfg
         where = f"{self.path.name} row {index}"
         ids = self.columns.get("id")
         row = {k: v[index] for k, v in self.columns.items()}
+        raw: dict[str, Any] = {}
+        if cfg.image_key:
+            raw["image"] = row[cfg.image_key]
+        if cfg.caption_key:
+            raw["text"] = row[cfg.caption_key]
+        raw |= {m: row[k] for m, k in cfg.modality_keys.items()}
+        if cfg.tabular_keys:
+            raw["tabular"] = {k: parse_cell(row[k]) for k in cfg.tabular_keys if not blank(row[k])}
         return {
             "id": str(ids[index]) if ids and ids[index] not in (None, "") else str(index),
-            "image": resolve_image(self.root, row[self.cfg.image_key], where),
-            "text": row[self.cfg.caption_key] or "",
-            "label": parse_labels(row, self.cfg.label_keys, where),
+            **manifest_modalities(cfg, self.root, raw, where),
+            "label": parse_labels(row, cfg.label_keys, where),
         }

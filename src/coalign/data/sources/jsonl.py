@@ -1,8 +1,19 @@
-"""JSON Lines manifests: one object per line with an image path and one caption or a list of captions.
+"""JSON Lines manifests: one object per line naming a file (or holding inline values) per modality.
 
-A line that is not valid JSON must not end a long run: it is remembered at construction and
-raises `SampleError("corrupt_record")` when its sample is read, so it is skipped and counted.
-Blank lines are not samples.
+The classic line is `{"image": path, "caption": "..." or ["...", ...]}`. The options are those of the
+csv source (see its docstring): `modality_keys` maps a modality to the key holding its file path
+(`{audio: wav}`), where a list of numbers instead of a path is taken as inline data (a float32 array,
+e.g. a small point cloud); `tabular_keys` are top-level fields that form `sample["tabular"]`, and
+`tabular_key` names one object field (or a JSON string of one) holding the record; the two merge,
+`tabular_keys` winning. Null or "" values are missing fields. `image_key: null` is a manifest without
+images. A modality a line lacks (absent key, null, "", []) is simply not in its sample unless it is
+in `required` (default: image when set, and text), as in the csv source.
+
+Configured keys are checked at start against the keys seen on any line (a key every line lacks is a
+configuration error); a line lacking a key is a missing modality, decided per line. A line that is
+not valid JSON must not end a long run: it is remembered at construction and raises
+`SampleError("corrupt_record")` when its sample is read, so it is skipped and counted. Blank lines
+are not samples.
 """
 
 from __future__ import annotations
@@ -11,21 +22,31 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from coalign.data.sources.base import Sample, SampleError, Source
-from coalign.data.sources.csv import check_keys, existing_file, parse_labels, resolve_image
-from coalign.registry import SOURCES, StrictModel
+from coalign.data.sources.csv import (
+    ManifestConfig,
+    blank,
+    check_keys,
+    existing_file,
+    manifest_modalities,
+    parse_labels,
+)
+from coalign.registry import SOURCES
 
 
-class JSONLConfig(StrictModel):
-    path: str
-    image_key: str = "image"
-    caption_key: str = "caption"  # a string, or a list of strings (several captions per image)
-    root: str | None = None  # relative image paths resolve against this; default: the manifest's folder
-    label_keys: list[str] = []  # integer fields copied into sample["label"]
+class JSONLConfig(ManifestConfig):
+    image_key: str | None = "image"
+    caption_key: str | None = "caption"  # a string, or a list of strings (several captions per image)
+    tabular_key: str | None = None  # an object field {name: value} used as sample["tabular"]
 
-    @classmethod
-    def smoke_options(cls) -> dict:
-        return {}
+    def has_tabular(self) -> bool:
+        return bool(self.tabular_keys) or self.tabular_key is not None
+
+    def wanted_keys(self) -> dict[str, str]:
+        tabular = {"tabular_key": self.tabular_key} if self.tabular_key is not None else {}
+        return super().wanted_keys() | tabular
 
 
 def _caption(value: Any) -> str | list[str]:
@@ -37,9 +58,45 @@ def _caption(value: Any) -> str | list[str]:
     return ""
 
 
+def _file_or_array(value: Any, modality: str, where: str) -> Any:
+    """A path stays a path (resolved later); a list of numbers becomes a float32 array (inline data)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        if blank(value):
+            return None
+        try:
+            return np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError):
+            detail = f"{where}: inline {modality} is not a numeric array"
+            raise SampleError(f"corrupt_{modality}", detail) from None
+    detail = f"{where}: a {type(value).__name__}, not a path or a list of numbers"
+    raise SampleError(f"corrupt_{modality}", detail)
+
+
+def _tabular(rec: dict[str, Any], cfg: JSONLConfig, where: str) -> dict[str, Any]:
+    """The tabular record of one line, without null or empty fields ({} when it has none)."""
+    out: dict[str, Any] = {}
+    if cfg.tabular_key is not None:
+        value = rec.get(cfg.tabular_key)
+        if isinstance(value, str) and value.strip():
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise SampleError("corrupt_tabular", f"{where}: '{cfg.tabular_key}': {err.msg}") from None
+        if isinstance(value, dict):
+            out |= value
+        elif not blank(value):
+            raise SampleError(
+                "corrupt_tabular", f"{where}: '{cfg.tabular_key}' is a {type(value).__name__}, not an object"
+            )
+    out |= {k: rec[k] for k in cfg.tabular_keys if k in rec}
+    return {k: v for k, v in out.items() if not blank(v)}
+
+
 @SOURCES.register("jsonl")
 class JSONLSource(Source):
-    """Lines of a JSONL manifest as samples {"id", "image": absolute path, "text", "label"}."""
+    """Lines of a JSONL manifest as samples {"id", <modality>: path or value, ..., "label"}."""
 
     Config = JSONLConfig
 
@@ -47,7 +104,8 @@ class JSONLSource(Source):
         self.cfg = cfg or JSONLConfig(**kwargs)
         self.path = existing_file(self.cfg.path, "jsonl")
         self.root = Path(self.cfg.root).expanduser() if self.cfg.root else self.path.parent
-        keep = [self.cfg.image_key, self.cfg.caption_key, "id", *self.cfg.label_keys]
+        wanted = self.cfg.wanted_keys()
+        keep = list(dict.fromkeys([*wanted.values(), "id"]))
         # Each record keeps only the fields used (dict) or, for a bad line, why it is bad (str).
         self.records: list[dict[str, Any] | str] = []
         seen: set[str] = set()
@@ -66,8 +124,6 @@ class JSONLSource(Source):
                 seen.update(obj)
                 self.records.append({k: obj[k] for k in keep if k in obj} | {"_line": lineno})
         if any(isinstance(r, dict) for r in self.records):  # a wrong key name fails at start
-            wanted = {"image_key": self.cfg.image_key, "caption_key": self.cfg.caption_key}
-            wanted |= {f"label_keys[{i}]": k for i, k in enumerate(self.cfg.label_keys)}
             check_keys(wanted, sorted(seen), "jsonl", self.path)
 
     def __len__(self) -> int:
@@ -79,11 +135,19 @@ class JSONLSource(Source):
         rec = self.records[index]
         if isinstance(rec, str):
             raise SampleError("corrupt_record", f"{self.path.name} {rec}")
+        cfg = self.cfg
         where = f"{self.path.name} line {rec['_line']}"
+        raw: dict[str, Any] = {}
+        if cfg.image_key:
+            raw["image"] = rec.get(cfg.image_key)
+        if cfg.caption_key:
+            raw["text"] = _caption(rec.get(cfg.caption_key))
+        raw |= {m: _file_or_array(rec.get(k), m, where) for m, k in cfg.modality_keys.items()}
+        if cfg.has_tabular():
+            raw["tabular"] = _tabular(rec, cfg, where)
         rid = rec.get("id")
         return {
             "id": str(rid) if rid not in (None, "") else str(index),
-            "image": resolve_image(self.root, rec.get(self.cfg.image_key), where),
-            "text": _caption(rec.get(self.cfg.caption_key)),
-            "label": parse_labels(rec, self.cfg.label_keys, where),
+            **manifest_modalities(cfg, self.root, raw, where),
+            "label": parse_labels(rec, cfg.label_keys, where),
         }
