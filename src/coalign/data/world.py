@@ -3,24 +3,42 @@
 Each sample is an object with attributes (shape, color, size, position) drawn on a varied
 background, plus captions written from several templates that vary word order and wording, so a
 model has to learn words rather than positions in a string. Attributes are kept as labels.
+`modalities` picks what a sample carries: `image` and `text` by default, and also `points`,
+`audio` and `tabular`, rendered from the same attributes by `world_modalities.py`.
 
 A fixed set of shape-color pairs never appears in the `train` and `test` splits; the `heldout`
 split contains only those pairs and so measures compositional generalisation.
 
 Sample i of a split is a pure function of (seed, split, i): the world has any size, costs no
-memory, and the same index always gives the same sample. Later modalities (audio, points, tabular)
-are added as further `render_*` functions of the same attributes.
+memory, and the same index always gives the same sample. The attributes, captions and image come
+from the stream `[seed, split, i]`; each further modality draws from its own stream
+`[seed, split, i, k]`, so a sample's image and text are the same whichever modalities are asked for.
+
+The `xor` variant (for Symile-style experiments) hides one attribute from every single modality.
+Two independent fair bits are drawn per sample: a = the rendered size of the object (the usual size
+draw; image, points and tabular show it) and b (from stream k=4; audio loudness shows it). The
+caption's size word states c = a XOR b. As a and b are independent and uniform, c is independent
+of a alone and of b alone: the pairwise mutual information about c between the text and the image,
+or the text and the audio, is zero, yet c is fixed by (image, audio) together. Labels keep all
+three: "size" = c (what the text says), "image_bit" = a, "audio_bit" = b. Shape, colour and position
+are as in the standard world. No single modality can be classified into c, so the variant's
+zero-shot tasks leave "size" out: a zero-shot size score from any one tower would be chance by
+construction, not a finding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+import pydantic
 
 from coalign.data.sources.base import Sample, Source, ZeroShotTask
+from coalign.data.world_modalities import render_audio, render_points, render_tabular
 from coalign.registry import SOURCES, StrictModel
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
@@ -43,6 +61,9 @@ RADIUS = {"small": 0.11, "large": 0.2}  # fraction of the image side
 # Shape-color pairs that train and test never contain; `heldout` contains only these.
 HELDOUT_PAIRS = {(s, COLORS[(2 * i + 1) % len(COLORS)]) for i, s in enumerate(SHAPES)}
 SPLITS = {"train": 0, "test": 1, "heldout": 2}
+MODALITIES = ["image", "text", "points", "audio", "tabular"]
+# Each added modality's own random stream [seed, split, index, k]; "xor_bit" is the xor variant's b.
+STREAMS = {"points": 1, "audio": 2, "tabular": 3, "xor_bit": 4}
 
 # Wording: synonyms for attribute values, and sentence structures that reorder them.
 SYNONYMS = {
@@ -193,15 +214,30 @@ def render_image(attrs: Attributes, rng: np.random.Generator, size: int = 64) ->
 class WorldConfig(StrictModel):
     split: str = "train"
     size: int = 50_000
+    modalities: list[str] = ["image", "text"]  # any of MODALITIES; a sample carries only these
+    variant: Literal["standard", "xor"] = "standard"  # "xor": see the module docstring
     image_size: int = 64
     captions: int = 1  # captions per sample (evaluation splits use several for retrieval)
     partial_caption_prob: float = 0.3  # chance that a caption leaves some attributes out
+    num_points: int = pydantic.Field(1024, ge=1)  # points per cloud
+    sample_rate: int = pydantic.Field(16000, ge=1000)  # audio samples per second
+    audio_seconds: float = pydantic.Field(1.0, gt=0.0)
     seed: int = 0
-    cache: bool = True  # keep rendered samples in memory (a 64x64 sample is ~12 KB)
+    cache: bool = True  # keep rendered samples in memory (a 64x64 sample is ~12 KB; 1 s of audio 64 KB)
+    cache_mb: float = pydantic.Field(1024.0, ge=0.0)  # stop caching new samples past this many megabytes
 
     @classmethod
     def smoke_options(cls) -> dict:
         return {"size": 256}
+
+    @pydantic.field_validator("modalities")
+    @classmethod
+    def _known_modalities(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in MODALITIES]
+        if unknown or not v or len(set(v)) != len(v):
+            problem = f"unknown {unknown}" if unknown else "empty or repeated entries"
+            raise ValueError(f"{problem}; valid modalities: {', '.join(MODALITIES)}")
+        return v
 
     def model_post_init(self, _ctx: object) -> None:
         if self.split not in SPLITS:
@@ -218,12 +254,15 @@ class WorldSource(Source):
         self.cfg = cfg or WorldConfig(**kwargs)
         self.combos = combinations(self.cfg.split)
         self._cache: dict[int, Sample] = {}
+        self._cache_bytes = 0
 
     def __len__(self) -> int:
         return self.cfg.size
 
-    def rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.cfg.seed, SPLITS[self.cfg.split], index])
+    def rng(self, index: int, stream: str | None = None) -> np.random.Generator:
+        """The generator of one sample: the main stream, or the named stream of one added modality."""
+        key = [self.cfg.seed, SPLITS[self.cfg.split], index]
+        return np.random.default_rng(key if stream is None else [*key, STREAMS[stream]])
 
     def attributes(self, index: int) -> Attributes:
         return self.combos[int(self.rng(index).integers(len(self.combos)))]
@@ -235,19 +274,43 @@ class WorldSource(Source):
             return self._cache[index]
         sample = self._make(index)
         if self.cfg.cache:
-            self._cache[index] = sample
+            nbytes = sum(v.nbytes for v in sample.values() if isinstance(v, np.ndarray)) + 1024
+            if self._cache_bytes + nbytes <= self.cfg.cache_mb * 2**20:
+                self._cache[index] = sample
+                self._cache_bytes += nbytes
         return sample
 
     def _make(self, index: int) -> Sample:
+        cfg, want = self.cfg, set(self.cfg.modalities)
         rng = self.rng(index)
         attrs = self.combos[int(rng.integers(len(self.combos)))]
-        texts = [caption(attrs, rng, self.cfg.partial_caption_prob) for _ in range(self.cfg.captions)]
-        return {
-            "id": f"world-{self.cfg.split}-{index}",
-            "image": render_image(attrs, rng, self.cfg.image_size),
-            "text": texts[0] if len(texts) == 1 else texts,
-            "label": attrs.labels(),
-        }
+        label = attrs.labels()
+        said, heard = attrs, attrs  # what the caption states, what the audio renders
+        if cfg.variant == "xor":
+            a, b = label["size"], int(self.rng(index, "xor_bit").integers(2))
+            said = dataclasses.replace(attrs, size=SIZES[a ^ b])
+            heard = dataclasses.replace(attrs, size=SIZES[b])
+            label.update(size=a ^ b, image_bit=a, audio_bit=b)
+        # Captions are drawn even when text is not wanted: the image comes next in the same stream.
+        texts = [caption(said, rng, cfg.partial_caption_prob) for _ in range(cfg.captions)]
+        sample: Sample = {"id": f"world-{cfg.split}-{index}"}
+        if "image" in want:
+            sample["image"] = render_image(attrs, rng, cfg.image_size)
+        if "text" in want:
+            sample["text"] = texts[0] if len(texts) == 1 else texts
+        if "points" in want:
+            points_rng = self.rng(index, "points")
+            sample["points"] = render_points(attrs, RGB[attrs.color], points_rng, cfg.num_points)
+        if "audio" in want:
+            audio_rng = self.rng(index, "audio")
+            sample["audio"] = render_audio(heard, audio_rng, cfg.sample_rate, cfg.audio_seconds)
+        if "tabular" in want:
+            sample["tabular"] = render_tabular(attrs, RGB[attrs.color], self.rng(index, "tabular"))
+        sample["label"] = label
+        return sample
 
     def zero_shot_tasks(self) -> dict[str, ZeroShotTask]:
-        return {k: ZeroShotTask(k, list(v), ZERO_SHOT_TEMPLATES[k]) for k, v in ATTRIBUTES.items()}
+        # In the xor variant no single modality carries the caption's size (see the module docstring).
+        hidden = {"size"} if self.cfg.variant == "xor" else set()
+        shown = {k: v for k, v in ATTRIBUTES.items() if k not in hidden}
+        return {k: ZeroShotTask(k, list(v), ZERO_SHOT_TEMPLATES[k]) for k, v in shown.items()}
