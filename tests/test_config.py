@@ -40,7 +40,10 @@ def test_unknown_registry_name_lists_valid_names():
     with pytest.raises(ConfigError) as err:
         load_recipe("demo", ["objectives.0.name=clipp"])
     assert "unknown objective 'clipp' (did you mean 'clip'?)" in str(err.value)
-    with pytest.raises(ConfigError, match="valid encoders: text_transformer, vit"):
+    with pytest.raises(
+        ConfigError,
+        match="valid encoders: audio_transformer, point_transformer, tabular_mlp, tabular_transformer, text_transformer, vit",
+    ):
         load_recipe("demo", ["model.towers.image.encoder=resnet"])
 
 

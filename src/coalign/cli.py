@@ -1,4 +1,5 @@
-"""coalign command line: train | eval | list | demo | embed | index | search | serve.
+"""coalign command line: train | eval | compare | fewshot | report | list | demo | embed | index | search
+| serve.
 
 Each subcommand parses its own arguments (the search and serve subsystems keep theirs beside their code).
 """
@@ -11,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from coalign.evaluate.commands import add_compare, add_fewshot
+from coalign.evaluate.report_command import add_report
 from coalign.registry import ConfigError
 from coalign.search.commands import add_embed, add_index, add_search
 from coalign.serve.commands import add_serve
@@ -58,6 +61,13 @@ def _add_eval(sub) -> None:
     p.add_argument("--out", type=Path, help="results JSON (default: RUN/eval/step_N.json)")
     p.add_argument("--max-samples", type=int, help="evaluate at most this many samples per set")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--suite",
+        type=Path,
+        help="suite YAML: several evaluators over several datasets, one CLIP_benchmark result file each "
+        "(written to --out, a folder; default RUN/eval/<suite>-step_N)",
+    )
+    p.add_argument("--model", help="model name in the result files (default: the recipe's name)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -65,6 +75,10 @@ def cmd_eval(args) -> int:
     from coalign.evaluate.suite import evaluate, format_table
     from coalign.run import build_source, load_run
 
+    if args.suite:
+        from coalign.evaluate.commands import run_suite_command
+
+        return run_suite_command(args.run, args.suite, args.out, args.model)
     run = load_run(args.run)
     sources = {k: build_source(s, f"data.eval.{k}") for k, s in run.recipe.data.eval.items()}
     if not sources:
@@ -79,8 +93,7 @@ def cmd_eval(args) -> int:
         max_samples,
         progress=True,
     )
-    run_dir = run.checkpoint.parent.parent
-    out = args.out or run_dir / "eval" / f"step_{run.step:08d}.json"
+    out = args.out or run.run_dir / "eval" / f"step_{run.step:08d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps({"checkpoint": str(run.checkpoint), "step": run.step, "results": results}, indent=2)
@@ -132,7 +145,8 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="coalign", description="One embedding space for many modalities.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_list, _add_demo, add_embed, add_index, add_search, add_serve):
+    builders = [_add_train, _add_eval, add_compare, add_fewshot, add_report, _add_list, _add_demo]
+    for add in (*builders, add_embed, add_index, add_search, add_serve):
         add(sub)
     args = parser.parse_args(argv)
     try:

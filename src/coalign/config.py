@@ -61,6 +61,16 @@ class DataConfig(StrictModel):
     transforms: dict[str, TransformSpec]
     batch_size: int = pydantic.Field(256, gt=0)
     num_workers: int = pydantic.Field(0, ge=0)
+    # modality -> probability that a training sample goes without it (missing-modality robustness)
+    drop_modalities: dict[str, float] = {}
+
+    @pydantic.field_validator("drop_modalities")
+    @classmethod
+    def _probabilities(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {m: p for m, p in v.items() if not 0 <= p < 1}
+        if bad:
+            raise ValueError(f"drop probabilities must lie in [0, 1), got {bad}")
+        return v
 
 
 class ModelConfig(StrictModel):
@@ -86,8 +96,35 @@ class TrainConfig(StrictModel):
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
 
 
+class EvaluatorSpec(Part):
+    """An evaluator by registry name, with its options beside the name: `{name: knn, k: 10}`."""
+
+    name: str
+
+
+def evaluator_specs(items: list[str | dict | EvaluatorSpec]) -> list[EvaluatorSpec]:
+    return [
+        EvaluatorSpec(name=e) if isinstance(e, str) else EvaluatorSpec(**e) if isinstance(e, dict) else e
+        for e in items
+    ]
+
+
+def evaluator_errors(items: list[str | EvaluatorSpec], where: str) -> list[str]:
+    """Unknown evaluator names and options that do not fit the evaluator's Config, by position."""
+    import coalign.components  # noqa: F401  (fills the registries)
+
+    errors = []
+    for i, spec in enumerate(evaluator_specs(items)):
+        try:
+            EVALUATORS.validate(spec.name, spec.options(), f"{where}.{i}")
+        except ConfigError as err:
+            errors.append(f"{where}.{i}: {err}" if not str(err).startswith(where) else str(err))
+    return errors
+
+
 class EvalConfig(StrictModel):
-    evaluators: list[str] = ["zero_shot", "retrieval"]  # registry names (`coalign list`)
+    # registry names (`coalign list`), or {name: ..., option: value} for evaluators with options
+    evaluators: list[str | EvaluatorSpec] = ["zero_shot", "retrieval"]
     batch_size: int = pydantic.Field(256, gt=0)
     max_samples: int | None = None
 
@@ -201,17 +238,20 @@ def _validate_parts(recipe: Recipe) -> None:
             registry.validate(name, options, where)
         except ConfigError as err:
             errors.append(f"{where}: {err}" if not str(err).startswith(where) else str(err))
-    for where, registry, name in [("model.head", HEADS, recipe.model.head)] + [
-        (f"eval.evaluators.{i}", EVALUATORS, e) for i, e in enumerate(recipe.eval.evaluators)
-    ]:
-        try:
-            registry.get(name)
-        except ConfigError as err:
-            errors.append(f"{where}: {err}")
+    try:
+        HEADS.get(recipe.model.head)
+    except ConfigError as err:
+        errors.append(f"model.head: {err}")
+    errors += evaluator_errors(recipe.eval.evaluators, "eval.evaluators")
     missing = [m for m in recipe.model.towers if m not in recipe.data.transforms]
     if missing:
         errors.append(f"data.transforms: no transform for modalities {missing}; every tower needs one")
     errors += _view_errors(recipe)
+    errors += [
+        f"data.drop_modalities.{m}: the model has no '{m}' tower; towers: {', '.join(recipe.model.towers)}"
+        for m in recipe.data.drop_modalities
+        if m not in recipe.model.towers
+    ]
     if errors:
         raise ConfigError("invalid recipe:\n" + "\n".join(errors))
 

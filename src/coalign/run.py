@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-import coalign.components  # noqa: F401  (fills the registries)
 from coalign.config import Recipe, SourceSpec, load_recipe
 from coalign.data.sources.base import Source
 from coalign.data.transforms.base import Pipeline, Transform
@@ -19,13 +18,21 @@ from coalign.train.state import load_weights, resolve_checkpoint
 RECIPE_FILE = "recipe.yaml"
 
 
+def _fill_registries() -> None:
+    """Import every part module. Done on first use, not at import: some evaluate modules (suites,
+    reports) import this one, and the registry scan imports them."""
+    import coalign.components  # noqa: F401
+
+
 def build_source(spec: SourceSpec, where: str) -> Source:
+    _fill_registries()
     return SOURCES.create(spec.source, where=where, **spec.options())
 
 
 def build_transforms(recipe: Recipe, views: bool = True) -> dict[str, Transform]:
     """One transform per key of `data.transforms`; `views=False` leaves out the `<modality>@<view>`
     keys, which only training objectives use."""
+    _fill_registries()
     return {
         key: TRANSFORMS.create(t.transform, where=f"data.transforms.{key}", **t.options())
         for key, t in recipe.data.transforms.items()
@@ -44,6 +51,7 @@ def prepare_transforms(transforms: dict[str, Transform], source: Source, run_dir
 
 
 def build_model(recipe: Recipe, transforms: dict[str, Transform]) -> MultimodalModel:
+    _fill_registries()
     inputs = {m: t.describe() for m, t in transforms.items() if "@" not in m}
     return MultimodalModel.from_config(recipe.model, inputs)
 
@@ -55,6 +63,12 @@ class LoadedRun:
     transforms: dict[str, Transform]  # in eval mode
     checkpoint: Path
     step: int
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder (a checkpoint folder outside `checkpoints/` is its own run folder)."""
+        parent = self.checkpoint.parent
+        return parent.parent if parent.name == "checkpoints" else self.checkpoint
 
     def pipeline(self) -> Pipeline:
         return Pipeline(self.transforms)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,13 +17,47 @@ from coalign.models.model import MultimodalModel
 
 @dataclass
 class EmbeddedSet:
+    """One evaluation source, embedded. Rows of every modality's embeddings are the kept samples
+    (N of them); a sample that lacks a modality has a zero row there and False in `present[m]`."""
+
     name: str
-    embeddings: dict[str, torch.Tensor]  # modality -> (N, E), normalised
+    embeddings: dict[str, torch.Tensor]  # modality -> (N, E), normalised (zeros where absent)
     captions: torch.Tensor  # (T, E) every caption of every sample
     caption_owner: torch.Tensor  # (T,) the sample index of each caption
     labels: dict[str, torch.Tensor]  # key -> (N,)
     tasks: dict[str, ZeroShotTask]
     skipped: SkipCounter = field(default_factory=SkipCounter)
+    present: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (N,) bool; absent key: all
+    indices: torch.Tensor | None = None  # (N,) the source index of each row (skipped samples leave gaps)
+
+    def __len__(self) -> int:
+        for rows in (*self.embeddings.values(), *self.labels.values()):
+            return len(rows)
+        return 0
+
+    def has(self, *modalities: str) -> torch.Tensor:
+        """(N,) bool: the samples that have every one of `modalities`."""
+        n = len(self)
+        mask = torch.ones(n, dtype=torch.bool)
+        for m in modalities:
+            if m not in self.embeddings:
+                return torch.zeros(n, dtype=torch.bool)
+            if m in self.present:
+                mask &= self.present[m]
+        return mask
+
+    def labelled(self, modality: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, E) embeddings and (M,) labels of the samples that have `modality`."""
+        rows = self.has(modality)
+        return self.embeddings[modality][rows], self.labels[key][rows]
+
+
+class EvalBatch(NamedTuple):
+    values: dict[str, torch.Tensor]  # modality -> (b_m, ...) over the samples that have it
+    present: dict[str, torch.Tensor]  # modality -> (b,) bool
+    captions: list[list[str]]  # every caption of each sample
+    labels: list[dict]  # the labels of each sample
+    indices: list[int]  # the source index of each sample
 
 
 def _captions(value) -> list[str]:
@@ -38,34 +73,49 @@ def eval_batches(
     max_samples: int | None,
     skipped: SkipCounter,
     need_captions: bool = True,
-) -> Iterator[tuple[dict[str, torch.Tensor], list[list[str]], list[dict]]]:
+) -> Iterator[EvalBatch]:
     """The one walk over an evaluation source, shared by every evaluator that re-reads it (so their
-    samples and captions line up): batches of usable samples as ({modality: (b, ...)}, captions of
-    each sample, labels of each sample). Unusable samples are counted in `skipped`."""
+    samples and captions line up). A sample may lack some of `modalities` (missing modalities are
+    normal); one that has none of them, or no caption when captions are needed, or that fails to
+    decode, is counted in `skipped` and left out."""
     rng = np.random.default_rng(0)
     n = len(source) if max_samples is None else min(len(source), max_samples)
     values: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+    present: dict[str, list[bool]] = {m: [] for m in modalities}
     caps: list[list[str]] = []
     labels: list[dict] = []
+    indices: list[int] = []
+
+    def flush() -> EvalBatch:
+        stacked = {m: torch.stack(v) for m, v in values.items() if v}
+        masks = {m: torch.tensor(p, dtype=torch.bool) for m, p in present.items()}
+        return EvalBatch(stacked, masks, caps, labels, indices)
+
     for index in range(n):
         try:
             raw = source[index]
             texts = _captions(raw.get("text"))
             if need_captions and not texts:
                 raise SampleError("empty_caption")
-            sample = {m: transforms[m](raw[m], rng) for m in modalities}
+            sample = {m: transforms[m](raw[m], rng) for m in modalities if raw.get(m) is not None}
+            if modalities and not sample:
+                raise SampleError("no_modality", f"none of {', '.join(modalities)}")
         except SampleError as err:
             skipped[err.reason] += 1
             continue
         for m in modalities:
-            values[m].append(sample[m])
+            present[m].append(m in sample)
+            if m in sample:
+                values[m].append(sample[m])
         caps.append(texts)
         labels.append(raw.get("label") or {})
+        indices.append(index)
         if len(caps) == batch_size:
-            yield {m: torch.stack(v) for m, v in values.items()}, caps, labels
-            values, caps, labels = {m: [] for m in modalities}, [], []
+            yield flush()
+            values, present = {m: [] for m in modalities}, {m: [] for m in modalities}
+            caps, labels, indices = [], [], []
     if caps:
-        yield {m: torch.stack(v) for m, v in values.items()}, caps, labels
+        yield flush()
 
 
 @torch.no_grad()
@@ -106,6 +156,8 @@ def embed_source(
     )
     skipped = SkipCounter()
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+    masks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+    kept_indices: list[int] = []
     texts: list[str] = []
     owner: list[int] = []
     labels: dict[str, list[int]] = {}
@@ -113,10 +165,17 @@ def embed_source(
     batches = eval_batches(
         source, transforms, modalities, batch_size, max_samples, skipped, encode_text is not None
     )
-    for values, caps, labs in tqdm(batches, desc=f"embed {name}", disable=not progress, leave=False):
+    for values, present, caps, labs, idx in tqdm(
+        batches, desc=f"embed {name}", disable=not progress, leave=False
+    ):
         for m in modalities:
-            with autocast() if autocast else torch.autocast(device.type, enabled=False):
-                chunks[m].append(model.encode(m, values[m].to(device)).float().cpu())
+            rows = torch.zeros(len(caps), model.embed_dim)  # zero rows where the sample lacks m
+            if m in values:
+                with autocast() if autocast else torch.autocast(device.type, enabled=False):
+                    rows[present[m]] = model.encode(m, values[m].to(device)).float().cpu()
+            chunks[m].append(rows)
+            masks[m].append(present[m])
+        kept_indices.extend(idx)
         for i, (c, lab) in enumerate(zip(caps, labs, strict=True)):
             texts.extend(c)
             owner.extend([kept + i] * len(c))
@@ -134,4 +193,6 @@ def embed_source(
         labels_t,
         source.zero_shot_tasks(),
         skipped,
+        {m: torch.cat(v) for m, v in masks.items() if v and not bool(torch.cat(v).all())},
+        torch.tensor(kept_indices, dtype=torch.long),
     )

@@ -77,7 +77,7 @@ def encode_tokens(eset: EmbeddedSet, ctx: EvalContext) -> tuple[dict[str, TokenS
     parts: dict[str, list] = {m: [] for m in [*modalities, "text"]}
     texts: list[str] = []
     batches = eval_batches(ctx.source, transforms, modalities, ctx.batch_size, ctx.max_samples, SkipCounter())
-    for values, caps, _ in batches:  # the same walk as embed_source, so samples and captions line up
+    for values, _, caps, _, _ in batches:  # the same walk as embed_source, so samples and captions line up
         for m in modalities:
             with context():
                 feats = model.features(m, values[m].to(device))

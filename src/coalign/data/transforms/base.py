@@ -55,13 +55,19 @@ class Pipeline:
     objectives (SLIP, TCL) get augmented views without any special case in the loader.
     """
 
-    def __init__(self, transforms: dict[str, Transform]):
+    def __init__(self, transforms: dict[str, Transform], drop: dict[str, float] | None = None):
         self.transforms = transforms
+        self.drop = {m: p for m, p in (drop or {}).items() if p > 0}
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
-        out = dict(sample)
+        """Transform each key; with `drop[m] = p`, modality m (and its views) is left out of the
+        sample with probability p, independently per modality, so training sees the missing
+        modalities that evaluation may face (the draws come first from the sample's rng, so a run is
+        still a function of its seed)."""
+        dropped = {m for m, p in self.drop.items() if rng.random() < p}
+        out = {k: v for k, v in sample.items() if k not in dropped}
         for key, transform in self.transforms.items():
-            raw = sample.get(base_modality(key))
+            raw = None if base_modality(key) in dropped else sample.get(base_modality(key))
             if raw is not None:
                 out[key] = transform(raw, rng)
             else:

@@ -1,0 +1,387 @@
+"""`coalign report RUN`: one self-contained HTML page that says how a run went.
+
+Everything a reader needs travels in the one file (plots and images as PNG data URIs, CSS inline, no
+external URL), so a report can be mailed, attached to an issue or opened offline. Sections: summary,
+losses, schedule, eval-metrics, confusion, retrieval, recipe. A section whose data is missing (no
+metrics, no checkpoint, no labels) says so on the page instead of failing the whole report.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coalign.data.sources.base import SampleError
+from coalign.evaluate.report_model import (
+    INDEX_KEY,
+    TOP_K,
+    Confusion,
+    Example,
+    Missing,
+    ModelView,
+    inspect_model,
+)
+from coalign.evaluate.report_plots import (
+    CSS,
+    WIDTH_IN,
+    Lines,
+    figure,
+    heatmap,
+    img_tag,
+    line_plots,
+    png_uri,
+    thumbnail,
+)
+from coalign.evaluate.suite import summary_rows
+from coalign.registry import ConfigError
+
+__all__ = [
+    "CSS",
+    "INDEX_KEY",
+    "SECTIONS",
+    "TOP_K",
+    "UNREADABLE",
+    "WIDTH_IN",
+    "Confusion",
+    "Example",
+    "MetricLog",
+    "Missing",
+    "ModelView",
+    "build_report",
+    "confusion_section",
+    "eval_section",
+    "figure",
+    "heatmap",
+    "inspect_model",
+    "line_plots",
+    "losses_section",
+    "png_uri",
+    "read_metrics",
+    "recipe_section",
+    "retrieval_section",
+    "schedule_section",
+    "series",
+    "summary_section",
+    "thumbnail",
+    "write_report",
+]
+
+SECTIONS = {
+    "summary": "Summary",
+    "losses": "Losses",
+    "schedule": "Schedule",
+    "eval-metrics": "Evaluation metrics",
+    "confusion": "Zero-shot confusion",
+    "retrieval": "Retrieval examples",
+    "recipe": "Recipe",
+}
+UNREADABLE = '<div class="thumb unreadable">unreadable</div>'
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class MetricLog:
+    train: dict[int, dict[str, float]]  # step -> metrics
+    eval: dict[int, dict[str, float]]  # step -> {"<dataset>/<metric>": value}
+    bad_lines: int = 0
+    later_evals: int = 0  # eval/*.json files merged into `eval`
+
+
+def read_metrics(run_dir: Path) -> MetricLog:
+    """metrics.jsonl (plus later `coalign eval` results in eval/*.json) by kind and step.
+
+    A resumed run appends to metrics.jsonl, so a step can repeat: the last value of each key at a
+    (kind, step) wins. Eval rows of one step (one per dataset) merge into one. Unreadable lines are
+    counted, not fatal: a run killed mid-write leaves a truncated last line.
+    """
+    log = MetricLog({}, {})
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+            step, kind = int(row.pop("step")), row.pop("kind", "train")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.bad_lines += line.strip() != ""
+            continue
+        target = log.eval if kind == "eval" else log.train if kind == "train" else None
+        if target is not None:
+            target.setdefault(step, {}).update({k: v for k, v in row.items() if _number(v)})
+    for file in sorted((run_dir / "eval").glob("*.json")):
+        try:
+            data = json.loads(file.read_text())
+            step, results = int(data["step"]), dict(data["results"])
+        except (ValueError, KeyError, TypeError, OSError):
+            continue  # not a `coalign eval` result (suites write their own layout beside them)
+        flat = {f"{d}/{k}": v for d, m in results.items() for k, v in m.items() if _number(v)}
+        log.eval.setdefault(step, {}).update(flat)
+        log.later_evals += 1
+    return log
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def series(rows: dict[int, dict[str, float]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one key, in step order, over the rows that have it."""
+    steps = [s for s in sorted(rows) if key in rows[s]]
+    return steps, [rows[s][key] for s in steps]
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+def _missing(text: str) -> str:
+    return f'<p class="missing">{html.escape(text)}</p>'
+
+
+def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _when(path: Path) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+
+
+def summary_section(run_dir: Path, recipe: dict, log: MetricLog) -> str:
+    from coalign.train.state import latest_checkpoint
+
+    checkpoint = latest_checkpoint(run_dir)
+    last = max(log.train, default=None)
+    planned = (recipe.get("train") or {}).get("steps")
+    facts = [
+        ("run", f"{recipe.get('name', '(no recipe.yaml)')}  ({run_dir.resolve()})"),
+        ("steps", f"{last if last is not None else '?'} of {planned or '?'}"),
+        ("checkpoint", checkpoint.name if checkpoint else "none"),
+        ("trained", _when(checkpoint or run_dir / "metrics.jsonl") if (checkpoint or log.train) else "?"),
+        ("report written", time.strftime("%Y-%m-%d %H:%M")),
+        ("objectives", ", ".join(str(o.get("name")) for o in recipe.get("objectives") or []) or "?"),
+        ("modalities", ", ".join((recipe.get("model") or {}).get("towers") or {}) or "?"),
+    ]
+    if last is not None and "loss" in log.train[last]:
+        facts.append(("final loss", f"{log.train[last]['loss']:.4f}"))
+    report = run_dir / "data_report.json"
+    if report.exists():
+        skipped = json.loads(report.read_text()).get("skipped") or {}
+        facts.append(("skipped samples", ", ".join(f"{n} {k}" for k, n in skipped.items()) or "none"))
+    if log.bad_lines:
+        facts.append(("unreadable metric lines", str(log.bad_lines)))
+    dl = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in facts)
+    out = f'<dl class="facts">{dl}</dl>'
+    results_path = run_dir / "results.json"
+    if results_path.exists():
+        results, origin = json.loads(results_path.read_text()), "results.json (final evaluation)"
+    elif log.eval:
+        step = max(log.eval)
+        results, origin = {}, f"the last evaluation in metrics.jsonl (step {step}; no results.json yet)"
+        for k, v in log.eval[step].items():
+            dataset, _, metric = k.partition("/")
+            results.setdefault(dataset, {})[metric] = v
+    else:
+        return out + _missing("No results.json and no evaluation in metrics.jsonl: no headline numbers.")
+    rows = summary_rows(results)
+    datasets = list(dict.fromkeys(d for d, _, _ in rows))
+    metrics = list(dict.fromkeys(m for _, m, _ in rows))
+    value = {(d, m): v for d, m, v in rows}
+    pct = lambda d, m: f"{100 * value[d, m]:.1f}%" if (d, m) in value else ""
+    cells = [[m] + [pct(d, m) for d in datasets] for m in metrics]
+    out += f'<p class="note">Headline numbers from {html.escape(origin)}.</p>'
+    return out + _table(["metric", *datasets], cells, "headline")
+
+
+def losses_section(log: MetricLog) -> str:
+    if not log.train:
+        return _missing("No training rows in metrics.jsonl: nothing to plot.")
+    keys = sorted({k for row in log.train.values() for k in row})
+    lines = {k.removesuffix("_loss"): series(log.train, k) for k in keys if k.endswith("_loss")}
+    if "loss" in keys:
+        lines["loss (total)"] = series(log.train, "loss")
+    panels = [("loss per objective", lines)] if lines else []
+    panels += [(k, {k: series(log.train, k)}) for k in keys if "/" in k]  # objectives' own metrics
+    if not panels:
+        return _missing("metrics.jsonl has training rows but no loss values.")
+    return line_plots(panels)
+
+
+def schedule_section(log: MetricLog) -> str:
+    names = {"lr": "learning rate", "samples_per_s": "throughput (samples/s)", "grad_norm": "gradient norm"}
+    panels = [(title, {k: series(log.train, k)}) for k, title in names.items() if series(log.train, k)[0]]
+    if not panels:
+        return _missing("No learning rate or throughput in metrics.jsonl.")
+    return line_plots(panels)
+
+
+def eval_section(log: MetricLog) -> str:
+    """One axis per (dataset, evaluator): zero-shot top-1 per label, retrieval recall@k, and any other
+    evaluator's metrics; counts (`samples`, `skipped/*`) are left out."""
+    if not log.eval:
+        return _missing("No evaluation rows in metrics.jsonl and no eval/*.json: nothing to plot.")
+    keys = list(dict.fromkeys(k for step in sorted(log.eval) for k in log.eval[step]))
+    datasets = list(dict.fromkeys(k.partition("/")[0] for k in keys))  # in the order they were logged
+    natural = lambda k: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", k)]  # @5 before @10
+    panels: dict[str, Lines] = {}
+    for key in sorted(keys, key=lambda k: (datasets.index(k.partition("/")[0]), natural(k))):
+        dataset, _, metric = key.partition("/")
+        family, _, rest = metric.partition("/")
+        if not rest or family == "skipped" or (family == "zero_shot" and not metric.endswith("/acc1")):
+            continue
+        label = rest.removesuffix("/acc1").replace("image_retrieval_", "text→image ")
+        label = label.replace("text_retrieval_", "image→text ")
+        panels.setdefault(f"{dataset}: {family}", {})[label] = series(log.eval, key)
+    if not panels:
+        return _missing("The evaluation rows hold no plottable metrics.")
+    steps = sorted(log.eval)
+    shown = ", ".join(map(str, steps)) if len(steps) <= 12 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
+    note = f"{len(steps)} evaluation step(s): {shown}"
+    note += f"; {log.later_evals} from later `coalign eval` runs." if log.later_evals else "."
+    plots = line_plots(list(panels.items()), ncols=2, fractions=True, legend_out=True)
+    return f'<p class="note">{html.escape(note)}</p>{plots}'
+
+
+def confusion_section(view: ModelView) -> str:
+    if not view.confusions:
+        return _missing(f"Dataset '{view.dataset}' has no labels with zero-shot class names.")
+    intro = (
+        f"Zero-shot predictions (arg-max over prompt-ensembled class embeddings) on the first "
+        f"{view.samples} samples of '{view.dataset}' with {view.checkpoint.name}. Colour: share of the "
+        f"true class (row); numbers: counts."
+    )
+    figs = "".join(
+        f'<figure class="confusion" data-label="{html.escape(c.key)}" '
+        f'data-modality="{html.escape(c.modality)}" data-matrix="{json.dumps(c.matrix.tolist())}">'
+        f"{heatmap(c)}</figure>"
+        for c in view.confusions
+    )
+    return f'<p class="note">{html.escape(intro)}</p><div class="figures">{figs}</div>'
+
+
+def retrieval_section(view: ModelView) -> str:
+    if view.gallery is None:
+        return _missing("The model has no image tower (or no image was embedded): no images to retrieve.")
+    if not view.examples:
+        return _missing(f"Dataset '{view.dataset}' has no captions to query with.")
+    intro = (
+        f"Top {TOP_K} of {view.samples} '{view.dataset}' images for a few of its captions. Green (✓): the "
+        f"caption's own image; red (✗): another image. Ranks count ties against the own image, as the "
+        f"recall metrics do."
+    )
+    rows = []
+    for ex in view.examples:
+        tiles = []
+        for rank, (i, score) in enumerate(ex.top, 1):
+            hit = i == ex.owner
+            try:
+                raw = view.source[i]
+                uri = thumbnail(raw.get(view.gallery))
+            except SampleError:
+                raw, uri = {}, None
+            img = img_tag(uri, str(raw.get("id", f"sample {i}")), "thumb") if uri else UNREADABLE
+            mark = "✓" if hit else "✗"
+            tiles.append(
+                f'<figure class="tile {"hit" if hit else "miss"}" data-index="{i}" data-hit="{int(hit)}">'
+                f"{img}<figcaption>#{rank} · {score:.3f} {mark}</figcaption></figure>"
+            )
+        where = f"own image at rank {ex.own_rank} of {view.samples}"
+        rows.append(
+            f'<div class="query" data-owner="{ex.owner}"><p class="caption">“{html.escape(ex.caption)}” '
+            f'<span class="rank">{where}</span></p><div class="tiles">{"".join(tiles)}</div></div>'
+        )
+    return f'<p class="note">{html.escape(intro)}</p><div class="examples">{"".join(rows)}</div>'
+
+
+def recipe_section(run_dir: Path) -> str:
+    path = run_dir / "recipe.yaml"
+    if not path.exists():
+        return _missing("No recipe.yaml in the run folder.")
+    return f'<pre class="recipe">{html.escape(path.read_text())}</pre>'
+
+
+# --------------------------------------------------------------------------------------------- the page
+
+
+def _guarded(build: Callable[[], str]) -> str:
+    """A section's HTML, or a note in its place: a report with one broken section beats no report."""
+    try:
+        return build()
+    except Missing as err:
+        return _missing(str(err))
+    except Exception as err:  # noqa: BLE001  (shown on the page, with its type, not swallowed)
+        return f'<p class="missing error">Could not build this section: {html.escape(repr(err))}</p>'
+
+
+def build_report(run_dir: str | Path, *, max_samples: int = 500, examples: int = 8) -> str:
+    """The report page of `run_dir` as one HTML string."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"'{run_dir}' is not a folder; expected a run folder from `coalign train`")
+    if max_samples < 1:
+        raise ConfigError(f"max_samples must be >= 1, got {max_samples}")
+    if examples < 0:
+        raise ConfigError(f"examples must be >= 0, got {examples}")
+    try:  # only names and counts come from it here; the recipe section shows the file as it is
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        recipe = None
+    recipe = recipe if isinstance(recipe, dict) else {}
+    log = read_metrics(run_dir)
+    view: ModelView | Exception
+    try:
+        view = inspect_model(run_dir, max_samples, examples)
+    except Exception as err:  # noqa: BLE001  (the two model sections show it)
+        view = err
+
+    def with_view(section: Callable[[ModelView], str]) -> Callable[[], str]:
+        def build() -> str:
+            if isinstance(view, Exception):
+                raise view
+            return section(view)
+
+        return build
+
+    bodies = {
+        "summary": lambda: summary_section(run_dir, recipe, log),
+        "losses": lambda: losses_section(log),
+        "schedule": lambda: schedule_section(log),
+        "eval-metrics": lambda: eval_section(log),
+        "confusion": with_view(confusion_section),
+        "retrieval": with_view(retrieval_section),
+        "recipe": lambda: recipe_section(run_dir),
+    }
+    title = f"coalign report: {recipe.get('name', run_dir.name)}"
+    nav = "".join(f'<a href="#{sid}">{html.escape(h)}</a>' for sid, h in SECTIONS.items())
+    sections = "".join(
+        f'<section id="{sid}"><h2>{html.escape(SECTIONS[sid])}</h2>{_guarded(build)}</section>'
+        for sid, build in bodies.items()
+    )
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
+        f"<header><h1>coalign <span>run report</span></h1>"
+        f'<p class="status">{html.escape(str(run_dir.resolve()))}</p></header>'
+        f"<nav>{nav}</nav><main>{sections}</main></body></html>\n"
+    )
+
+
+def write_report(
+    run_dir: str | Path, out: str | Path | None = None, *, max_samples: int = 500, examples: int = 8
+) -> Path:
+    """Write the report of `run_dir` to `out` (default RUN/report.html) and return its path."""
+    page = build_report(run_dir, max_samples=max_samples, examples=examples)
+    path = Path(out) if out is not None else Path(run_dir) / "report.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,178 @@
+"""Evaluation suites: several evaluators over several datasets, one CLIP_benchmark result file each.
+
+A suite is a YAML file:
+
+    name: world
+    datasets:
+      world_test:
+        source: {source: world, split: test, size: 1000, captions: 5, partial_caption_prob: 0.0}
+        train: {source: world, split: train, size: 5000, partial_caption_prob: 0.0}  # for fitted evaluators
+      digits:
+        source: {source: digits, split: test}
+        train: {source: digits, split: train}
+        tasks: [zero_shot, linear_probe]     # this dataset only; default: the suite's tasks
+    tasks:
+      - zero_shot
+      - retrieval
+      - {name: linear_probe}
+      - {name: knn, k: 20}
+
+Embeddings of every split are cached under the run folder (keyed by checkpoint, source options and
+sample limit), so running a second suite, or the few-shot sweep, over the same data does not re-encode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import torch
+import yaml
+
+from coalign.config import EvaluatorSpec, SourceSpec, evaluator_errors, evaluator_specs
+from coalign.data.sources.base import Source
+from coalign.evaluate.embed import EmbeddedSet, embed_source
+from coalign.evaluate.results import to_records, write_records
+from coalign.evaluate.suite import evaluate
+from coalign.registry import SOURCES, ConfigError, StrictModel, format_validation_error
+from coalign.run import LoadedRun, build_source
+
+CACHE_VERSION = 1
+
+
+class DatasetSpec(StrictModel):
+    source: SourceSpec
+    train: SourceSpec | None = None  # the labelled training split, for linear probe, kNN, CoOp
+    tasks: list[str | EvaluatorSpec] | None = None
+
+
+class Suite(StrictModel):
+    name: str = "suite"
+    datasets: dict[str, DatasetSpec] = pydantic.Field(min_length=1)
+    tasks: list[str | EvaluatorSpec] = ["zero_shot", "retrieval"]
+    batch_size: int = pydantic.Field(256, gt=0)
+    max_samples: int | None = None
+
+
+def load_suite(path: Path | str, overrides: dict[str, Any] | None = None) -> Suite:
+    """Parse and check a suite file: evaluator names and options, source names and options."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"suite file '{path}' does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw.update(overrides or {})
+    try:
+        suite = Suite(**raw)
+    except pydantic.ValidationError as err:
+        raise ConfigError(format_validation_error(err, f"suite {path.name}", Suite)) from None
+    errors = evaluator_errors(suite.tasks, "tasks")
+    for name, ds in suite.datasets.items():
+        errors += evaluator_errors(ds.tasks or [], f"datasets.{name}.tasks")
+        for split, spec in (("source", ds.source), ("train", ds.train)):
+            if spec is None:
+                continue
+            try:
+                SOURCES.get(spec.source)
+                SOURCES.validate(spec.source, spec.options(), f"datasets.{name}.{split}")
+            except ConfigError as err:
+                errors.append(f"datasets.{name}.{split}: {err}")
+    if errors:
+        raise ConfigError(f"invalid suite '{path}':\n" + "\n".join(errors))
+    return suite
+
+
+class EmbeddingCache:
+    """Embedded splits on disk under `folder`, keyed by (checkpoint, source options, limit)."""
+
+    def __init__(self, run: LoadedRun, folder: Path, batch_size: int, progress: bool = True):
+        self.run, self.folder, self.batch_size, self.progress = run, folder, batch_size, progress
+        self.hits = self.misses = 0
+
+    def key(self, spec: SourceSpec, limit: int | None) -> str:
+        identity = {
+            "v": CACHE_VERSION,
+            "checkpoint": str(self.run.checkpoint.resolve()),
+            "step": self.run.step,
+            "source": spec.model_dump(mode="json"),
+            "limit": limit,
+        }
+        return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    def get(self, name: str, spec: SourceSpec, source: Source, limit: int | None) -> EmbeddedSet:
+        path = self.folder / f"{name}-{self.key(spec, limit)}.pt"
+        if path.is_file():
+            self.hits += 1
+            data = torch.load(path, weights_only=False)
+            return EmbeddedSet(**data, tasks=source.zero_shot_tasks())
+        self.misses += 1
+        eset = embed_source(
+            name, self.run.model, self.run.transforms, source, self.batch_size, limit, progress=self.progress
+        )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        data = {k: v for k, v in vars(eset).items() if k != "tasks"}
+        tmp = path.with_suffix(".tmp")
+        torch.save(data, tmp)
+        tmp.replace(path)  # atomic: a crash never leaves a half-written cache entry
+        return eset
+
+
+def evaluate_dataset(
+    run: LoadedRun,
+    suite: Suite,
+    name: str,
+    tasks: list[str | EvaluatorSpec] | None,
+    cache: EmbeddingCache,
+) -> dict[str, float]:
+    """{key: value} of `tasks` (default: the dataset's, else the suite's) on one dataset of the suite."""
+    ds = suite.datasets[name]
+    test = build_source(ds.source, f"datasets.{name}.source")
+    train = build_source(ds.train, f"datasets.{name}.train") if ds.train is not None else None
+    specs = {"test": ds.source, "train": ds.train}
+
+    def embedded(split: str, dataset: str, source: Source) -> EmbeddedSet:
+        limit = suite.max_samples if split == "test" else None
+        return cache.get(f"{dataset}-{split}", specs[split], source, limit)
+
+    if tasks is None:
+        tasks = ds.tasks if ds.tasks is not None else suite.tasks
+    out = evaluate(
+        run.model,
+        run.transforms,
+        {name: test},
+        tasks,
+        suite.batch_size,
+        suite.max_samples,
+        train_sources={name: train} if train is not None else None,
+        embedded=embedded,
+    )
+    return out[name]
+
+
+def run_suite(
+    run: LoadedRun,
+    suite: Suite,
+    out_dir: Path,
+    model_name: str | None = None,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+) -> tuple[dict[str, dict[str, float]], list[Path]]:
+    """Evaluate `run` on every dataset of `suite`; write one result file per (dataset, task) into
+    `out_dir`. Returns the flat results ({dataset: {key: value}}) and the files written."""
+    cache = EmbeddingCache(run, cache_dir or run_cache_dir(run), suite.batch_size, progress)
+    model = model_name or run.recipe.name
+    results: dict[str, dict[str, float]] = {}
+    paths: list[Path] = []
+    for name, ds in suite.datasets.items():
+        results[name] = evaluate_dataset(run, suite, name, None, cache)
+        tasks = evaluator_specs(ds.tasks if ds.tasks is not None else suite.tasks)
+        extra = {s.name: {"fewshot_k": s.options()["shots"]} for s in tasks if s.options().get("shots")}
+        records = to_records({name: results[name]}, model, run.checkpoint.name, extra)
+        paths += write_records(records, out_dir)
+    return results, paths
+
+
+def run_cache_dir(run: LoadedRun) -> Path:
+    return run.run_dir / "eval" / "cache"
