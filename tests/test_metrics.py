@@ -309,3 +309,18 @@ def test_class_embeddings_bad_inputs():
         class_embeddings(encode, [], ["a {}"])
     with pytest.raises(ValueError, match="expected"):
         class_embeddings(lambda p: torch.ones(1, 2), ["cat", "dog"], ["a {}"])
+
+
+def test_chunked_classification_equals_unchunked_on_random_data():
+    from coalign.evaluate.classification import chunked_classification_metrics
+
+    g = torch.Generator().manual_seed(3)
+    feats, classes = torch.randn(257, 8, generator=g), torch.randn(11, 8, generator=g)
+    feats[5] = feats[4]  # duplicates and exact ties between classes exercise the tie rule
+    classes[7] = classes[2]
+    targets = torch.randint(0, 11, (257,), generator=g)
+    expected = classification_metrics(feats @ classes.T, targets)
+    for chunk in (1, 16, 100, 1000):
+        assert chunked_classification_metrics(feats, classes, targets, chunk=chunk) == expected
+    with pytest.raises(ValueError, match="must share D"):
+        chunked_classification_metrics(feats, classes[:, :4], targets)

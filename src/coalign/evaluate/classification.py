@@ -69,16 +69,49 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[
     targets = targets.to(logits.device)
     _check_labels("targets", targets, n, c)
 
-    rank = _target_rank(logits, targets)  # (N,)
+    return _summarise(_target_rank(logits, targets), logits.argmax(dim=1), targets, c)
+
+
+def _summarise(rank: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor, c: int) -> dict[str, float]:
+    """Metrics from each sample's target rank (N,) and arg-max prediction (N,)."""
     out = {"acc1": (rank < 1).double().mean().item()}
     if c > 5:
         out["acc5"] = (rank < 5).double().mean().item()
-    cm = confusion_matrix(logits.argmax(dim=1), targets, c)  # (C, C)
+    cm = confusion_matrix(preds, targets, c)  # (C, C)
     support = cm.sum(dim=1)  # (C,)
     present = support > 0
     recall = cm.diagonal()[present].double() / support[present].double()
     out["mean_per_class_recall"] = recall.mean().item()
     return out
+
+
+@torch.no_grad()
+def chunked_classification_metrics(
+    features: torch.Tensor, classes: torch.Tensor, targets: torch.Tensor, chunk: int = 16384
+) -> dict[str, float]:
+    """`classification_metrics(features @ classes.T, targets)` without the (N, C) logit matrix: logits
+    are formed `chunk` rows at a time and reduced to each row's target rank and prediction at once,
+    so memory is O(chunk * C + N) however many samples there are. Identical numbers."""
+    if features.dim() != 2 or classes.dim() != 2 or features.shape[1] != classes.shape[1]:
+        raise ValueError(
+            "features (N, D) and classes (C, D) must share D, "
+            f"got {tuple(features.shape)} and {tuple(classes.shape)}"
+        )
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    n, c = features.shape[0], classes.shape[0]
+    if n == 0 or c == 0:
+        raise ValueError(f"need at least one sample and one class, got N={n}, C={c}")
+    targets = targets.to(features.device)
+    _check_labels("targets", targets, n, c)
+    ranks, preds = [], []
+    for i in range(0, n, chunk):
+        logits = features[i : i + chunk] @ classes.T  # (chunk, C)
+        if torch.isnan(logits).any():
+            raise ValueError("logits contain NaN")
+        ranks.append(_target_rank(logits, targets[i : i + chunk]))
+        preds.append(logits.argmax(dim=1))
+    return _summarise(torch.cat(ranks), torch.cat(preds), targets, c)
 
 
 def _fill(template: str, classname: str) -> str:

@@ -113,16 +113,6 @@ def retrieval_metrics(
     return _summarise(t2i_rank, i2t_rank, has_caption, ks)
 
 
-def _neg_inf(like: torch.Tensor, *shape: int) -> torch.Tensor:
-    return torch.full(shape, float("-inf"), dtype=like.dtype, device=like.device)
-
-
-def _merge_topk(running: torch.Tensor, new: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest values per row of two (R, *) value sets (values only, so ties are harmless)."""
-    both = torch.cat([running, new], dim=1)
-    return both.topk(min(k, both.shape[1]), dim=1).values
-
-
 @torch.no_grad()
 def chunked_retrieval_metrics(
     text_emb: torch.Tensor,
@@ -135,15 +125,21 @@ def chunked_retrieval_metrics(
     """Same numbers as ``retrieval_metrics(score_fn(text_emb, image_emb), ...)`` without the full matrix.
 
     Scores are computed block by block, (chunk, chunk) at a time; ``score_fn(text_chunk, image_chunk)``
-    must return their (t, i) similarities (default: ``text_chunk @ image_chunk.T``). Per caption and per
-    image we keep the (best) positive score seen so far and a running top-kmax of *negative* scores
-    (positives are masked to -inf before the top-k). The values >= a positive form a top segment, so
-    #(top-kmax negatives >= positive) = min(c, kmax) with c = #(all negatives >= positive), and
-    min(c, kmax) < k <=> c < k for every k <= kmax. The buffer may also hold -inf fillers (initial
-    state, masked positives) when a row has fewer than kmax negatives; they are <= every real value,
-    so they only matter when the positive is itself -inf, and then capping the count at the row's
-    number of negatives restores c exactly. The result therefore equals the unchunked pessimistic
-    rule exactly (given bitwise-identical block scores).
+    must return their (t, i) similarities (default: ``text_chunk @ image_chunk.T``). Two passes:
+
+    1. Positive scores. Captions are visited grouped by their image (a stable sort of
+       ``text_to_image``), so the positives of one caption chunk lie in one or two image blocks, and
+       only those blocks are computed: each caption's own-image score, then per image its best
+       caption score and how many of its captions reach it.
+    2. Counts. Every block again; per caption, how many images score >= its positive; per image,
+       how many captions score >= its best positive. Subtracting the positives that are counted (the
+       caption's own image; the image's captions that tie its best) leaves exactly the number of
+       negatives at or above the positive: the pessimistic rank.
+
+    Both passes cut the same blocks from the same inputs, so a positive is bitwise the value it is
+    compared with (ties, e.g. of a collapsed model, are decided exactly as in `retrieval_metrics`).
+    Memory: O(T + I) state plus one block; time: about twice the matmul of the full matrix, but only
+    comparisons and sums per block (no top-k), so it runs at matmul speed.
     """
     ks = _check_ks(ks)
     if chunk < 1:
@@ -153,51 +149,63 @@ def chunked_retrieval_metrics(
             "text_emb and image_emb must be 2-D (N, D), "
             f"got {tuple(text_emb.shape)} and {tuple(image_emb.shape)}"
         )
+    check_blocks = score_fn is not None
     if score_fn is None:
         if text_emb.shape[1] != image_emb.shape[1]:
             raise ValueError(
                 f"embedding dims differ: text D={text_emb.shape[1]}, image D={image_emb.shape[1]}"
             )
+        if torch.isnan(text_emb).any() or torch.isnan(image_emb).any():
+            raise ValueError("scores contain NaN (the embeddings do)")
         score_fn = lambda t, i: t @ i.T
     T, n_img = text_emb.shape[0], image_emb.shape[0]
     text_to_image = text_to_image.to(text_emb.device)
     _check_index(text_to_image, T, n_img)
-    k_t2i, k_i2t = min(max(ks), n_img), min(max(ks), T)
+    order = torch.argsort(text_to_image, stable=True)  # captions grouped by image
+    owner = text_to_image[order]  # (T,) non-decreasing
+    sorted_already = bool((order == torch.arange(T, device=order.device)).all())
 
-    t2i_pos = t2i_top = i2t_best = i2t_top = None
+    def caption_chunk(t0: int) -> torch.Tensor:
+        return text_emb[t0 : t0 + chunk] if sorted_already else text_emb[order[t0 : t0 + chunk]]
+
+    def block(texts: torch.Tensor, i0: int) -> torch.Tensor:
+        out = score_fn(texts, image_emb[i0 : i0 + chunk])
+        expected = (texts.shape[0], min(chunk, n_img - i0))
+        if out.shape != expected:
+            raise ValueError(f"score_fn returned shape {tuple(out.shape)}, expected {expected}")
+        if check_blocks:
+            _check_no_nan(out)
+        return out
+
+    # Pass 1: each caption's positive score, from the blocks that hold it.
+    pos = None
     for t0 in range(0, T, chunk):
-        tt = text_to_image[t0 : t0 + chunk]  # (t,)
+        texts, own = caption_chunk(t0), owner[t0 : t0 + chunk]
+        first, last = int(own[0]) // chunk, int(own[-1]) // chunk
+        for b in range(first, last + 1):
+            scores = block(texts, b * chunk)  # (t, i)
+            if pos is None:
+                pos = torch.empty(T, dtype=scores.dtype, device=scores.device)
+            inside = own // chunk == b
+            rows = inside.nonzero()[:, 0]
+            pos[t0 + rows] = scores[rows, own[rows] - b * chunk]
+    assert pos is not None
+    best = torch.full((n_img,), float("-inf"), dtype=pos.dtype, device=pos.device)
+    best = best.scatter_reduce(0, owner, pos, reduce="amax", include_self=False)  # (I,)
+    ties_best = torch.bincount(owner[pos == best[owner]], minlength=n_img)  # (I,) own captions == best
+
+    # Pass 2: how many images / captions reach each positive.
+    t2i_count = torch.zeros(T, dtype=torch.long, device=pos.device)
+    i2t_count = torch.zeros(n_img, dtype=torch.long, device=pos.device)
+    for t0 in range(0, T, chunk):
+        texts = caption_chunk(t0)
+        threshold = pos[t0 : t0 + chunk, None]  # (t, 1)
         for i0 in range(0, n_img, chunk):
-            block = score_fn(text_emb[t0 : t0 + chunk], image_emb[i0 : i0 + chunk])  # (t, i)
-            t, i = tt.shape[0], min(chunk, n_img - i0)
-            if block.shape != (t, i):
-                raise ValueError(f"score_fn returned shape {tuple(block.shape)}, expected {(t, i)}")
-            _check_no_nan(block)
-            if t2i_pos is None:  # allocate running state lazily, in the scores' dtype and device
-                # The -inf fillers in the top-k buffers are handled by the final cap (see docstring).
-                t2i_pos, t2i_top = _neg_inf(block, T), _neg_inf(block, T, k_t2i)
-                i2t_best, i2t_top = _neg_inf(block, n_img), _neg_inf(block, n_img, k_i2t)
+            scores = block(texts, i0)
+            t2i_count[t0 : t0 + chunk] += (scores >= threshold).sum(dim=1)
+            i2t_count[i0 : i0 + chunk] += (scores >= best[None, i0 : i0 + chunk]).sum(dim=0)
 
-            is_pos = tt[:, None] == torch.arange(i0, i0 + i, device=tt.device)[None, :]  # (t, i)
-            negatives = block.masked_fill(is_pos, float("-inf"))  # positives never count against
-
-            # text -> image: positive score if the caption's image is in this block; running top-k negatives.
-            local = tt - i0  # (t,)
-            inside = (local >= 0) & (local < i)
-            own = block.gather(1, local.clamp(0, i - 1)[:, None])[:, 0]  # (t,) valid where inside
-            t2i_pos[t0 : t0 + t] = torch.where(inside, own, t2i_pos[t0 : t0 + t])
-            t2i_top[t0 : t0 + t] = _merge_topk(
-                t2i_top[t0 : t0 + t], negatives.topk(min(k_t2i, i), dim=1).values, k_t2i
-            )
-
-            # image -> text: best positive caption per image in this block; running top-k negative captions.
-            positives = block.masked_fill(~is_pos, float("-inf"))
-            i2t_best[i0 : i0 + i] = torch.maximum(i2t_best[i0 : i0 + i], positives.amax(dim=0))
-            new = negatives.topk(min(k_i2t, t), dim=0).values.T  # (i, <=k)
-            i2t_top[i0 : i0 + i] = _merge_topk(i2t_top[i0 : i0 + i], new, k_i2t)
-
-    # Cap each count at the row's number of negatives: drops -inf fillers counted against a -inf positive.
-    n_caps = torch.bincount(text_to_image, minlength=n_img)  # (I,)
-    t2i_rank = (t2i_top >= t2i_pos[:, None]).sum(dim=1).clamp(max=n_img - 1)  # (T,)
-    i2t_rank = torch.minimum((i2t_top >= i2t_best[:, None]).sum(dim=1), T - n_caps)  # (I,)
-    return _summarise(t2i_rank, i2t_rank, n_caps > 0, ks)
+    t2i_rank = t2i_count - 1  # the caption's own image scores exactly `pos`
+    i2t_rank = i2t_count - ties_best  # the image's captions that reach its best are positives
+    has_caption = torch.bincount(text_to_image, minlength=n_img) > 0
+    return _summarise(t2i_rank, i2t_rank, has_caption, ks)
