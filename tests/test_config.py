@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from coalign.config import load_recipe, parse_overrides, save_resolved
-from coalign.registry import ConfigError, Registry
+from coalign.registry import ENCODERS, ConfigError, Registry
 
 
 def test_unknown_top_level_key_suggests_the_closest():
@@ -40,11 +40,10 @@ def test_unknown_registry_name_lists_valid_names():
     with pytest.raises(ConfigError) as err:
         load_recipe("demo", ["objectives.0.name=clipp"])
     assert "unknown objective 'clipp' (did you mean 'clip'?)" in str(err.value)
-    with pytest.raises(
-        ConfigError,
-        match="valid encoders: audio_transformer, point_transformer, tabular_mlp, tabular_transformer, text_transformer, vit",
-    ):
+    with pytest.raises(ConfigError) as err:
         load_recipe("demo", ["model.towers.image.encoder=resnet"])
+    assert f"valid encoders: {', '.join(ENCODERS.names())}" in str(err.value)
+    assert "text_transformer, vit" in str(err.value)
 
 
 def test_bad_source_option_value_is_reported_with_path():
