@@ -50,10 +50,25 @@ class TextTransformer(Encoder):
         nn.init.normal_(self.token_embed.weight, std=0.02)
         init_weights(self.transformer)
 
-    def forward(self, ids: torch.Tensor) -> Tokens:
-        """ids: (B, L) long, padded with pad_id after the last real token."""
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, L, D) input token embeddings, before positions are added."""
+        return self.token_embed(ids)
+
+    def forward(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> Tokens:
+        """ids: (B, L) long, padded with pad_id after the last real token.
+
+        `token_embeds` (B, L, D), when given, replaces `embed(ids)`: prompt learning (CoOp) puts
+        learnt vectors where words would be. The padding mask still comes from `ids`, so a learnt
+        position must carry a non-pad id."""
         valid = ids != self.cfg.pad_id  # (B, L)
-        x = self.token_embed(ids) + self.pos_embed[:, : ids.shape[1]]
+        if token_embeds is None:
+            token_embeds = self.embed(ids)
+        elif token_embeds.shape != (*ids.shape, self.width):
+            raise ValueError(
+                f"token_embeds must be (B, L, D) = {(*ids.shape, self.width)} to match ids, "
+                f"got {tuple(token_embeds.shape)}"
+            )
+        x = token_embeds + self.pos_embed[:, : ids.shape[1]]
         x = self.transformer(x, padding_attn_mask(valid, self.cfg.causal))
         return Tokens(x, valid)
 
