@@ -254,7 +254,10 @@ def test_xor_image_shows_a_and_audio_shows_b():
     assert abs(np.mean(guess == c) - 0.5) < 0.12  # ... and nothing about c
 
 
-def test_xor_zero_shot_tasks_leave_size_out():
-    assert "size" not in WorldSource(size=1, variant="xor").zero_shot_tasks()
-    assert set(WorldSource(size=1).zero_shot_tasks()) == set(ATTRIBUTES)
+def test_xor_zero_shot_size_is_what_the_caption_says():
+    source = WorldSource(size=50, variant="xor", modalities=["image", "text", "audio"])
+    assert set(source.zero_shot_tasks()) == set(ATTRIBUTES)
+    for i in range(50):
+        s = source[i]
+        assert s["label"]["size"] == s["label"]["image_bit"] ^ s["label"]["audio_bit"]
     assert set(WorldSource(size=1)[0]["label"]) == set(ATTRIBUTES)
