@@ -8,6 +8,16 @@ from coalign.registry import ENCODERS
 SMALL = {
     "vit": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2},
     "text_transformer": {"vocab_size": 50, "context_length": 12, "width": 32, "depth": 2, "heads": 2},
+    "audio_transformer": {
+        **{"sample_rate": 8000, "num_samples": 2048, "n_fft": 256, "hop_length": 128, "n_mels": 32},
+        **{"patch": (8, 4), "width": 32, "depth": 2, "heads": 2},
+    },
+    "point_transformer": {
+        **{"num_points": 128, "channels": 3, "groups": 16, "group_size": 8},
+        **{"width": 32, "depth": 2, "heads": 2},
+    },
+    "tabular_transformer": {"numeric": 3, "categories": [4, 2], "width": 32, "depth": 2, "heads": 2},
+    "tabular_mlp": {"numeric": 3, "categories": [4, 2], "width": 32, "depth": 2},
 }
 
 
