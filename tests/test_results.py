@@ -114,11 +114,12 @@ def test_suite_errors_name_the_field(tmp_path):
     bad = tmp_path / "s.yaml"
     bad.write_text(
         "datasets:\n  d:\n    source: {source: world, split: test, sise: 10}\n"
-        "tasks: [zero_shot, {name: zero_shot_fused, combine: sum}, retrival]\n"
+        "tasks: [zero_shot, {name: zero_shot_fused, combine: sum}, retrival, zero_shot]\n"
     )
     with pytest.raises(ConfigError) as err:
         load_suite(bad)
     text = str(err.value)
     assert "tasks.2: unknown evaluator 'retrival' (did you mean 'retrieval'?)" in text
     assert "tasks.1.combine" in text
+    assert "tasks.3: evaluator 'zero_shot' is listed twice" in text
     assert "datasets.d.source" in text and "sise" in text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -151,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        # Bad input (a recipe, a path, too few samples for k shots) is a message, not a traceback;
+        # COALIGN_DEBUG=1 shows the traceback.
+        if os.environ.get("COALIGN_DEBUG"):
+            raise
         print(f"coalign {args.command}: error: {err}", file=sys.stderr)
         return 2
 

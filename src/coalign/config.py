@@ -114,7 +114,15 @@ def evaluator_errors(items: list[str | EvaluatorSpec], where: str) -> list[str]:
     import coalign.components  # noqa: F401  (fills the registries)
 
     errors = []
-    for i, spec in enumerate(evaluator_specs(items)):
+    specs = evaluator_specs(items)
+    names = [s.name for s in specs]
+    errors += [
+        f"{where}.{i}: evaluator '{s.name}' is listed twice; its results would overwrite each other "
+        "(evaluate twice with different options in separate runs or suites)"
+        for i, s in enumerate(specs)
+        if s.name in names[:i]
+    ]
+    for i, spec in enumerate(specs):
         try:
             EVALUATORS.validate(spec.name, spec.options(), f"{where}.{i}")
         except ConfigError as err:

@@ -55,10 +55,13 @@ class FewshotTable:
 def fewshot_table(
     run: LoadedRun, suite: Suite, shots: list[int], seeds: int = 1, progress: bool = True
 ) -> FewshotTable:
+    from coalign.config import evaluator_specs
     from coalign.evaluate.runner import EmbeddingCache, evaluate_dataset, run_cache_dir
 
     cache = EmbeddingCache(run, run_cache_dir(run), suite.batch_size, progress)
     table = FewshotTable(shots)
+    # Options for CoOp and the probe come from the suite's entries of those names, if it has them.
+    options = {spec.name: spec.options() for spec in evaluator_specs(suite.tasks)}
     datasets = [name for name, ds in suite.datasets.items() if ds.train is not None]
     if not datasets:
         raise ValueError("the few-shot comparison needs datasets with a `train:` split; this suite has none")
@@ -68,8 +71,11 @@ def fewshot_table(
         for k in shots:
             for method in ("CoOp", "linear probe"):
                 evaluator = METHODS[method][0]
+                base = options.get(evaluator, {})
                 runs = [
-                    evaluate_dataset(run, suite, name, [{"name": evaluator, "shots": k, "seed": s}], cache)
+                    evaluate_dataset(
+                        run, suite, name, [{**base, "name": evaluator, "shots": k, "seed": s}], cache
+                    )
                     for s in range(seeds)
                 ]
                 _collect(table, name, method, k, runs)

@@ -202,8 +202,11 @@ def chunked_retrieval_metrics(
         threshold = pos[t0 : t0 + chunk, None]  # (t, 1)
         for i0 in range(0, n_img, chunk):
             scores = block(texts, i0)
-            t2i_count[t0 : t0 + chunk] += (scores >= threshold).sum(dim=1)
-            i2t_count[i0 : i0 + chunk] += (scores >= best[None, i0 : i0 + chunk]).sum(dim=0)
+            # int32 partial sums (a block has at most `chunk` rows) are about twice as fast as int64
+            t2i_count[t0 : t0 + chunk] += (scores >= threshold).sum(dim=1, dtype=torch.int32)
+            i2t_count[i0 : i0 + chunk] += (scores >= best[None, i0 : i0 + chunk]).sum(
+                dim=0, dtype=torch.int32
+            )
 
     t2i_rank = t2i_count - 1  # the caption's own image scores exactly `pos`
     i2t_rank = i2t_count - ties_best  # the image's captions that reach its best are positives

@@ -139,7 +139,12 @@ def train(
     logger = MetricLogger(run_dir, cfg.steps, step, progress)
     logger.write(f"coalign: training '{recipe.name}' on {device} ({precision}) into {run_dir}")
     batches = train_batches(
-        source, Pipeline(transforms, recipe.data.drop_modalities), recipe.data.batch_size, recipe.seed, step, recipe.data.num_workers
+        source,
+        Pipeline(transforms, recipe.data.drop_modalities),
+        recipe.data.batch_size,
+        recipe.seed,
+        step,
+        recipe.data.num_workers,
     )
     end = min(cfg.steps, stop_after or cfg.steps)
     results: dict[str, dict[str, float]] = {}
