@@ -14,6 +14,7 @@ from coalign.evaluate.any_to_any import combine, retrieval_given_rest, zero_shot
 from coalign.evaluate.classification import classification_metrics
 from coalign.evaluate.embed import EmbeddedSet, eval_batches
 from coalign.evaluate.suite import EvalContext, retrieval, zero_shot
+from coalign.registry import EVALUATORS
 
 E, N, C = 16, 40, 4
 
@@ -141,3 +142,48 @@ def test_eval_batches_keep_samples_with_some_modalities():
     assert audio_present == [i % 3 != 0 for i in (0, 1, 2, 3, 4, 6, 7, 8)]
     audio_values = torch.cat([b.values["audio"] for b in batches])[:, 0].tolist()
     assert audio_values == [1, 2, 4, 7, 8]
+
+
+def test_fitted_protocols_use_only_the_samples_that_have_the_modality(eset):
+    from coalign.evaluate.knn import knn_classify
+    from coalign.evaluate.linear_probe import linear_probe
+
+    test, classes = eset
+    train = EmbeddedSet(
+        "toy-train",
+        {m: e.flip(0) for m, e in test.embeddings.items()},
+        test.captions,
+        test.caption_owner,
+        {"y": test.labels["y"].flip(0)},
+        test.tasks,
+    )
+    none = torch.zeros(N, dtype=torch.bool)
+    some = torch.arange(N) % 4 != 0
+    for s in (test, train):
+        s.embeddings["points"] = s.embeddings["points"] * some[:, None]
+        s.embeddings["audio"] = s.embeddings["audio"] * 0
+        s.present = {"points": some, "audio": none}
+    ctx = EvalContext(None, {}, None, None, 64, None, torch.device("cpu"), train=train, options={"k": 5})
+    out = EVALUATORS.get("knn")(test, ctx)
+    assert not any("/audio/" in k for k in out)  # absent everywhere: no numbers, not numbers of zeros
+    expect = knn_classify(
+        train.embeddings["points"][some],
+        train.labels["y"][some],
+        test.embeddings["points"][some],
+        test.labels["y"][some],
+        C,
+        k=5,
+    )
+    assert out["knn/points/y/knn_acc1"] == pytest.approx(expect["knn_acc1"])
+    direct = linear_probe(
+        train.embeddings["points"][some],
+        train.labels["y"][some],
+        test.embeddings["points"][some],
+        test.labels["y"][some],
+        C,
+    )
+    out = EVALUATORS.get("linear_probe")(
+        test, EvalContext(None, {}, None, None, 64, None, torch.device("cpu"), train=train)
+    )
+    assert not any("/audio/" in k for k in out)
+    assert out["linear_probe/points/y/lp_acc1"] == pytest.approx(direct["lp_acc1"])

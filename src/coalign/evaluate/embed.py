@@ -40,7 +40,7 @@ class EmbeddedSet:
         n = len(self)
         mask = torch.ones(n, dtype=torch.bool)
         for m in modalities:
-            if m not in self.embeddings:
+            if m not in self.embeddings or len(self.embeddings[m]) != n:  # not embedded at all
                 return torch.zeros(n, dtype=torch.bool)
             if m in self.present:
                 mask &= self.present[m]

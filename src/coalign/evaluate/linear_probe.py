@@ -298,18 +298,23 @@ def labelled_features(
     embedded in both splits and every label key both splits carry. The class count is the zero-shot
     task's when the dataset names one, else the largest label seen plus one."""
     keys = [k for k in eset.labels if k in train.labels]
-    for modality, test_x in eset.embeddings.items():
-        train_x = train.embeddings.get(modality)
-        if modality == "text" or not len(test_x) or train_x is None or not len(train_x):
+    for modality in eset.embeddings:
+        if modality == "text" or modality not in train.embeddings:
             continue
+        # Only the samples that have the modality: absent rows are zeros, not features.
+        test_rows, train_rows = eset.has(modality), train.has(modality)
+        if not bool(test_rows.any()) or not bool(train_rows.any()):
+            continue
+        test_x, train_x = eset.embeddings[modality][test_rows], train.embeddings[modality][train_rows]
         for key in keys:
             test_y, train_y = eset.labels[key].long(), train.labels[key].long()
-            for split, x, y in (("evaluation", test_x, test_y), ("training", train_x, train_y)):
+            for split, x, y in (("evaluation", test_rows, test_y), ("training", train_rows, train_y)):
                 if len(x) != len(y):
                     raise ValueError(
-                        f"dataset '{eset.name}' {split} split: {len(x)} '{modality}' embeddings "
+                        f"dataset '{eset.name}' {split} split: {len(x)} '{modality}' rows "
                         f"but {len(y)} '{key}' labels"
                     )
+            test_y, train_y = test_y[test_rows], train_y[train_rows]
             top = max(int(test_y.max()), int(train_y.max())) + 1
             if key in eset.tasks:
                 num_classes = len(eset.tasks[key].classnames)
