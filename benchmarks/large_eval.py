@@ -3,9 +3,9 @@
     python benchmarks/large_eval.py [--images 100000] [--captions 500000] [--dim 512] [--classes 1000]
                                     [--chunk 4096] [--device auto|cpu|cuda]
 
-Embeddings are synthetic but structured (each caption is its image's unit vector plus noise, each image
-is its class centre plus noise), so the recalls are neither 0 nor 1 and the top-k bookkeeping works as
-it would on real data. The dense caption x image score matrix would take `dense_matrix_gb`; the chunked
+Embeddings are synthetic (each caption is its image's unit vector plus noise, each image its class
+centre plus noise); the figures of interest are time and memory, and the metrics are printed only to
+show that the run computed something (they are not a quality measure). The dense caption x image score matrix would take `dense_matrix_gb`; the chunked
 evaluation never holds more than a few (chunk, chunk) blocks. Memory (CPU): the kernel's peak resident
 set size during each evaluation minus the resident size right before it (high-water mark reset through
 /proc/self/clear_refs; `hwm_reset` says whether that worked), with glibc's mmap threshold fixed at
