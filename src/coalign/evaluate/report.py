@@ -20,7 +20,6 @@ from typing import Any
 
 from coalign.data.sources.base import SampleError
 from coalign.evaluate.report_model import (
-    INDEX_KEY,
     TOP_K,
     Confusion,
     Example,
@@ -44,7 +43,6 @@ from coalign.registry import ConfigError
 
 __all__ = [
     "CSS",
-    "INDEX_KEY",
     "SECTIONS",
     "TOP_K",
     "UNREADABLE",

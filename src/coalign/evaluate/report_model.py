@@ -17,7 +17,6 @@ from coalign.evaluate.classification import class_embeddings, confusion_matrix
 from coalign.evaluate.embed import EmbeddedSet, embed_source, text_encoder
 
 TOP_K = 5  # images shown per retrieval query
-INDEX_KEY = "\x00source_index"  # label key carrying each sample's source index through embed_source
 
 
 class Missing(Exception):
@@ -51,24 +50,6 @@ class ModelView:
     gallery: str | None  # the modality retrieval examples search ("image"), None when there is none
 
 
-class _Indexed(Source):
-    """The eval source with each sample's index added to its labels: `embed_source` drops samples it
-    cannot use, and this label is how the report maps embedding rows back to raw samples."""
-
-    def __init__(self, source: Source):
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> dict:
-        raw = self.source[index]
-        return {**raw, "label": {**(raw.get("label") or {}), INDEX_KEY: index}}
-
-    def zero_shot_tasks(self):
-        return self.source.zero_shot_tasks()
-
-
 @torch.no_grad()
 def inspect_model(run_dir: Path, max_samples: int = 500, examples: int = 8) -> ModelView:
     """Embed the first eval dataset with the run's latest checkpoint: zero-shot confusion matrices per
@@ -87,8 +68,8 @@ def inspect_model(run_dir: Path, max_samples: int = 500, examples: int = 8) -> M
     name, spec = next(iter(run.recipe.data.eval.items()))
     source = build_source(spec, f"data.eval.{name}")
     batch = run.recipe.eval.batch_size
-    eset = embed_source(name, run.model, run.transforms, _Indexed(source), batch, max_samples)
-    index = eset.labels.pop(INDEX_KEY, torch.zeros(0, dtype=torch.long))  # (N,) source index per row
+    eset = embed_source(name, run.model, run.transforms, source, batch, max_samples)
+    index = eset.indices  # (N,) source index per row (embed_source skips samples it cannot use)
     encode_text = text_encoder(run.model, run.transforms["text"], torch.device("cpu"), batch)
     confusions = []
     for key, task in eset.tasks.items():

@@ -88,3 +88,16 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def sincos_grid(rows: int, cols: int, dim: int) -> torch.Tensor:
+    """(rows, cols, dim) fixed 2-D sine-cosine position codes: half the channels per axis (MAE's
+    initialisation; ViT patches use a square grid, spectrogram patches a rectangular one)."""
+    if dim % 4:
+        raise ValueError(f"width {dim} must be divisible by 4 for 2-D sin-cos position codes")
+    ys, xs = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float32), torch.arange(cols, dtype=torch.float32), indexing="ij"
+    )
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    out = [f(axis[..., None] * freqs) for axis in (ys, xs) for f in (torch.sin, torch.cos)]
+    return torch.cat(out, dim=-1)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from coalign.models.encoders.base import Encoder, Tokens
-from coalign.models.layers import Transformer, init_weights
+from coalign.models.layers import Transformer, init_weights, sincos_grid
 from coalign.registry import ENCODERS, StrictModel
 
 LOG_EPS = 1e-6  # floor of the mel power before the log: silence maps to log(1e-6), not -inf
@@ -76,19 +76,6 @@ def power_spectrogram(wave: torch.Tensor, n_fft: int, hop_length: int, window: t
         wave, n_fft, hop_length, window=window, center=True, pad_mode="reflect", return_complex=True
     )
     return spec.real.square() + spec.imag.square()
-
-
-def sincos_grid(rows: int, cols: int, dim: int) -> torch.Tensor:
-    """(rows, cols, dim) fixed 2-D sine-cosine codes: half the channels per axis (as vit.sincos_2d, for a
-    rectangular grid)."""
-    if dim % 4:
-        raise ValueError(f"width {dim} must be divisible by 4 for 2-D sin-cos position codes")
-    ys, xs = torch.meshgrid(
-        torch.arange(rows, dtype=torch.float32), torch.arange(cols, dtype=torch.float32), indexing="ij"
-    )
-    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-    out = [f(axis[..., None] * freqs) for axis in (ys, xs) for f in (torch.sin, torch.cos)]
-    return torch.cat(out, dim=-1)
 
 
 @ENCODERS.register("audio_transformer")

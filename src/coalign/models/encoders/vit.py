@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from coalign.models.encoders.base import Encoder, Tokens
-from coalign.models.layers import Transformer, init_weights
+from coalign.models.layers import Transformer, init_weights, sincos_grid
 from coalign.registry import ENCODERS, StrictModel
 
 
@@ -57,18 +57,6 @@ def random_keep(batch: int, patches: int, mask_ratio: float, device: torch.devic
     return noise.argsort(dim=1)[:, :k].sort(dim=1).values
 
 
-def sincos_2d(grid: int, dim: int) -> torch.Tensor:
-    """(grid * grid, dim) fixed 2-D sine-cosine position codes (half the channels per axis)."""
-    if dim % 4:
-        raise ValueError(f"width {dim} must be divisible by 4 for 2-D sin-cos position codes")
-    ys, xs = torch.meshgrid(
-        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
-    )
-    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-    out = [f(axis.reshape(-1, 1) * freqs) for axis in (ys, xs) for f in (torch.sin, torch.cos)]
-    return torch.cat(out, dim=1)
-
-
 @ENCODERS.register("vit")
 class ViT(Encoder):
     Config = ViTConfig
@@ -89,7 +77,9 @@ class ViT(Encoder):
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         # Learnable, initialised to 2-D sin-cos (as MAE fixes it): position is usable from step one.
-        pos = torch.cat([torch.zeros(1, cfg.width), sincos_2d(self.grid, cfg.width)])
+        pos = torch.cat(
+            [torch.zeros(1, cfg.width), sincos_grid(self.grid, self.grid, cfg.width).flatten(0, 1)]
+        )
         self.pos_embed = nn.Parameter(pos.unsqueeze(0))  # (1, 1 + P, D)
         self.norm_pre = nn.LayerNorm(cfg.width)
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout)
