@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from coalign.build import build_source, load_run
 from coalign.config import SourceSpec
-from coalign.run import build_source, load_run
+from coalign.runtime import Runtime
 from coalign.search.embed import embed_source
 
 
@@ -51,7 +52,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    run = load_run(args.run, device)
+    run = load_run(args.run, Runtime(device, "fp32"))
     spec = {"source": "world", "split": "test", "size": args.size}
     source = build_source(SourceSpec(**spec), "world")
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ import torch
 from train_throughput import measure  # noqa: I001  (benchmarks/ is run as a folder of scripts)
 
 from coalign.config import load_recipe
-from coalign.train.precision import default_device
+from coalign.runtime import default_device
 
 
 def main() -> None:

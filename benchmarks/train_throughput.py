@@ -18,18 +18,19 @@ from pathlib import Path
 
 import torch
 
+from coalign.build import build_model, build_source, build_transforms, prepare_transforms
 from coalign.config import load_recipe
 from coalign.data.loader import BatchDataset
 from coalign.data.transforms.base import Pipeline
 from coalign.objectives.task import Task
-from coalign.run import build_model, build_source, build_transforms, prepare_transforms
+from coalign.runtime import Runtime, cpu_has_fast_bf16, default_device
 from coalign.train.optim import build_optimizer
-from coalign.train.precision import autocast, cpu_has_fast_bf16, default_device
 
 
 def measure(recipe, precision: str, steps: int, warmup: int = 3) -> dict:
     torch.manual_seed(0)
-    device = default_device()
+    runtime = Runtime(default_device(), precision)
+    device = runtime.device
     source = build_source(recipe.data.train, "data.train")
     transforms = build_transforms(recipe)
     prepare_transforms(transforms, source, Path(tempfile.mkdtemp()), resume=False)
@@ -43,7 +44,7 @@ def measure(recipe, precision: str, steps: int, warmup: int = 3) -> dict:
             start = time.perf_counter()
             samples = 0
         batch = batches[i % len(batches)]
-        with autocast(precision, device):
+        with runtime.autocast():
             loss = task(batch)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

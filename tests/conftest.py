@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import coalign.components  # noqa: F401  (fill the registries once)
 from coalign.config import load_recipe
 
 

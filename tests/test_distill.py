@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from coalign.build import build_model, build_source, build_transforms, prepare_transforms
 from coalign.config import load_recipe
 from coalign.data.loader import BatchDataset
 from coalign.data.transforms.base import Pipeline
@@ -15,7 +16,6 @@ from coalign.objectives.contrastive import InfoNCE, info_nce, soft_info_nce
 from coalign.objectives.distill import check_compatible, distill_kl
 from coalign.objectives.task import Task
 from coalign.registry import ConfigError
-from coalign.run import build_model, build_source, build_transforms, prepare_transforms
 from coalign.train.loop import train
 
 

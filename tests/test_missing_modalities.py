@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from coalign.build import build_model, build_source, build_transforms, prepare_transforms
 from coalign.config import load_recipe
 from coalign.data.loader import train_batches
 from coalign.data.transforms.base import Pipeline
 from coalign.objectives.task import Task
 from coalign.registry import ConfigError
-from coalign.run import build_model, build_source, build_transforms, prepare_transforms
 
 
 def tiny_trimodal(*overrides):

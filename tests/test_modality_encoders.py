@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import coalign.components  # noqa: F401
 from coalign.models.encoders.audio import hz_to_mel, mel_filterbank, mel_to_hz, power_spectrogram
 from coalign.models.encoders.points import farthest_point_sample, knn
 from coalign.registry import ENCODERS

@@ -107,7 +107,7 @@ def one_thread():
 def brute(run_dir: Path):
     """The checkpoint, the first eval source, each image embedded on its own (N, E), and a text encoder,
     for recomputing the report's numbers by hand."""
-    from coalign.run import build_source, load_run
+    from coalign.build import build_source, load_run
 
     run = load_run(run_dir)
     source = build_source(run.recipe.data.eval["heldout_samples"], "test")

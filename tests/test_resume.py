@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from coalign.run import load_run
+from coalign.build import load_run
+from coalign.checkpoint import LATEST, MANIFEST, latest_checkpoint, load_weights, save_checkpoint
 from coalign.train.loop import train
-from coalign.train.state import LATEST, latest_checkpoint, load_weights, save_checkpoint
 
 
 @pytest.mark.slow
@@ -55,6 +55,7 @@ def test_checkpoint_writes_are_atomic_and_pruned(tmp_path):
         save_checkpoint(tmp_path, step, w, {"x": step}, keep=2)
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_00000002", "step_00000003"]
+    assert (root / "step_00000003" / MANIFEST).is_file()
     assert (root / LATEST).read_text() == "step_00000003"
     # A crash mid-write leaves a hidden temporary folder, never a half checkpoint that LATEST names.
     (root / ".step_00000004.tmp").mkdir()

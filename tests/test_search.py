@@ -189,7 +189,7 @@ def test_skips_and_counts_bad_samples_of_a_csv(run_dir, tmp_path):
 
 @slow
 def test_source_argument_forms(run_dir, tmp_path):
-    from coalign.run import load_run
+    from coalign.build import load_run
 
     recipe = load_run(run_dir).recipe
     assert resolve_source_spec("heldout_samples", recipe)["split"] == "test"

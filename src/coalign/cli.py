@@ -73,8 +73,8 @@ def _add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    from coalign.build import build_source, load_run
     from coalign.evaluate.suite import evaluate, format_table
-    from coalign.run import build_source, load_run
 
     if args.suite:
         from coalign.evaluate.commands import run_suite_command
@@ -110,7 +110,6 @@ def _add_list(sub) -> None:
 
 
 def cmd_list(args) -> int:
-    import coalign.components  # noqa: F401
     from coalign.config import recipes_dir
     from coalign.registry import ALL
 
@@ -132,12 +131,23 @@ def cmd_demo(args) -> int:
     import shutil
 
     from coalign.config import load_recipe
-    from coalign.train.loop import train
+    from coalign.train.loop import DEMO_MARKER, train
 
     recipe = load_recipe("demo", args.overrides, smoke=args.smoke)
-    if args.out.exists():
-        shutil.rmtree(args.out)  # the demo always starts fresh; real runs refuse to overwrite
-    result = train(recipe, args.out)
+    out: Path = args.out
+    # The demo starts fresh, but it deletes only a folder that an earlier `coalign demo` made (it
+    # carries the marker); anything else is the user's, and is refused before any work.
+    if out.exists() and not (out / DEMO_MARKER).is_file():
+        if not out.is_dir() or any(out.iterdir()):
+            raise FileExistsError(
+                f"'{out}' exists and was not made by `coalign demo`; it is left as it is "
+                "(choose another --out, or remove it yourself)"
+            )
+    elif out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("made by `coalign demo`, which replaces this folder when run again\n")
+    result = train(recipe, out)
     print(f"\ntrained {result.step} steps in {result.seconds:.0f} s; run folder: {result.run_dir}")
     print(f"evaluate again with: coalign eval {result.run_dir}")
     return 0

@@ -111,7 +111,6 @@ def evaluator_specs(items: list[str | dict | EvaluatorSpec]) -> list[EvaluatorSp
 
 def evaluator_errors(items: list[str | EvaluatorSpec], where: str) -> list[str]:
     """Unknown evaluator names and options that do not fit the evaluator's Config, by position."""
-    import coalign.components  # noqa: F401  (fills the registries)
 
     errors = []
     specs = evaluator_specs(items)
@@ -225,7 +224,6 @@ def validate_recipe(raw: dict[str, Any]) -> Recipe:
 
 def _validate_parts(recipe: Recipe) -> None:
     """Every named part exists in its registry, and its options fit its Config."""
-    import coalign.components  # noqa: F401  (fills the registries)
 
     checks: list[tuple[Registry, str, dict, str]] = [
         (SOURCES, recipe.data.train.source, recipe.data.train.options(), "data.train")
@@ -303,7 +301,6 @@ def _view_errors(recipe: Recipe) -> list[str]:
 
 def shrink(recipe: Recipe) -> Recipe:
     """Make any recipe run in well under a minute on a laptop CPU (big_vision's `runlocal`)."""
-    import coalign.components  # noqa: F401
 
     r = recipe.model_copy(deep=True)
     r.train.steps = min(r.train.steps, 20)

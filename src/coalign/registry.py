@@ -3,11 +3,18 @@
 Sources, transforms, encoders, objectives and evaluators all live in a `Registry`. A registered
 entry may carry a pydantic `Config` class (as a class attribute); `create(name, **cfg)` validates
 the keyword arguments against it before building, so a recipe with a misspelt key fails at start.
+
+Registries fill themselves: the first lookup (`get`, `names`, `in`, ...) imports every module of
+the part packages (`PACKAGES`), in sorted order so registration is deterministic. A new objective is
+one new file in `coalign/objectives/` with one decorator, and nothing else to edit; no caller has to
+import a "components" module first, and no module has to defer imports to dodge a cycle.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -65,6 +72,32 @@ def _model_in(annotation: Any) -> type | None:
     return None
 
 
+# Packages whose modules register parts; imported on the first lookup of any registry.
+PACKAGES = (
+    "coalign.data.sources",
+    "coalign.data.transforms",
+    "coalign.data",  # world.py
+    "coalign.models.encoders",
+    "coalign.models",  # heads.py
+    "coalign.objectives",
+    "coalign.evaluate",
+)
+_discovered = False
+
+
+def discover() -> None:
+    """Import every module of `PACKAGES` once, so every registry holds all its entries."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True  # first: modules imported below may look up a registry themselves
+    for package in PACKAGES:
+        module = importlib.import_module(package)
+        for info in sorted(pkgutil.iter_modules(module.__path__), key=lambda m: m.name):
+            if not info.ispkg:
+                importlib.import_module(f"{package}.{info.name}")
+
+
 class Registry(Generic[T]):
     """Name -> constructor: `create("vit", width=192)` builds, `names()` lists, unknown names fail clearly."""
 
@@ -82,6 +115,7 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> Callable[..., T]:
+        discover()
         if name not in self._entries:
             raise ConfigError(
                 f"unknown {self.kind} '{name}'{suggest(name, self.names())}; "
@@ -108,9 +142,11 @@ class Registry(Generic[T]):
         return ctor(parsed) if parsed is not None else ctor(**cfg)
 
     def names(self) -> list[str]:
+        discover()
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
+        discover()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:

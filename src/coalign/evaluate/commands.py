@@ -13,9 +13,9 @@ DEFAULT_SHOTS = [1, 2, 4, 8, 16]
 
 def run_suite_command(run_path: Path, suite_path: Path, out: Path | None, model: str | None) -> int:
     """`coalign eval RUN --suite SUITE.yaml`: result files into OUT (default RUN/eval/<suite>-step_N)."""
+    from coalign.build import load_run
     from coalign.evaluate.results import comparison, load_records, to_markdown
     from coalign.evaluate.runner import load_suite, run_suite
-    from coalign.run import load_run
 
     suite = load_suite(suite_path)
     run = load_run(run_path)
@@ -46,7 +46,7 @@ def add_compare(sub) -> None:
 
 def cmd_compare(args) -> int:
     from coalign.evaluate.results import comparison, load_records, to_csv, to_markdown
-    from coalign.train.state import atomic_write_text
+    from coalign.io import atomic_write_text
 
     header, rows = comparison(load_records(args.results), args.metrics)
     if not rows:
@@ -76,11 +76,11 @@ def add_fewshot(sub) -> None:
 
 
 def cmd_fewshot(args) -> int:
+    from coalign.build import load_run
     from coalign.evaluate.fewshot import fewshot_table
     from coalign.evaluate.results import to_csv
     from coalign.evaluate.runner import load_suite
-    from coalign.run import load_run
-    from coalign.train.state import atomic_write_text
+    from coalign.io import atomic_write_text
 
     if any(k < 1 for k in args.shots):
         raise ConfigError(f"--shots must be positive integers, got {args.shots}")

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from statistics import mean
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # runner imports coalign.run, which imports every evaluate module: import it late
+if TYPE_CHECKING:
+    from coalign.build import LoadedRun
     from coalign.evaluate.runner import Suite
-    from coalign.run import LoadedRun
 
 METHODS = {  # row name -> (evaluator, its top-1 metric)
     "zero-shot": ("zero_shot", "acc1"),

@@ -153,7 +153,7 @@ def _when(path: Path) -> str:
 
 
 def summary_section(run_dir: Path, recipe: dict, log: MetricLog) -> str:
-    from coalign.train.state import latest_checkpoint
+    from coalign.checkpoint import latest_checkpoint
 
     checkpoint = latest_checkpoint(run_dir)
     last = max(log.train, default=None)

@@ -54,8 +54,7 @@ class ModelView:
 def inspect_model(run_dir: Path, max_samples: int = 500, examples: int = 8) -> ModelView:
     """Embed the first eval dataset with the run's latest checkpoint: zero-shot confusion matrices per
     (modality, label key), and the top-5 gallery samples for `examples` captions spread over the set."""
-    import coalign.components  # noqa: F401  (first: coalign.run imports it, and some parts import coalign.run)
-    from coalign.run import build_source, load_run
+    from coalign.build import build_source, load_run
 
     try:
         run = load_run(run_dir)

@@ -1,6 +1,6 @@
 """Drawing for the report page: matplotlib figures as PNG data URIs, image thumbnails, and the CSS.
 
-matplotlib is imported inside `figure`, not at the top: `coalign.components` imports every module of
+matplotlib is imported inside `figure`, not at the top: the registry scan imports every module of
 `coalign.evaluate` for every command, and most commands draw nothing.
 """
 
@@ -25,7 +25,7 @@ WIDTH_IN = 10.8  # widest figure, inches at 100 dpi: the page's content column (
 
 def figure(**kwargs: Any) -> Figure:
     """A bare matplotlib Figure: it renders with Agg, with no pyplot state and no display. Imported
-    here, not at the top: `coalign.components` imports this module for every command."""
+    here, not at the top: the registry scan imports this module for every command."""
     from matplotlib.figure import Figure
 
     return Figure(**kwargs)

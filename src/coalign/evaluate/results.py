@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from coalign.train.state import atomic_write_text
+from coalign.io import atomic_write_text
 
 LAYOUT_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
 

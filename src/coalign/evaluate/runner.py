@@ -32,13 +32,13 @@ import pydantic
 import torch
 import yaml
 
+from coalign.build import LoadedRun, build_source
 from coalign.config import EvaluatorSpec, SourceSpec, evaluator_errors, evaluator_specs
 from coalign.data.sources.base import Source
 from coalign.evaluate.embed import EmbeddedSet, embed_source
 from coalign.evaluate.results import to_records, write_records
 from coalign.evaluate.suite import evaluate
 from coalign.registry import SOURCES, ConfigError, StrictModel, format_validation_error
-from coalign.run import LoadedRun, build_source
 
 CACHE_VERSION = 1
 

@@ -26,6 +26,7 @@ import pydantic
 import torch
 import torch.nn.functional as F
 
+from coalign.build import load_run
 from coalign.data.transforms.base import Transform, base_modality
 from coalign.models.model import Features, MultimodalModel
 from coalign.objectives.base import Objective, paired
@@ -101,8 +102,6 @@ class Distill(Objective):
         self._teacher: list[MultimodalModel] = []
 
     def bind(self, model: MultimodalModel, transforms: dict[str, Transform] | None = None) -> None:
-        from coalign.run import load_run  # here, not on top: coalign.run imports every objective
-
         where = "objectives: distill.teacher"
         if not Path(self.cfg.teacher).exists():
             raise ConfigError(f"{where}: no run or checkpoint folder '{self.cfg.teacher}'")

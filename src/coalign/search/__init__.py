@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from coalign.train.state import atomic_write_text
+from coalign.io import atomic_write_text
 
 MANIFEST = "manifest.json"
 METADATA = "metadata.parquet"

@@ -25,12 +25,13 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
+from coalign.build import LoadedRun, build_source, load_run
 from coalign.config import Recipe, SourceSpec
 from coalign.data.sources.base import SampleError, SkipCounter, Source
 from coalign.data.transforms.base import Transform
 from coalign.data.transforms.image import decode_image
 from coalign.registry import ConfigError
-from coalign.run import LoadedRun, build_source, load_run
+from coalign.runtime import Runtime
 from coalign.search import (
     FORMAT,
     METADATA,
@@ -282,7 +283,8 @@ def embed_source(
         raise ConfigError(f"batch_size and shard_size must be positive (got {batch_size}, {shard_size})")
     t0 = time.perf_counter()
     out = Path(out_dir)
-    run = load_run(checkpoint, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # fp32: an index is built once and queried many times; its vectors should not carry bf16 error
+    run = load_run(checkpoint, Runtime.create("fp32", device))
     spec = resolve_source_spec(source_spec, run.recipe, image_key, caption_key)
     source = build_source(SourceSpec(**spec), "SOURCE")
     modalities = carried_modalities(run, source)

@@ -28,9 +28,9 @@ from typing import Any
 import faiss
 import numpy as np
 
+from coalign.io import atomic_write_text
 from coalign.registry import ConfigError
 from coalign.search import finished_manifest, index_path, load_embeddings
-from coalign.train.state import atomic_write_text
 
 REPORT = "report.json"
 HNSW_M = 32

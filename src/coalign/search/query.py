@@ -19,6 +19,7 @@ import torch
 
 from coalign.data.sources.base import SampleError
 from coalign.registry import ConfigError
+from coalign.runtime import Runtime
 from coalign.search import METADATA, finished_manifest, index_path, load_embeddings, thumbnail_file
 from coalign.search.index import apply_search_params, read_report
 
@@ -93,9 +94,9 @@ class SearchIndex:
     def _loaded_run(self):
         with self._lock:
             if self._run is None:
-                from coalign.run import load_run  # here, so that loading an index stays fast
+                from coalign.build import load_run  # here, so that loading an index stays fast
 
-                run = load_run(self.checkpoint, self.device)
+                run = load_run(self.checkpoint, Runtime.create("fp32", self.device))
                 if run.model.embed_dim != self.embed_dim:
                     raise ConfigError(
                         f"checkpoint '{self.checkpoint}' embeds to {run.model.embed_dim} dimensions but "

@@ -10,15 +10,42 @@ from typing import Any
 
 from tqdm import tqdm
 
+from coalign.io import atomic_write_text
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Remove the rows of steps after `step` from a metrics log (the steps a resumed run replays, so
+    they are not logged twice); a torn last line from a kill is dropped too. Returns rows removed."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            ok = int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+    return dropped
+
 
 class MetricLogger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool = True):
         self.path = run_dir / "metrics.jsonl"
+        drop_rows_after(self.path, start_step)
         self.file = self.path.open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            # purge_step: TensorBoard hides the events of replayed steps, as the JSONL log drops them
+            self.tb = SummaryWriter(
+                str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
         except ImportError:  # tensorboard is a dependency, but a stripped install still trains
             self.tb = None
         self.bar = tqdm(

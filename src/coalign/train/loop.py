@@ -1,39 +1,44 @@
 """The one training loop. It knows nothing about objectives: `task(batch)["loss"]` is all it sums.
 
-It owns backward, the optimizer step, precision, clipping, logging, periodic evaluation and
-checkpoints, and it resumes a killed run exactly (same weights as an uninterrupted run).
+In parts, so that distributed training, gradient accumulation and objectives with their own state
+plug in without another copy of the loop:
+
+- `setup()` checks the run folder, builds data, model, task, optimizer and scheduler into a
+  `TrainState`, and restores the newest intact checkpoint when resuming;
+- `train_step()` does one optimisation step on one batch (precision, backward, clipping);
+- `train()` is the outer loop: batches, steps, logging, periodic evaluation, checkpoints, the end.
+
+It resumes a killed run exactly (same weights as an uninterrupted run).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from coalign.build import RECIPE_FILE, build_model, build_source, build_transforms, prepare_transforms
+from coalign.checkpoint import checkpoint_step, clean_partial, latest_checkpoint
 from coalign.config import Recipe, load_recipe, save_resolved
 from coalign.data.collate import batch_size
 from coalign.data.loader import train_batches
-from coalign.data.sources.base import SkipCounter
-from coalign.data.transforms.base import Pipeline
+from coalign.data.sources.base import SkipCounter, Source
+from coalign.data.transforms.base import Pipeline, Transform
 from coalign.evaluate.suite import evaluate, format_table
+from coalign.io import atomic_write_json
 from coalign.objectives.task import Task
-from coalign.run import RECIPE_FILE, build_model, build_source, build_transforms, prepare_transforms
+from coalign.runtime import Runtime
 from coalign.train.log import MetricLogger
 from coalign.train.optim import build_optimizer, build_scheduler
-from coalign.train.precision import autocast, default_device, resolve_precision
-from coalign.train.state import (
-    latest_checkpoint,
-    load_state,
-    load_weights,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from coalign.train.state import TrainState
+
+log = logging.getLogger("coalign")
+DEMO_MARKER = ".coalign-demo"  # `coalign demo` may replace a folder that holds this file, and no other
 
 
 @dataclass
@@ -45,46 +50,65 @@ class TrainResult:
     seconds: float
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    if device.type == "cpu":
-        return batch
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
+@dataclass
+class Session:
+    """What `setup` builds for one process's run of the loop."""
+
+    recipe: Recipe
+    run_dir: Path
+    runtime: Runtime
+    state: TrainState
+    source: Source
+    pipeline: Pipeline
+    eval_sources: dict[str, Source]
+    eval_transforms: dict[str, Transform]
+    resumed_from: Path | None = None
+    notes: list[str] = field(default_factory=list)  # said once the logger is up
 
 
-def train(
-    recipe: Recipe | None,
-    run_dir: Path,
-    resume: bool = False,
-    progress: bool = True,
-    stop_after: int | None = None,
-) -> TrainResult:
-    """Train `recipe` into `run_dir`; with resume=True continue the run found there.
-
-    `stop_after` ends the process-level loop early (after that many steps in total) while keeping
-    the schedule of the full run: that is how tests simulate a run that was killed.
-    """
-    run_dir = Path(run_dir)
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run goes into a new or empty folder; resuming needs a run folder. Never write into, let
+    alone delete, a folder that coalign did not create."""
     if resume:
-        if not (run_dir / RECIPE_FILE).exists():
-            raise FileNotFoundError(f"cannot resume: '{run_dir}' has no {RECIPE_FILE}")
-        recipe = load_recipe(run_dir / RECIPE_FILE)
-    elif recipe is None:
-        raise ValueError("train() needs a recipe unless resuming")
-    elif latest_checkpoint(run_dir) is not None:
+        if not (run_dir / RECIPE_FILE).is_file():
+            raise FileNotFoundError(f"cannot resume: '{run_dir}' has no {RECIPE_FILE}; is it a run folder?")
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"'{run_dir}' is a file; the run needs a folder")
+    if (run_dir / RECIPE_FILE).exists():
         raise FileExistsError(
             f"'{run_dir}' already holds a run; use --resume to continue it, or another --out"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.is_dir() and any(p.name != DEMO_MARKER for p in run_dir.iterdir()):
+        raise FileExistsError(
+            f"'{run_dir}' exists and is not empty; a new run goes into a new or empty folder "
+            "(choose another --out)"
+        )
+
+
+def setup(
+    recipe: Recipe | None, run_dir: Path, resume: bool = False, runtime: Runtime | None = None
+) -> Session:
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, resume)
+    if resume:
+        recipe = load_recipe(run_dir / RECIPE_FILE)
+    elif recipe is None:
+        raise ValueError("train() needs a recipe unless resuming")
     cfg = recipe.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(recipe.seed)
-    device = default_device()
-    precision = resolve_precision(cfg.precision, device)
+    runtime = runtime or Runtime.create(cfg.precision)
+    notes = []
+    checkpoint = None
+    if resume:
+        leftovers = clean_partial(run_dir)
+        if leftovers:
+            notes.append(f"removed {len(leftovers)} unfinished checkpoint write(s) left by a crash")
+        checkpoint = latest_checkpoint(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
-    # ---- data and model
     source = build_source(recipe.data.train, "data.train")
     eval_sources = {k: build_source(s, f"data.eval.{k}") for k, s in recipe.data.eval.items()}
     transforms = build_transforms(recipe)
@@ -95,106 +119,142 @@ def train(
     for t in eval_transforms.values():
         t.load(run_dir)
         t.eval()
-    task = Task.from_specs(build_model(recipe, transforms), recipe.objectives, transforms).to(device)
+    task = Task.from_specs(build_model(recipe, transforms), recipe.objectives, transforms).to(runtime.device)
     optimizer = build_optimizer(task, cfg, task.lr_scales(recipe.objectives))
-    scheduler = build_scheduler(optimizer, cfg)
-    skipped = SkipCounter()
-    step = 0
-    if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is not None:
-            task.load_state_dict(load_weights(checkpoint))
-            state = load_state(checkpoint)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
-            skipped.update(state.get("skipped", {}))
-            step = state["step"]
+    state = TrainState(task, optimizer, build_scheduler(optimizer, cfg))
+    if checkpoint is not None:
+        state.restore(checkpoint)
+        notes.append(f"resuming from step {checkpoint_step(checkpoint)} ({checkpoint})")
+    elif resume:
+        notes.append(f"'{run_dir}' has no checkpoint left: starting again from step 0")
+    pipeline = Pipeline(transforms, recipe.data.drop_modalities)
+    return Session(
+        recipe, run_dir, runtime, state, source, pipeline, eval_sources, eval_transforms, checkpoint, notes
+    )
 
-    def checkpoint_now() -> None:
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "data_position": step,  # batches consumed; the loader's order is a function of (seed, step)
-            "skipped": dict(skipped),
-        }
-        save_checkpoint(run_dir, step, task.state_dict(), state, cfg.keep_checkpoints)
 
-    def run_eval() -> dict[str, dict[str, float]]:
-        results = evaluate(
-            task.model,
-            eval_transforms,
-            eval_sources,
-            recipe.eval.evaluators,
-            recipe.eval.batch_size,
-            recipe.eval.max_samples,
-            device,
-            autocast=lambda: autocast(precision, device),
-        )
-        for dataset, metrics in results.items():
-            logger.log(step, {f"{dataset}/{k}": v for k, v in metrics.items()}, kind="eval")
-        return results
+@dataclass
+class StepOutput:
+    out: dict[str, torch.Tensor]  # the task's losses and metrics (tensors: no host sync yet)
+    grad_norm: torch.Tensor
+    samples: int
 
-    logger = MetricLogger(run_dir, cfg.steps, step, progress)
-    logger.write(f"coalign: training '{recipe.name}' on {device} ({precision}) into {run_dir}")
+
+def train_step(
+    state: TrainState, batch: dict[str, Any], recipe: Recipe, runtime: Runtime
+) -> StepOutput | None:
+    """One optimisation step on `batch`. A batch with fewer than two usable samples has nothing to
+    contrast: its samples are counted as skipped and the optimizer does not step, but the step and
+    the schedule advance as usual, so the data position, the learning rate and the checkpoints stay
+    those of an uninterrupted run."""
+    cfg = recipe.train
+    n = batch_size(batch)
+    state.skipped.update(batch["skipped"])
+    if n < 2:
+        state.skipped["small_batch"] += n
+        state.scheduler.step()
+        state.step += 1
+        return None
+    with runtime.autocast():
+        out = state.task(runtime.to_device(batch))
+    state.optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.task.parameters(), cfg.grad_clip or math.inf)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.step += 1
+    return StepOutput(out, grad_norm, n)
+
+
+def run_eval(session: Session, logger: MetricLogger) -> dict[str, dict[str, float]]:
+    recipe, rt = session.recipe, session.runtime
+    results = evaluate(
+        session.state.task.model,
+        session.eval_transforms,
+        session.eval_sources,
+        recipe.eval.evaluators,
+        recipe.eval.batch_size,
+        recipe.eval.max_samples,
+        rt.device,
+        autocast=rt.autocast,
+    )
+    for dataset, metrics in results.items():
+        logger.log(session.state.step, {f"{dataset}/{k}": v for k, v in metrics.items()}, kind="eval")
+    return results
+
+
+def _log_step(logger: MetricLogger, state: TrainState, done: StepOutput, started: float) -> None:
+    value = done.out["loss"].item()  # the only host sync, on logging steps
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss is {value} at step {state.step}; last checkpoint is kept")
+    metrics = {k: v.item() for k, v in done.out.items()}
+    metrics.update(
+        lr=state.scheduler.get_last_lr()[0],
+        grad_norm=done.grad_norm.item(),
+        samples_per_s=logger.throughput(),
+        elapsed_s=time.perf_counter() - started,  # wall time of this process's loop
+    )
+    logger.log(state.step, metrics)
+
+
+def train(
+    recipe: Recipe | None,
+    run_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    runtime: Runtime | None = None,
+) -> TrainResult:
+    """Train `recipe` into `run_dir`; with resume=True continue the run found there.
+
+    `stop_after` ends the process-level loop early (after that many steps in total) while keeping
+    the schedule of the full run: that is how tests simulate a run that was killed.
+    """
+    session = setup(recipe, run_dir, resume, runtime)
+    recipe, state, cfg = session.recipe, session.state, session.recipe.train
+    logger = MetricLogger(session.run_dir, cfg.steps, state.step, progress)
+    logger.write(f"coalign: training '{recipe.name}' on {session.runtime} into {session.run_dir}")
+    for note in session.notes:
+        logger.write(f"coalign: {note}")
     batches = train_batches(
-        source,
-        Pipeline(transforms, recipe.data.drop_modalities),
+        session.source,
+        session.pipeline,
         recipe.data.batch_size,
         recipe.seed,
-        step,
+        state.step,
         recipe.data.num_workers,
     )
     end = min(cfg.steps, stop_after or cfg.steps)
     results: dict[str, dict[str, float]] = {}
     started = time.perf_counter()
-    task.train()
+    state.task.train()
     try:
-        while step < end:
-            batch = next(batches)
-            skipped.update(batch["skipped"])
-            if batch_size(batch) < 2:
-                step += 1  # nothing to contrast in this batch; keep the data position moving
-                continue
-            with autocast(precision, device):
-                out = task(to_device(batch, device))
-            loss = out["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.grad_clip or math.inf)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            logger.count(batch_size(batch))
-            if step % cfg.log_every == 0 or step == end:
-                value = loss.item()  # the only host sync, on logging steps
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"loss is {value} at step {step}; last checkpoint is kept")
-                metrics = {k: v.item() for k, v in out.items()}
-                metrics.update(
-                    lr=scheduler.get_last_lr()[0],
-                    grad_norm=grad_norm.item(),
-                    samples_per_s=logger.throughput(),
-                    elapsed_s=time.perf_counter() - started,  # wall time of this process's loop
-                )
-                logger.log(step, metrics)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                run_eval()
-            if step % cfg.checkpoint_every == 0 or step == end:
-                checkpoint_now()
+        while state.step < end:
+            done = train_step(state, next(batches), recipe, session.runtime)
+            if done is not None:
+                logger.count(done.samples)
+                if state.step % cfg.log_every == 0 or state.step == end:
+                    _log_step(logger, state, done, started)
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+                run_eval(session, logger)
+            if state.step % cfg.checkpoint_every == 0 or state.step == end:
+                state.save(session.run_dir, cfg.keep_checkpoints)
     except KeyboardInterrupt:
-        logger.write(f"interrupted at step {step}: saving a checkpoint; continue with --resume {run_dir}")
-        checkpoint_now()
+        logger.write(
+            f"interrupted at step {state.step}: saving a checkpoint; continue with --resume {run_dir}"
+        )
+        state.save(session.run_dir, cfg.keep_checkpoints)
         logger.close()
         raise
     seconds = time.perf_counter() - started
-    if step >= cfg.steps:
-        results = run_eval()
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (run_dir / "data_report.json").write_text(json.dumps({"skipped": dict(skipped), "step": step}, indent=2))
-    logger.write(f"data: {skipped.report()}")
+    if state.step >= cfg.steps:
+        results = run_eval(session, logger)
+        atomic_write_json(session.run_dir / "results.json", results)
+    atomic_write_json(
+        session.run_dir / "data_report.json", {"skipped": dict(state.skipped), "step": state.step}
+    )
+    logger.write(f"data: {state.skipped.report()}")
     if results:
         logger.write(format_table(results))
     logger.close()
-    return TrainResult(run_dir, step, results, skipped, seconds)
+    return TrainResult(session.run_dir, state.step, results, state.skipped, seconds)

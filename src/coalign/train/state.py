@@ -1,50 +1,25 @@
-"""Checkpoints: safetensors weights + a torch state file (optimizer, scheduler, step, RNG, data
-position), written atomically: everything goes into a temporary folder, each file is fsynced, and
-the folder is renamed into place; `LATEST` is then replaced atomically. A crash at any moment leaves
-either the old checkpoint or the new one, never half of one.
+"""The trainer's state: everything a resumed run needs to continue exactly where it stopped.
 
-This module is also how the library side (evaluation, search, serving) loads a trained run.
+`TrainState` holds the task (model + objectives, with any buffers an objective keeps: momentum
+encoders, queues), the optimizer, the scheduler, the step (which is also the data position: the
+loader's order is a pure function of (seed, step)) and the skip counts. `state_dict` and
+`load_state_dict` round-trip it with the RNG states; `save` / `restore` go through the library's
+`coalign.checkpoint`, which owns the layout on disk.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-WEIGHTS = "weights.safetensors"
-STATE = "state.pt"
-LATEST = "LATEST"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+from coalign.checkpoint import load_state, load_weights, save_checkpoint
+from coalign.data.sources.base import SkipCounter
+from coalign.objectives.task import Task
 
 
 def rng_state() -> dict[str, Any]:
@@ -62,53 +37,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int
-) -> Path:
-    """Write checkpoints/step_XXXXXXXX atomically, point LATEST at it, keep the newest `keep`."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
-    torch.save({**state, "step": step}, tmp / STATE)
-    for f in (WEIGHTS, STATE):
-        _fsync_file(tmp / f)
-    if final.exists():  # re-saving the same step (e.g. after an interrupt): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    atomic_write_text(root / LATEST, final.name)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+@dataclass
+class TrainState:
+    task: Task
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+    skipped: SkipCounter = field(default_factory=SkipCounter)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights (those go to safetensors)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "step": self.step,
+            "data_position": self.step,  # batches consumed; the loader's order is a function of (seed, step)
+            "skipped": dict(self.skipped),
+        }
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    root = run_dir / "checkpoints"
-    pointer = root / LATEST
-    if pointer.exists():
-        path = root / pointer.read_text().strip()
-        if (path / WEIGHTS).exists():
-            return path
-    done = sorted(p for p in root.glob("step_*") if (p / STATE).exists() and (p / WEIGHTS).exists())
-    return done[-1] if done else None
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.skipped = SkipCounter(state.get("skipped", {}))
 
+    def save(self, run_dir: Path, keep: int) -> Path:
+        return save_checkpoint(run_dir, self.step, self.task.state_dict(), self.state_dict(), keep)
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A run folder or a checkpoint folder -> the checkpoint folder (clear error if there is none)."""
-    path = Path(path)
-    if (path / WEIGHTS).exists():
-        return path
-    found = latest_checkpoint(path)
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint in '{path}' (expected {WEIGHTS} or checkpoints/step_*/)")
-    return found
-
-
-def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(checkpoint) / WEIGHTS))
-
-
-def load_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(Path(checkpoint) / STATE, weights_only=False)
+    def restore(self, checkpoint: Path) -> None:
+        self.task.load_state_dict(load_weights(checkpoint))
+        self.load_state_dict(load_state(checkpoint))

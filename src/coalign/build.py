@@ -1,38 +1,30 @@
 """Build a recipe's parts, and load a trained run: the shared entry for training, evaluation,
-search and serving (so they all use the same transforms and the same `encode`)."""
+search and serving (so they all use the same transforms and the same `encode`). Library code: it
+imports nothing from the trainer, the server or the command line."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from coalign.checkpoint import checkpoint_step, load_weights, model_weights, resolve_checkpoint
 from coalign.config import Recipe, SourceSpec, load_recipe
 from coalign.data.sources.base import Source
 from coalign.data.transforms.base import Pipeline, Transform
 from coalign.models.model import MultimodalModel
 from coalign.registry import SOURCES, TRANSFORMS
-from coalign.train.state import load_weights, resolve_checkpoint
+from coalign.runtime import Runtime
 
 RECIPE_FILE = "recipe.yaml"
 
 
-def _fill_registries() -> None:
-    """Import every part module. Done on first use, not at import: some evaluate modules (suites,
-    reports) import this one, and the registry scan imports them."""
-    import coalign.components  # noqa: F401
-
-
 def build_source(spec: SourceSpec, where: str) -> Source:
-    _fill_registries()
     return SOURCES.create(spec.source, where=where, **spec.options())
 
 
 def build_transforms(recipe: Recipe, views: bool = True) -> dict[str, Transform]:
     """One transform per key of `data.transforms`; `views=False` leaves out the `<modality>@<view>`
     keys, which only training objectives use."""
-    _fill_registries()
     return {
         key: TRANSFORMS.create(t.transform, where=f"data.transforms.{key}", **t.options())
         for key, t in recipe.data.transforms.items()
@@ -51,7 +43,6 @@ def prepare_transforms(transforms: dict[str, Transform], source: Source, run_dir
 
 
 def build_model(recipe: Recipe, transforms: dict[str, Transform]) -> MultimodalModel:
-    _fill_registries()
     inputs = {m: t.describe() for m, t in transforms.items() if "@" not in m}
     return MultimodalModel.from_config(recipe.model, inputs)
 
@@ -74,8 +65,9 @@ class LoadedRun:
         return Pipeline(self.transforms)
 
 
-def load_run(path: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
-    """Load a run folder (its latest checkpoint) or one checkpoint folder, ready to encode."""
+def load_run(path: str | Path, runtime: Runtime | None = None) -> LoadedRun:
+    """Load a run folder (its newest intact checkpoint) or one checkpoint folder, ready to encode on
+    `runtime`'s device (default: the CPU)."""
     checkpoint = resolve_checkpoint(Path(path))
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
     recipe_path = run_dir / RECIPE_FILE
@@ -87,9 +79,6 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
         t.load(run_dir)
         t.eval()
     model = build_model(recipe, transforms)
-    weights = load_weights(checkpoint)
-    prefix = "model."
-    model.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
-    model.to(device).eval()
-    step = int(checkpoint.name.split("_")[-1]) if checkpoint.name.startswith("step_") else 0
-    return LoadedRun(recipe, model, transforms, checkpoint, step)
+    model.load_state_dict(model_weights(load_weights(checkpoint)))
+    model.to((runtime or Runtime.cpu()).device).eval()
+    return LoadedRun(recipe, model, transforms, checkpoint, checkpoint_step(checkpoint))

@@ -1,0 +1,76 @@
+"""Where and how tensors run: one `Runtime` (device + precision) passed to everything that computes.
+
+bf16 autocast pays on CUDA and on CPUs with AMX; elsewhere (plain AVX2) bf16 matrix math is emulated
+and several times *slower* than fp32, so `auto` picks fp32 there. Training, evaluation, suites,
+few-shot, embedding and serving all take a Runtime, so each runs on the GPU when there is one and
+none of them carries its own "autocast or nothing" fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if probe is not None and probe():
+        return True
+    return "AMX" in torch.backends.cpu.get_cpu_capability()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # "fp32" or "bf16", already resolved
+
+    @classmethod
+    def create(cls, precision: str = "auto", device: str | torch.device | None = None) -> Runtime:
+        """`auto` device: CUDA when there is one; `auto` precision: see the module docstring."""
+        dev = torch.device(device) if device is not None else default_device()
+        return cls(dev, resolve_precision(precision, dev))
+
+    @classmethod
+    def cpu(cls) -> Runtime:
+        """fp32 on the CPU: what tests and reference computations use."""
+        return cls(torch.device("cpu"), "fp32")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Tensors of a batch dict (one level deep, and the `present`/`label` dicts) on this device."""
+        if self.device.type == "cpu":
+            return batch
+        return {k: self._move(v) for k, v in batch.items()}
+
+    def _move(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(self.device, non_blocking=True)
+        if isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values()):
+            return {k: v.to(self.device, non_blocking=True) for k, v in value.items()}
+        return value
+
+    def __str__(self) -> str:
+        return f"{self.device} ({self.precision})"
