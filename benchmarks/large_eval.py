@@ -6,7 +6,8 @@
 Embeddings are synthetic (each caption is its image's unit vector plus noise, each image its class
 centre plus noise); the figures of interest are time and memory, and the metrics are printed only to
 show that the run computed something (they are not a quality measure). The dense caption x image
-score matrix would take `dense_matrix_gb`; the chunked evaluation never holds more than a few (chunk, chunk) blocks. Memory (CPU): the kernel's peak resident
+score matrix would take `dense_matrix_gb`; the chunked evaluation never holds more than a few
+(chunk, chunk) blocks. Memory (CPU): the kernel's peak resident
 set size during each evaluation minus the resident size right before it (high-water mark reset through
 /proc/self/clear_refs; `hwm_reset` says whether that worked), with glibc's mmap threshold fixed at
 1 MiB so freed blocks go back to the OS and the peak tracks live tensors (see siglip_memory.py).
