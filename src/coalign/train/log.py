@@ -13,16 +13,20 @@ from tqdm import tqdm
 from coalign.io import atomic_write_text
 
 
-def drop_rows_after(path: Path, step: int) -> int:
+def drop_rows_after(path: Path, step: int, final: bool = False) -> int:
     """Remove the rows of steps after `step` from a metrics log (the steps a resumed run replays, so
-    they are not logged twice); a torn last line from a kill is dropped too. Returns rows removed."""
+    they are not logged twice), and with `final` the evaluation rows of `step` itself (a run resumed
+    at its last step evaluates again); a torn last line from a kill is dropped too. Returns rows
+    removed."""
     if not path.is_file():
         return 0
     keep, dropped = [], 0
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
-            ok = int(row["step"]) <= step
+            ok = int(row["step"]) < step or (
+                int(row["step"]) == step and not (final and row["kind"] == "eval")
+            )
         except (ValueError, KeyError, TypeError):
             ok = False
         if ok:
@@ -37,7 +41,7 @@ def drop_rows_after(path: Path, step: int) -> int:
 class MetricLogger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool = True):
         self.path = run_dir / "metrics.jsonl"
-        drop_rows_after(self.path, start_step)
+        drop_rows_after(self.path, start_step, final=start_step >= total_steps)
         self.file = self.path.open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter
