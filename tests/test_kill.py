@@ -102,10 +102,10 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_weights(tm
         # Kill points are new events of this process: leftovers of the last kill do not count.
         if at_write:
             old = _temporaries(run_dir)
-            reached = _wait_for(lambda: bool(_temporaries(run_dir) - old), proc)
+            reached = _wait_for(lambda old=old: bool(_temporaries(run_dir) - old), proc)
         else:
             size = _log_size(run_dir)
-            reached = _wait_for(lambda: _log_size(run_dir) > size, proc)
+            reached = _wait_for(lambda size=size: _log_size(run_dir) > size, proc)
             time.sleep(rng.uniform(0.0, 0.5))
             reached = reached and proc.poll() is None
         if not reached:  # it finished before the kill point: the run is complete
