@@ -217,7 +217,7 @@ BAD = [
     ("/search", {"vector": [1.0, 2.0]}, 422, ["embed_dim"]),
     ("/search", {"vector": [0.0] * DIM}, 422, ["embed_dim"]),
     ("/search", {"id": "no-such-item"}, 404, ["unknown item"]),
-    ("/search", {"id": "item-3"}, 422, ["no stored image"]),
+    ("/search", {"id": "item-3"}, 404, ["no stored image"]),  # like its thumbnail: 404
     ("/embed", {}, 422, ["exactly one"]),
     ("/embed", {"text": ""}, 422, ["empty"]),
     ("/embed", {"texts": []}, 422, ["max_batch"]),
