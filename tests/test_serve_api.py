@@ -388,25 +388,6 @@ def test_serve_command_builds_the_app_with_the_env_token(monkeypatch, index):
         args.func(args)
 
 
-@pytest.fixture(scope="module")
-def real_index(tmp_path_factory):
-    """A real SearchIndex: a run trained for a few steps, a small world split embedded and indexed."""
-    from coalign.config import load_recipe
-    from coalign.search.embed import embed_source
-    from coalign.search.index import build_index
-    from coalign.search.query import SearchIndex
-    from coalign.train.loop import train
-
-    root = tmp_path_factory.mktemp("serve_real")
-    sizes = ["data.train.size=96", "data.eval.heldout_samples.size=24", "data.eval.heldout_combos.size=24"]
-    recipe = load_recipe("demo", [*sizes, "train.steps=4", "eval.evaluators=[]"], smoke=True)
-    train(recipe, root / "run", progress=False)
-    spec = {"source": "world", "split": "test", "size": 30}
-    embed_source(root / "run", spec, root / "emb", batch_size=16, shard_size=16, progress=False)
-    build_index(root / "emb", sample_queries=10)
-    return SearchIndex.load(root / "emb")
-
-
 @pytest.mark.slow
 def test_end_to_end_over_a_real_index(real_index):
     index = real_index

@@ -280,10 +280,13 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
 
     @app.post("/search/image", response_model=SearchResults, responses=errors)
     @_takes(
-        k=Annotated[schemas.FormInt, Form(json_schema_extra={"minimum": 1, "maximum": limits.max_k})],
-        modality=Annotated[Text | None, Form(json_schema_extra={"enum": [*index.modalities, None]})],
+        # "image-file": the bytes of an image file; that they decode is checked (400).
+        file=Annotated[UploadFile, File(json_schema_extra={"format": "image-file"})],
+        # A form has no null, and FastAPI reads an empty field as absent: "" is documented as the default.
+        k=Annotated[schemas.FormInt, Form(), schemas.form_field({"minimum": 1, "maximum": limits.max_k}, 10)],
+        modality=Annotated[Text, Form(), schemas.form_field({"enum": list(index.modalities)}, None)],
     )
-    def search_upload(file: Annotated[UploadFile, File()], k=10, modality=None):
+    def search_upload(file, k=10, modality=None):
         started = time.perf_counter()
         check_k(k)
         modality = target_modality(modality)

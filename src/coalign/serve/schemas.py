@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -41,11 +41,27 @@ def _no_surrogate(value: str) -> str:
 Text = Annotated[str, AfterValidator(_no_surrogate)]
 
 
+# Python's whitespace (str.isspace, what str.strip() removes), spelled out: `\S` would mean less in the
+# Rust and JavaScript engines that read the schema (they count no \x1c-\x1f as space), and a client
+# could then send a text that the schema allows and the app finds blank.
+PY_SPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NOT_BLANK = f"[^{PY_SPACE}]"  # literal characters only: every regex engine reads a class of them alike
+
+
 def _decimal(value: Any) -> Any:
     if isinstance(value, str) and not re.fullmatch("[0-9]+", value):
         raise ValueError("must be written as a decimal integer, such as 10")
     return value
 
+
+def _whole_number(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer as JSON Schema counts them: 3, or 3.0 (JSON has one number type), never true, 1.5 or "3".
+JsonInt = Annotated[StrictInt, BeforeValidator(_whole_number)]
 
 # A form field is text: an integer in one is its decimal digits, not "1.0", " 3", "+3" or "1_0".
 FormInt = Annotated[int, BeforeValidator(_decimal)]
@@ -116,42 +132,57 @@ def _exactly_one(fields: Iterable[str]) -> dict[str, Any]:
     return {"oneOf": [{"required": [f], "properties": {f: {"not": {"type": "null"}}}} for f in fields]}
 
 
+def _described(tp: Any, **schema: Any) -> Any:
+    """`tp` with JSON Schema keywords added to its own schema (inside the non-null branch of an optional
+    field), for the schema only: the app checks these limits itself, naming them in its errors."""
+    return Annotated[tp, Field(json_schema_extra=schema)]
+
+
 def request_models(limits: Limits, modalities: list[str], embed_dim: int):
     """(EmbedRequest, SearchRequest) whose schemas carry this app's limits."""
-    text_s = {"minLength": 1, "maxLength": limits.max_text_chars, "pattern": r"\S"}  # \S: not blank
-    # "base64-image": base64 of an image file (optionally a data: URL); that it decodes is checked (400).
-    image_s = {"format": "base64-image"}
-    k_field = Field(10, json_schema_extra={"minimum": 1, "maximum": limits.max_k})
+    QueryText = _described(Text, minLength=1, maxLength=limits.max_text_chars, pattern=NOT_BLANK)
+    # "base64-image": base64 of an image file, or a data: URL; that it decodes is checked (400).
+    Image64 = _described(Text, format="base64-image")
+    K = _described(JsonInt, minimum=1, maximum=limits.max_k)
 
     class EmbedRequest(BaseModel):
         model_config = ConfigDict(
             extra="forbid", strict=True, json_schema_extra=_exactly_one(("text", "texts", "image"))
         )
-        text: Text | None = Field(None, json_schema_extra=text_s)
-        texts: list[Text] | None = Field(
-            None, json_schema_extra={"minItems": 1, "maxItems": limits.max_batch, "items": text_s}
-        )
-        image: Text | None = Field(None, json_schema_extra=image_s)
+        text: QueryText | None = None
+        texts: _described(list[QueryText], minItems=1, maxItems=limits.max_batch) | None = None
+        image: Image64 | None = None
 
-    vector_s = {
-        "minItems": embed_dim,
-        "maxItems": embed_dim,
-        "not": {"type": "array", "items": {"const": 0}},  # not all zero: it has no direction
-    }
+    # Not all zero: a zero vector has no direction to search by.
+    Vector = _described(
+        list[float], minItems=embed_dim, maxItems=embed_dim, **{"not": {"items": {"const": 0}}}
+    )
 
     class SearchRequest(BaseModel):
         model_config = ConfigDict(
             extra="forbid", strict=True, json_schema_extra=_exactly_one(("text", "image", "vector", "id"))
         )
-        text: Text | None = Field(None, json_schema_extra=text_s)
-        image: Text | None = Field(None, json_schema_extra=image_s)
-        vector: list[float] | None = Field(None, json_schema_extra=vector_s)
+        text: QueryText | None = None
+        image: Image64 | None = None
+        vector: Vector | None = None
         id: Text | None = None
-        k: StrictInt = k_field
+        k: K = 10
         # Which index to search; default "image" when there is one. An unknown name answers 400.
-        modality: Text | None = Field(None, json_schema_extra={"enum": [*modalities, None]})
+        modality: _described(Text, enum=modalities) | None = None
 
     return EmbedRequest, SearchRequest
+
+
+def form_field(schema: dict[str, Any], default: Any) -> WithJsonSchema:
+    """The schema of an optional form field, an enum of strings or integer bounds, that also allows ""
+    for the default (FastAPI's reading of an empty field)."""
+    if "enum" in schema:  # one enum, not anyOf: schemathesis would take "" for a breach of the first branch
+        doc: dict[str, Any] = {"type": "string", "enum": [*schema["enum"], ""]}
+    else:
+        doc = {"anyOf": [{"type": "integer", **schema}, {"const": ""}]}
+    if default is not None:
+        doc["default"] = default
+    return WithJsonSchema(doc)
 
 
 def _error(description: str) -> dict[str, Any]:
