@@ -167,10 +167,6 @@ def test_openapi_documents_the_errors_every_route_really_returns(client):
 
 # ------------------------------------------------------------------------------------- schemathesis
 
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, Phase, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 
 def _pngs() -> list[bytes]:
     from test_serve_api import _png
@@ -183,6 +179,9 @@ def api_schema(real_index):
     """The served OpenAPI of an app over a small world index, with the token. The schema's own image
     formats get real images: that garbage bytes answer 400 is what the unit tests above check."""
     import base64
+
+    schemathesis = pytest.importorskip("schemathesis")  # a test extra; the tests above need none
+    from hypothesis import strategies as st
 
     pngs = _pngs()
     b64 = [base64.b64encode(p).decode() for p in pngs]
@@ -201,7 +200,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(api_schema):
     status codes, content types, bodies and headers as documented, valid data accepted, invalid data
     rejected, the token not ignored. (Driven through `as_strategy` because `schema.parametrize()`
     with a fixture-built schema fails under pytest 9 in schemathesis 4.32.)"""
-    from hypothesis import given
+    from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
     from schemathesis.generation.feedback import NO_FEEDBACK
