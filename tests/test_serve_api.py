@@ -217,7 +217,7 @@ BAD = [
     ("/search", {"vector": [1.0, 2.0]}, 422, ["embed_dim"]),
     ("/search", {"vector": [0.0] * DIM}, 422, ["embed_dim"]),
     ("/search", {"id": "no-such-item"}, 404, ["unknown item"]),
-    ("/search", {"id": "item-3"}, 422, ["no stored image"]),
+    ("/search", {"id": "item-3"}, 404, ["no stored image"]),  # like its thumbnail: 404
     ("/embed", {}, 422, ["exactly one"]),
     ("/embed", {"text": ""}, 422, ["empty"]),
     ("/embed", {"texts": []}, 422, ["max_batch"]),
@@ -386,25 +386,6 @@ def test_serve_command_builds_the_app_with_the_env_token(monkeypatch, index):
     with pytest.raises(ConfigError, match="max_k"):
         args = _serve_args("runs/demo", "emb/demo", "--max-k", "0")
         args.func(args)
-
-
-@pytest.fixture(scope="module")
-def real_index(tmp_path_factory):
-    """A real SearchIndex: a run trained for a few steps, a small world split embedded and indexed."""
-    from coalign.config import load_recipe
-    from coalign.search.embed import embed_source
-    from coalign.search.index import build_index
-    from coalign.search.query import SearchIndex
-    from coalign.train.loop import train
-
-    root = tmp_path_factory.mktemp("serve_real")
-    sizes = ["data.train.size=96", "data.eval.heldout_samples.size=24", "data.eval.heldout_combos.size=24"]
-    recipe = load_recipe("demo", [*sizes, "train.steps=4", "eval.evaluators=[]"], smoke=True)
-    train(recipe, root / "run", progress=False)
-    spec = {"source": "world", "split": "test", "size": 30}
-    embed_source(root / "run", spec, root / "emb", batch_size=16, shard_size=16, progress=False)
-    build_index(root / "emb", sample_queries=10)
-    return SearchIndex.load(root / "emb")
 
 
 @pytest.mark.slow

@@ -23,16 +23,19 @@ from urllib.parse import quote
 import numpy as np
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coalign.data.sources.base import SampleError
 from coalign.registry import ConfigError
-from coalign.serve.guard import Guard, error_response
+from coalign.serve import schemas
+from coalign.serve.guard import Guard, error_response, is_open
 from coalign.serve.metrics import Metrics
+from coalign.serve.schemas import EmbedMany, EmbedOne, Health, Item, SearchResults, Text, short
 
 if TYPE_CHECKING:
     from coalign.search.query import Hit, SearchIndex
@@ -60,23 +63,6 @@ class ApiError(Exception):
     def __init__(self, status: int, error: str, detail: Any = None):
         super().__init__(error)
         self.status, self.error, self.detail = status, error, detail
-
-
-class EmbedRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    text: str | None = None
-    texts: list[str] | None = None
-    image: str | None = None  # base64, optionally a data: URL
-
-
-class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    text: str | None = None
-    image: str | None = None
-    vector: list[float] | None = None
-    id: str | None = None
-    k: int = 10
-    modality: str | None = None  # which index to search; default "image" when there is one
 
 
 def _decode_base64(value: str) -> bytes:
@@ -133,11 +119,23 @@ def _only_one(req: BaseModel, fields: tuple[str, ...]) -> str:
     return given[0]
 
 
+def _takes(**types):
+    """Give a route's parameters these annotations: types built for this app (they carry its limits),
+    which the module's string annotations could not name."""
+
+    def mark(fn):
+        fn.__annotations__.update(types)
+        return fn
+
+    return mark
+
+
 def create_app(index: SearchIndex, token: str | None = None, limits: Limits | None = None) -> FastAPI:
     """The API over `index`. With `token`, every route but /health and the page needs the bearer token."""
     limits = limits or Limits()
     token = token or None  # an empty token would let "Bearer " in: treat it as no token
     app = FastAPI(title="coalign search", docs_url=None, redoc_url=None)
+    EmbedRequest, SearchRequest = schemas.request_models(limits, list(index.modalities), int(index.embed_dim))
     metrics = Metrics()
     # One encode or search at a time: on CPU, parallel requests would only fight over the same cores, and
     # the app stays safe over any object with the SearchIndex methods, thread-safe or not (the tests' fake).
@@ -175,7 +173,7 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
         if modality is None:
             return "image" if "image" in valid else valid[0]
         if modality not in valid:
-            raise ApiError(400, f"unknown modality '{modality}'", {"valid": valid})
+            raise ApiError(400, f"unknown modality '{short(modality)}'", {"valid": valid})
         return modality
 
     def check_k(k: int) -> None:
@@ -194,10 +192,10 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
 
     def item_vector(item_id: str) -> np.ndarray:
         if index.item(item_id) is None:
-            raise ApiError(404, "unknown item", {"id": item_id})
+            raise ApiError(404, "unknown item", {"id": short(item_id)})
         thumb = index.thumbnail_path(item_id)
-        if thumb is None:
-            raise ApiError(422, "item has no stored image to search by", {"id": item_id})
+        if thumb is None:  # 404 like the thumbnail route: the request is fine, the image does not exist
+            raise ApiError(404, "item has no stored image to search by", {"id": short(item_id)})
         return encode_image(thumb)
 
     @app.exception_handler(ApiError)
@@ -217,7 +215,7 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
     def page():
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     def health():
         return {
             "status": "ok",
@@ -226,7 +224,7 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
             "auth": bool(token),
         }
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
     def prometheus():
         gauges = {
             "coalign_index_items": ("Items in the search index.", len(index)),
@@ -236,8 +234,11 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
             metrics.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
-    @app.post("/embed")
-    def embed(req: EmbedRequest):
+    errors = {**schemas.BAD_CONTENT, **schemas.INVALID}
+
+    @app.post("/embed", response_model=EmbedOne | EmbedMany, responses=errors)
+    @_takes(req=EmbedRequest)
+    def embed(req):
         field = _only_one(req, ("text", "texts", "image"))
         if field == "texts":
             if not 1 <= len(req.texts) <= limits.max_batch:
@@ -252,8 +253,9 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
             "dim": int(emb.shape[1]),
         }
 
-    @app.post("/search")
-    def search(req: SearchRequest):
+    @app.post("/search", response_model=SearchResults, responses={**errors, **schemas.NOT_FOUND})
+    @_takes(req=SearchRequest)
+    def search(req):
         started = time.perf_counter()
         field = _only_one(req, ("text", "image", "vector", "id"))
         check_k(req.k)
@@ -265,27 +267,37 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
         elif field == "id":
             vectors = item_vector(req.id)
         else:
-            vec = np.asarray(req.vector, dtype=np.float64)[None]  # float64: no overflow in the norm
-            norm = float(np.linalg.norm(vec)) if np.isfinite(vec).all() else math.nan
-            if vec.shape[1] != index.embed_dim or not 0 < norm < math.inf:
+            vec = np.asarray(req.vector, dtype=np.float64)[None]
+            # Scaled by its largest entry first, so that neither 1e-320 nor 1e308 under- or overflows
+            # in the squares: every finite, non-zero vector has a direction to search by.
+            peak = float(np.abs(vec).max(initial=0.0)) if np.isfinite(vec).all() else math.nan
+            if vec.shape[1] != index.embed_dim or not 0 < peak < math.inf:
                 detail = {"embed_dim": int(index.embed_dim), "got": int(vec.shape[1])}
                 raise ApiError(422, "vector must hold embed_dim finite numbers, not all zero", detail)
-            vectors = (vec / norm).astype(np.float32)  # the index holds unit vectors; scores are cosines
+            vec = vec / peak
+            vectors = (vec / np.linalg.norm(vec)).astype(np.float32)  # unit vectors: scores are cosines
         return run_search(vectors, req.k, modality, started)
 
-    @app.post("/search/image")
-    def search_upload(
-        file: Annotated[UploadFile, File()],
-        k: Annotated[int, Form()] = 10,
-        modality: Annotated[str | None, Form()] = None,
-    ):
+    @app.post("/search/image", response_model=SearchResults, responses=errors)
+    @_takes(
+        # "image-file": the bytes of an image file; that they decode is checked (400).
+        file=Annotated[UploadFile, File(json_schema_extra={"format": "image-file"})],
+        # A form has no null, and FastAPI reads an empty field as absent: "" is documented as the default.
+        k=Annotated[schemas.FormInt, Form(), schemas.form_field({"minimum": 1, "maximum": limits.max_k}, 10)],
+        modality=Annotated[Text, Form(), schemas.form_field({"enum": list(index.modalities)}, None)],
+    )
+    def search_upload(file, k=10, modality=None):
         started = time.perf_counter()
         check_k(k)
         modality = target_modality(modality)
         return run_search(encode_image(file.file.read()), k, modality, started)
 
     # The thumbnail route comes first: ids may contain '/' (image-folder ids are relative paths).
-    @app.get("/items/{item_id:path}/thumbnail")
+    @app.get(
+        "/items/{item_id:path}/thumbnail",
+        response_class=Response,
+        responses={**schemas.PNG, **schemas.NOT_FOUND},
+    )
     def thumbnail(item_id: str):
         # Only a known id, and only the file the index names for it (always inside the index folder).
         path = index.thumbnail_path(item_id) if index.item(item_id) is not None else None
@@ -297,18 +309,25 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
         ):
             path = None
         if path is None or not Path(path).is_file():
-            raise ApiError(404, "no thumbnail for this item", {"id": item_id})
+            raise ApiError(404, "no thumbnail for this item", {"id": short(item_id)})
         return FileResponse(path, media_type="image/png")
 
-    @app.get("/items/{item_id:path}")
+    @app.get("/items/{item_id:path}", response_model=Item, responses=schemas.NOT_FOUND)
     def item(item_id: str):
         hit = index.item(item_id)
         if hit is None:
-            raise ApiError(404, "unknown item", {"id": item_id})
+            raise ApiError(404, "unknown item", {"id": short(item_id)})
         out = _hit_json(hit)
         del out["score"]  # a score means nothing here; `path` is never sent: server paths stay private
         return out
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            app.openapi_schema = schemas.document_guard(doc, token=bool(token), is_open=is_open)
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(
         Guard, routes=app.router.routes, metrics=metrics, token=token, max_body_bytes=limits.max_body_bytes

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from coalign.serve.metrics import Metrics, route_label
+from coalign.serve.schemas import encodable
 
 log = logging.getLogger("coalign.serve")
 # Routes that carry no index data: open even when a token is set, so the page can load and ask for it.
@@ -19,9 +20,16 @@ OPEN_PATHS = ("/", "/health")
 OPEN_PREFIX = "/static/"
 
 
+def is_open(path: str) -> bool:
+    """Whether `path` is served without the token."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIX)
+
+
 def error_response(status: int, error: str, detail: Any = None, headers=None) -> JSONResponse:
-    """Every error the service sends has this shape: {"error": short message, "detail": what to fix}."""
-    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+    """Every error the service sends has this shape: {"error": short message, "detail": what to fix}.
+    Strings that came from the request may hold lone surrogates, which UTF-8 cannot encode: replaced."""
+    body = encodable({"error": error, "detail": detail})
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class Guard:
@@ -63,7 +71,7 @@ class Guard:
 
     def _check_token(self, scope):
         path = scope["path"]
-        if self.token is None or path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
+        if self.token is None or is_open(path):
             return None
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"authorization", b"").decode("latin-1")

@@ -9,6 +9,11 @@ from collections import Counter
 
 from starlette.routing import Match
 
+# Label values come only from these sets, so the label set is bounded whatever clients send: a method
+# outside HTTP's own is "other", a path no route matches is "unmatched" (see route_label).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+OTHER_METHOD = "other"
+
 # Seconds; spans a cached health check to a slow image encode on CPU.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -26,6 +31,10 @@ def route_label(routes, scope) -> str:
     return partial or "unmatched"
 
 
+def method_label(method: str) -> str:
+    return method if method in METHODS else OTHER_METHOD
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -39,6 +48,7 @@ class Metrics:
         self._count: Counter[str] = Counter()
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        method = method_label(method)
         with self._lock:
             self._requests[(method, route, str(status))] += 1
             counts = self._buckets.setdefault(route, [0] * len(BUCKETS))
