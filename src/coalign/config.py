@@ -51,7 +51,7 @@ class TowerSpec(Part):
 
 class ObjectiveSpec(Part):
     name: str
-    weight: float = 1.0
+    weight: float = pydantic.Field(1.0, gt=0)  # 0 would train nothing; a negative weight maximises the loss
     lr_scale: float = pydantic.Field(1.0, gt=0)  # learning-rate multiplier for the objective's own parameters
 
 
@@ -59,7 +59,7 @@ class DataConfig(StrictModel):
     train: SourceSpec
     eval: dict[str, SourceSpec] = {}
     transforms: dict[str, TransformSpec]
-    batch_size: int = pydantic.Field(256, gt=0)
+    batch_size: int = 256  # at least 2 (see _pairs)
     num_workers: int = pydantic.Field(0, ge=0)
     # modality -> probability that a training sample goes without it (missing-modality robustness)
     drop_modalities: dict[str, float] = {}
@@ -72,10 +72,18 @@ class DataConfig(StrictModel):
             raise ValueError(f"drop probabilities must lie in [0, 1), got {bad}")
         return v
 
+    @pydantic.field_validator("batch_size")
+    @classmethod
+    def _pairs(cls, v: int) -> int:
+        if v < 2:
+            # the loop skips batches of one sample, so batch_size 1 would train nothing and still exit 0
+            raise ValueError(f"must be at least 2, got {v}: a contrastive batch needs two samples")
+        return v
+
 
 class ModelConfig(StrictModel):
     embed_dim: int = pydantic.Field(128, gt=0)
-    towers: dict[str, TowerSpec]
+    towers: dict[str, TowerSpec] = pydantic.Field(min_length=1)
     head: str = "linear"
 
 
@@ -86,14 +94,29 @@ class TrainConfig(StrictModel):
     warmup_steps: int = pydantic.Field(100, ge=0)
     weight_decay: float = pydantic.Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    grad_clip: float | None = 1.0
+    eps: float = pydantic.Field(1e-6, gt=0)  # AdamW divides by sqrt(v) + eps; v is 0 for an unused weight
+    grad_clip: float | None = 1.0  # max gradient norm; null: no clipping
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     log_every: int = pydantic.Field(10, gt=0)
     eval_every: int = pydantic.Field(0, ge=0)  # 0: only at the end
     checkpoint_every: int = pydantic.Field(500, gt=0)
     keep_checkpoints: int = pydantic.Field(2, ge=1)
-    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    threads: int | None = pydantic.Field(None, ge=1)  # torch intra-op threads; None keeps torch's default
+
+    @pydantic.field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"both AdamW betas must lie in [0, 1), got {list(v)}")
+        return v
+
+    @pydantic.field_validator("grad_clip")
+    @classmethod
+    def _clip(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            # clip_grad_norm_ with a negative max norm flips the gradient; 0 silently disabled clipping
+            raise ValueError(f"must be > 0, got {v}; use null to train without clipping")
+        return v
 
 
 class EvaluatorSpec(Part):
@@ -133,7 +156,7 @@ class EvalConfig(StrictModel):
     # registry names (`coalign list`), or {name: ..., option: value} for evaluators with options
     evaluators: list[str | EvaluatorSpec] = ["zero_shot", "retrieval"]
     batch_size: int = pydantic.Field(256, gt=0)
-    max_samples: int | None = None
+    max_samples: int | None = pydantic.Field(None, ge=1)  # None: every sample
 
 
 class Recipe(StrictModel):
@@ -160,8 +183,27 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"override '{key.strip()}': the value {value!r} is not valid YAML: {_yaml_problem(err)}"
+            ) from None
     return out
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: 'line L, column C: problem (while parsing ... at line L0)'."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(err).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and start is not None:
+        where += f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
+    elif context:
+        where += f" ({context})"
+    return where
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -169,8 +211,14 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     for key, value in overrides.items():
         node = raw
         parts = key.split(".")
-        for p in parts[:-1]:
+        for depth, p in enumerate(parts[:-1]):
             node = node[_list_index(p, node, key)] if isinstance(node, list) else node.setdefault(p, {})
+            if not isinstance(node, dict | list):
+                above = ".".join(parts[: depth + 1])
+                raise ConfigError(
+                    f"override '{key}': '{above}' is a value ({node!r}), not a section with keys; "
+                    f"set it with {above}=..."
+                )
         last = parts[-1]
         if isinstance(node, list):
             node[_list_index(last, node, key)] = value
@@ -188,7 +236,10 @@ def _list_index(part: str, node: list, key: str) -> int:
 def load_recipe(source: str | Path | dict, overrides: list[str] | None = None, smoke: bool = False) -> Recipe:
     raw = source if isinstance(source, dict) else _read_yaml(Path(source))
     if smoke:
-        raw = apply_overrides(raw, raw.get("smoke") or {})
+        overrides_of_smoke = raw.get("smoke") or {}
+        if not isinstance(overrides_of_smoke, dict):
+            raise ConfigError("invalid recipe: smoke: must map dotted keys to values, e.g. {train.steps: 5}")
+        raw = apply_overrides(raw, overrides_of_smoke)
     raw = apply_overrides(raw, parse_overrides(overrides or []))
     recipe = validate_recipe(raw)
     return shrink(recipe) if smoke else recipe
@@ -202,7 +253,16 @@ def _read_yaml(path: Path) -> dict:
             path = builtin
         else:
             raise ConfigError(f"recipe '{path}' not found; built-in recipes: {', '.join(recipes)}")
-    data = yaml.safe_load(path.read_text())
+    if path.is_dir():
+        raise ConfigError(
+            f"recipe '{path}' is a folder; name a recipe YAML file (to continue a run, use --resume {path})"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe '{path}' is not valid YAML: {_yaml_problem(err)}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"recipe '{path}' cannot be read: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe '{path}' must be a YAML mapping, got {type(data).__name__}")
     return data
@@ -217,9 +277,16 @@ def validate_recipe(raw: dict[str, Any]) -> Recipe:
     try:
         recipe = Recipe(**raw)
     except pydantic.ValidationError as err:
-        raise ConfigError("invalid recipe:\n" + format_validation_error(err, "", Recipe)) from None
+        raise recipe_error(format_validation_error(err, "", Recipe).splitlines()) from None
     _validate_parts(recipe)
     return recipe
+
+
+def recipe_error(errors: list[str]) -> ConfigError:
+    """One error on one line (`invalid recipe: data.batch_size: ...`); several, one per line."""
+    if len(errors) == 1:
+        return ConfigError(f"invalid recipe: {errors[0]}")
+    return ConfigError("invalid recipe:\n" + "\n".join(errors))
 
 
 def _validate_parts(recipe: Recipe) -> None:
@@ -238,12 +305,15 @@ def _validate_parts(recipe: Recipe) -> None:
     ]
     checks += [(OBJECTIVES, o.name, o.options(), f"objectives.{i}") for i, o in enumerate(recipe.objectives)]
     errors = []
+    parsed: dict[str, Any] = {}  # where -> the part's validated Config (None: the part has no Config)
     for registry, name, options, where in checks:
         try:
             registry.get(name)
-            registry.validate(name, options, where)
+            parsed[where] = registry.validate(name, options, where)
         except ConfigError as err:
-            errors.append(f"{where}: {err}" if not str(err).startswith(where) else str(err))
+            errors.append(_at(where, err))
+    errors += _tower_input_errors(recipe, parsed)
+    errors += _batch_key_errors(recipe, parsed)
     try:
         HEADS.get(recipe.model.head)
     except ConfigError as err:
@@ -259,7 +329,60 @@ def _validate_parts(recipe: Recipe) -> None:
         if m not in recipe.model.towers
     ]
     if errors:
-        raise ConfigError("invalid recipe:\n" + "\n".join(errors))
+        raise recipe_error([line for e in errors for line in e.splitlines()])
+
+
+def _at(where: str, err: Exception) -> str:
+    return str(err) if str(err).startswith(where) else f"{where}: {err}"
+
+
+def _tower_input_errors(recipe: Recipe, parsed: dict[str, Any]) -> list[str]:
+    """Each tower's Config with the options its transform fills in (image_size, vocab_size, ...) still
+    validates, and the options the recipe sets itself agree with what the transform produces."""
+    from coalign.models.encoders.base import fill_inputs, input_mismatches
+
+    errors = []
+    for m, tower in recipe.model.towers.items():
+        where, source = f"model.towers.{m}", f"data.transforms.{m}"
+        if where not in parsed or source not in parsed or m not in recipe.data.transforms:
+            continue  # already reported: an unknown name or an option that does not fit
+        transform = TRANSFORMS.get(recipe.data.transforms[m].transform)
+        try:
+            inputs = transform.describe_config(parsed[source])
+        except (ValueError, OSError) as err:
+            errors.append(_at(source, err))
+            continue
+        config_cls = ENCODERS.config_class(tower.encoder)
+        options = tower.options()
+        errors += [f"{where}.{bad}" for bad in input_mismatches(config_cls, options, inputs)]
+        filled = fill_inputs(config_cls, options, inputs)
+        taken = {k: v for k, v in filled.items() if k not in options or options[k] is None}
+        try:
+            ENCODERS.validate(tower.encoder, filled, where)
+        except ConfigError as err:
+            given = ", ".join(f"{k}={v!r}" for k, v in taken.items())
+            errors += [f"{line} ({given} from {source})" for line in str(err).splitlines()]
+    return errors
+
+
+def _batch_key_errors(recipe: Recipe, parsed: dict[str, Any]) -> list[str]:
+    """Every batch key an objective names is a key of data.transforms: the batch holds exactly those
+    (each tower's modality, and each view `<modality>@<view>`)."""
+    keys = list(recipe.data.transforms)
+    errors = []
+    for i in range(len(recipe.objectives)):
+        cfg = parsed.get(f"objectives.{i}")
+        for field, named in (cfg.batch_keys() if hasattr(cfg, "batch_keys") else {}).items():
+            missing = [k for k in named if k not in keys]
+            no_tower = [k for k in missing if k.split("@", 1)[0] not in recipe.model.towers]
+            if no_tower:
+                why = f"the model has no tower for {no_tower}; towers: {', '.join(recipe.model.towers)}"
+            elif missing:
+                why = f"no transform makes the views {missing}; add them under data.transforms"
+            else:
+                continue
+            errors.append(f"objectives.{i}.{field}: {why}")
+    return errors
 
 
 def _view_errors(recipe: Recipe) -> list[str]:

@@ -45,7 +45,11 @@ def format_validation_error(err: pydantic.ValidationError, prefix: str, model: t
             listing = f"; valid keys: {', '.join(sorted(valid))}" if valid else ""
             lines.append(f"{loc}: unknown key{hint}{listing}")
         else:
-            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+            # A validator's own message says what it got (pydantic prefixes it with "Value error, ");
+            # a constraint's ("should be greater than 0") does not.
+            own = e["type"] == "value_error"
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}" if own else f"{loc}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 

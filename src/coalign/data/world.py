@@ -213,12 +213,16 @@ def render_image(attrs: Attributes, rng: np.random.Generator, size: int = 64) ->
 
 class WorldConfig(StrictModel):
     split: str = "train"
-    size: int = 50_000
+    size: int = pydantic.Field(50_000, ge=1)
     modalities: list[str] = ["image", "text"]  # any of MODALITIES; a sample carries only these
     variant: Literal["standard", "xor"] = "standard"  # "xor": see the module docstring
-    image_size: int = 64
-    captions: int = 1  # captions per sample (evaluation splits use several for retrieval)
-    partial_caption_prob: float = 0.3  # chance that a caption leaves some attributes out
+    image_size: int = pydantic.Field(64, ge=1)
+    captions: int = pydantic.Field(
+        1, ge=1
+    )  # captions per sample (evaluation splits use several for retrieval)
+    partial_caption_prob: float = pydantic.Field(
+        0.3, ge=0.0, le=1.0
+    )  # chance that a caption leaves some attributes out
     num_points: int = pydantic.Field(1024, ge=1)  # points per cloud
     sample_rate: int = pydantic.Field(16000, ge=1000)  # audio samples per second
     audio_seconds: float = pydantic.Field(1.0, gt=0.0)
@@ -239,9 +243,12 @@ class WorldConfig(StrictModel):
             raise ValueError(f"{problem}; valid modalities: {', '.join(MODALITIES)}")
         return v
 
-    def model_post_init(self, _ctx: object) -> None:
-        if self.split not in SPLITS:
-            raise ValueError(f"split '{self.split}' is not valid; valid splits: {', '.join(SPLITS)}")
+    @pydantic.field_validator("split")
+    @classmethod
+    def _known_split(cls, v: str) -> str:
+        if v not in SPLITS:
+            raise ValueError(f"split '{v}' is not valid; valid splits: {', '.join(SPLITS)}")
+        return v
 
 
 @SOURCES.register("world")

@@ -11,7 +11,7 @@ from torch import nn
 
 from coalign.config import ModelConfig
 from coalign.data.transforms.base import base_modality
-from coalign.models.encoders.base import Encoder, Tokens
+from coalign.models.encoders.base import Encoder, Tokens, fill_inputs
 from coalign.registry import ENCODERS, HEADS
 
 
@@ -42,12 +42,8 @@ class MultimodalModel(nn.Module):
         fills encoder options the recipe leaves unset, such as image_size or vocab_size."""
         towers, heads = {}, {}
         for modality, spec in cfg.towers.items():
-            options = spec.options()
             config_cls = ENCODERS.config_class(spec.encoder)
-            fields = config_cls.model_fields if config_cls is not None else {}
-            for key, value in inputs.get(modality, {}).items():
-                if key in fields and options.get(key) is None:
-                    options[key] = value
+            options = fill_inputs(config_cls, spec.options(), inputs.get(modality, {}))
             towers[modality] = ENCODERS.create(spec.encoder, where=f"model.towers.{modality}", **options)
             heads[modality] = HEADS.get(cfg.head)(towers[modality].width, cfg.embed_dim)
         return cls(towers, heads, cfg.embed_dim)

@@ -7,7 +7,8 @@ a metric that is logged under the objective's name (for example a learnt tempera
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import pydantic
 import torch
@@ -17,7 +18,34 @@ from coalign.models.model import Features
 from coalign.registry import StrictModel
 
 
-class TemperatureOptions(StrictModel):
+class ObjectiveConfig(StrictModel):
+    """Base of every objective's Config.
+
+    `batch_key_fields` names the fields that hold batch keys (modalities, or views
+    `<modality>@<view>`): the recipe loader checks at load that each is a key of `data.transforms`,
+    since the batch holds exactly those. Otherwise the mistake shows at the first step, or never (a
+    binding objective quietly skips a key that no sample has).
+    """
+
+    batch_key_fields: ClassVar[tuple[str, ...]] = ("modalities",)
+
+    def batch_keys(self) -> dict[str, list[str]]:
+        """field -> the batch keys it names (empty when the field defers to the batch, as None does)."""
+        out = {}
+        for field in self.batch_key_fields:
+            value = getattr(self, field)
+            out[field] = [value] if isinstance(value, str) else list(value or [])
+        return out
+
+    @pydantic.field_validator("modalities", check_fields=False)
+    @classmethod
+    def _distinct(cls, value: Sequence[str] | None) -> Sequence[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"the modalities must differ, got {list(value)}")
+        return value
+
+
+class TemperatureOptions(ObjectiveConfig):
     """CLIP's learnable temperature, shared by every objective that scales cosine similarities."""
 
     init_temperature: float = pydantic.Field(0.07, gt=0)  # the logit scale starts at 1 / 0.07

@@ -57,6 +57,8 @@ class BindingOptions(TemperatureOptions):
 
 
 class AnchorOptions(BindingOptions):
+    batch_key_fields = ("modalities", "anchor")
+
     anchor: str = "image"
 
     @pydantic.model_validator(mode="after")

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from coalign.build import load_run
 from coalign.data.transforms.base import Transform, base_modality
 from coalign.models.model import Features, MultimodalModel
-from coalign.objectives.base import Objective, paired
-from coalign.registry import OBJECTIVES, ConfigError, StrictModel
+from coalign.objectives.base import Objective, ObjectiveConfig, paired
+from coalign.registry import OBJECTIVES, ConfigError
 
 
-class DistillConfig(StrictModel):
+class DistillConfig(ObjectiveConfig):
     teacher: str  # a coalign run folder (its latest checkpoint) or one checkpoint folder
     temperature: float = pydantic.Field(1.0, gt=0)
     modalities: tuple[str, str] = ("image", "text")

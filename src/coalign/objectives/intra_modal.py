@@ -17,11 +17,13 @@ from torch import nn
 
 from coalign.data.transforms.base import base_modality
 from coalign.models.model import Features
-from coalign.objectives.base import Objective, paired
-from coalign.registry import OBJECTIVES, ConfigError, StrictModel
+from coalign.objectives.base import Objective, ObjectiveConfig, paired
+from coalign.registry import OBJECTIVES, ConfigError
 
 
-class SimCLRConfig(StrictModel):
+class SimCLRConfig(ObjectiveConfig):
+    batch_key_fields = ("views",)
+
     views: tuple[str, str] = ("image@v1", "image@v2")  # two batch keys of one modality
     loss_name: str = pydantic.Field("simclr", pattern=r"^[a-z][a-z0-9_]*$")  # returns {loss_name}_loss
     temperature: float = pydantic.Field(0.1, gt=0)  # fixed, as SLIP

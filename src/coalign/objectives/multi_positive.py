@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pydantic
 import torch
 import torch.nn.functional as F
 
@@ -32,13 +31,6 @@ from coalign.registry import OBJECTIVES
 
 class MultiPositiveConfig(TemperatureOptions):
     modalities: tuple[str, str] = ("image", "text@all")  # (single side, group side)
-
-    @pydantic.field_validator("modalities")
-    @classmethod
-    def _distinct(cls, value: tuple[str, str]) -> tuple[str, str]:
-        if value[0] == value[1]:
-            raise ValueError(f"the two modalities must differ, got {list(value)}")
-        return value
 
 
 def multi_positive_info_nce(

@@ -21,11 +21,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from coalign.models.model import Features
-from coalign.objectives.base import LearnedScale, Objective, paired
-from coalign.registry import OBJECTIVES, StrictModel
+from coalign.objectives.base import LearnedScale, Objective, ObjectiveConfig, paired
+from coalign.registry import OBJECTIVES
 
 
-class SigLIPConfig(StrictModel):
+class SigLIPConfig(ObjectiveConfig):
     modalities: tuple[str, str] = ("image", "text")
     init_logit_scale: float = pydantic.Field(10.0, gt=0)  # SigLIP: t' = ln 10, so the scale starts at 10
     init_logit_bias: float = -10.0  # starts every pair near "negative", as ~all B^2 - B pairs are
@@ -33,13 +33,6 @@ class SigLIPConfig(StrictModel):
     learn_temperature: bool = True
     learn_bias: bool = True
     chunk_size: int | None = pydantic.Field(None, gt=0)  # columns of b per block; None = the plain loss
-
-    @pydantic.field_validator("modalities")
-    @classmethod
-    def _distinct(cls, value: tuple[str, str]) -> tuple[str, str]:
-        if value[0] == value[1]:
-            raise ValueError(f"the two modalities must differ, got {list(value)}")
-        return value
 
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -36,6 +36,13 @@ class Transform:
     def describe(self) -> dict[str, Any]:
         return {}
 
+    @classmethod
+    def describe_config(cls, cfg: Any) -> dict[str, Any]:
+        """What `describe()` will say, from the validated Config alone, before any file or data is
+        read: the recipe loader checks the encoders against it. Override when `describe()` depends
+        on more than the config (a tokenizer read from a file)."""
+        return cls(cfg).describe()
+
     def eval(self) -> Transform:
         """This transform without training-time randomness."""
         self.train = False

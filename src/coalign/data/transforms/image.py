@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydantic
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -20,10 +21,24 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ImageConfig(StrictModel):
-    size: int = 64
+    size: int = pydantic.Field(64, ge=1)
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     crop_scale: tuple[float, float] | None = None  # random-resized-crop area range when training
+
+    @pydantic.field_validator("std")
+    @classmethod
+    def _divides(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(s > 0 for s in v):
+            raise ValueError(f"every channel's std must be > 0 (pixels are divided by it), got {list(v)}")
+        return v
+
+    @pydantic.field_validator("crop_scale")
+    @classmethod
+    def _area_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"need 0 < low <= high <= 1 (fractions of the image's area), got {list(v)}")
+        return v
 
 
 def decode_image(value: Any) -> Image.Image:

@@ -29,16 +29,39 @@ PAD, BOS, EOS = 0, 1, 2
 TOKENIZER_FILE = "tokenizer.json"
 
 
+BYTE_ALPHABET = 256  # byte-level BPE starts from every byte, so a vocabulary holds at least these
+
+
 class BPEConfig(StrictModel):
-    context_length: int = 32
-    vocab_size: int = 1000
+    context_length: int = 32  # tokens per caption, <bos> and <eos> included; longer captions are cut
+    vocab_size: int = 1000  # ignored with `path`
     path: str | None = None  # a local tokenizer.json; when unset, one is trained on the captions
-    fit_samples: int = 20_000  # how many training samples' captions to fit the tokenizer on
+    fit_samples: int = pydantic.Field(
+        20_000, ge=1
+    )  # how many training samples' captions to fit the tokenizer on
     token_dropout: float = pydantic.Field(
         0.0, ge=0.0, lt=1.0
     )  # training only: drop each token with this chance
     # training only: captions per sample per step; k > 1 gives (k, L) groups (see the module docstring)
     captions: int = pydantic.Field(1, ge=1)
+
+    @pydantic.field_validator("context_length")
+    @classmethod
+    def _room_for_a_word(cls, v: int) -> int:
+        if v < 3:
+            raise ValueError(f"must be at least 3 (<bos>, one token, <eos>), got {v}")
+        return v
+
+    @pydantic.field_validator("vocab_size")
+    @classmethod
+    def _holds_the_bytes(cls, v: int) -> int:
+        least = BYTE_ALPHABET + len(SPECIALS)
+        if v < least:
+            raise ValueError(
+                f"must be at least {least}, got {v}: a byte-level BPE holds all {BYTE_ALPHABET} bytes "
+                f"and {len(SPECIALS)} special tokens before it learns any merge"
+            )
+        return v
 
 
 def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
@@ -125,3 +148,9 @@ class BPETextTransform(Transform):
     def describe(self) -> dict[str, Any]:
         size = self.tokenizer.get_vocab_size() if self.tokenizer is not None else self.cfg.vocab_size
         return {"vocab_size": size, "context_length": self.cfg.context_length, "pad_id": PAD}
+
+    @classmethod
+    def describe_config(cls, cfg: BPEConfig) -> dict[str, Any]:
+        # A tokenizer file's size is known only once it is read; a trained one is at most vocab_size.
+        known = {"context_length": cfg.context_length, "pad_id": PAD}
+        return known if cfg.path else {**known, "vocab_size": cfg.vocab_size}

@@ -12,35 +12,54 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import pydantic
 import torch
 from torch import nn
 
-from coalign.models.encoders.base import Encoder, Tokens
+from coalign.models.encoders.base import Dropout, Encoder, EncoderConfig, MlpRatio, Positive, Tokens
 from coalign.models.layers import Transformer, init_weights, sincos_grid
-from coalign.registry import ENCODERS, StrictModel
+from coalign.registry import ENCODERS
 
 LOG_EPS = 1e-6  # floor of the mel power before the log: silence maps to log(1e-6), not -inf
 
 
-class AudioConfig(StrictModel):
-    sample_rate: int | None = None  # taken from the audio transform when unset
-    num_samples: int | None = None  # likewise: the longest waveform, (B, T) with T <= num_samples
-    n_fft: int = 400  # 25 ms windows at 16 kHz (AST / Kaldi fbank)
-    hop_length: int = 160  # 10 ms hop at 16 kHz
-    n_mels: int = 128
+class AudioConfig(EncoderConfig):
+    inputs_at_least = ("num_samples",)  # room for longer clips than the transform cuts
+
+    sample_rate: Positive | None = None  # taken from the audio transform when unset
+    num_samples: Positive | None = None  # likewise: the longest waveform, (B, T) with T <= num_samples
+    n_fft: Positive = 400  # 25 ms windows at 16 kHz (AST / Kaldi fbank)
+    hop_length: Positive = 160  # 10 ms hop at 16 kHz
+    n_mels: Positive = 128
     f_min: float = 0.0
     f_max: float | None = None  # Nyquist when unset
-    patch: tuple[int, int] = (16, 16)  # (mel bins, frames) per patch, non-overlapping
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
+    patch: tuple[Positive, Positive] = (16, 16)  # (mel bins, frames) per patch, non-overlapping
+    width: Positive = 768
+    depth: Positive = 12
+    heads: Positive = 12
+    mlp_ratio: MlpRatio = 4.0
+    dropout: Dropout = 0.0
     pool: Literal["cls", "mean"] = "cls"  # cls adds a CLS token; mean averages the patch tokens
 
     @classmethod
     def smoke_options(cls) -> dict:
         return {"width": 32, "depth": 1, "heads": 2}
+
+    @pydantic.model_validator(mode="after")
+    def _fits(self) -> AudioConfig:
+        if self.n_mels % self.patch[0]:
+            raise ValueError(
+                f"n_mels {self.n_mels} must be divisible by the patch's mel size {self.patch[0]}"
+            )
+        if self.num_samples is not None and self.num_samples <= self.n_fft // 2:
+            raise ValueError(f"num_samples {self.num_samples} must exceed n_fft // 2 = {self.n_fft // 2}")
+        if self.sample_rate is not None:
+            f_max = self.f_max if self.f_max is not None else self.sample_rate / 2
+            if not 0.0 <= self.f_min < f_max <= self.sample_rate / 2:
+                raise ValueError(
+                    f"need 0 <= f_min < f_max <= sample_rate / 2, got f_min={self.f_min}, f_max={f_max}"
+                )
+        return self
 
 
 def hz_to_mel(f: torch.Tensor) -> torch.Tensor:
@@ -89,11 +108,7 @@ class AudioTransformer(Encoder):
             raise ValueError(
                 "audio_transformer needs sample_rate and num_samples (normally from the audio transform)"
             )
-        pf, pt = cfg.patch
-        if cfg.n_mels % pf:
-            raise ValueError(f"n_mels {cfg.n_mels} must be divisible by the patch's mel size {pf}")
-        if cfg.num_samples <= cfg.n_fft // 2:
-            raise ValueError(f"num_samples {cfg.num_samples} must exceed n_fft // 2 = {cfg.n_fft // 2}")
+        pf, pt = cfg.patch  # AudioConfig checks that they fit n_mels and num_samples
         self.cfg, self.width = cfg, cfg.width
         self.num_prefix_tokens = 1 if cfg.pool == "cls" else 0
         frames = 1 + cfg.num_samples // cfg.hop_length

@@ -10,10 +10,64 @@ captioning) use it, the rest use the pooled vector through a projection head.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Annotated, Any, ClassVar, NamedTuple
 
+import pydantic
 import torch
 from torch import nn
+
+from coalign.registry import StrictModel
+
+Positive = Annotated[int, pydantic.Field(ge=1)]  # a size or count of at least one
+Dropout = Annotated[float, pydantic.Field(ge=0.0, lt=1.0)]
+MlpRatio = Annotated[float, pydantic.Field(gt=0.0)]
+
+
+class EncoderConfig(StrictModel):
+    """Base of every encoder's Config.
+
+    Options a transform describes (image_size, vocab_size, ...) are filled in from its `describe()`
+    when the recipe leaves them unset (`fill_inputs`). A recipe that does set one must agree with the
+    transform: equal, or at least as large for the names in `inputs_at_least` (a text tower may hold
+    more positions than the tokenizer fills). The recipe loader checks both at load.
+    """
+
+    inputs_at_least: ClassVar[tuple[str, ...]] = ()
+
+    @pydantic.field_validator("heads", check_fields=False)
+    @classmethod
+    def _heads_divide_width(cls, heads: int, info: pydantic.ValidationInfo) -> int:
+        width = info.data.get("width")
+        if width is not None and width % heads:
+            raise ValueError(f"{heads} heads do not divide width {width}; each head gets width / heads")
+        return heads
+
+
+def fill_inputs(config_cls: type | None, options: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """`options` with the Config fields that are unset taken from a transform's `describe()`."""
+    fields = config_cls.model_fields if config_cls is not None else {}
+    out = dict(options)
+    for key, value in inputs.items():
+        if key in fields and out.get(key) is None:
+            out[key] = value
+    return out
+
+
+def input_mismatches(config_cls: type | None, options: dict[str, Any], inputs: dict[str, Any]) -> list[str]:
+    """The options a recipe sets explicitly that disagree with what the transform feeds the encoder."""
+    fields = config_cls.model_fields if config_cls is not None else {}
+    at_least = getattr(config_cls, "inputs_at_least", ())
+    bad = []
+    for key, fed in inputs.items():
+        mine = options.get(key)
+        if key not in fields or mine is None or mine == fed:
+            continue
+        if key in at_least:
+            if isinstance(mine, int | float) and mine < fed:
+                bad.append(f"{key}: {mine} is less than the {fed} the transform produces")
+        else:
+            bad.append(f"{key}: {mine!r} differs from the {fed!r} the transform produces")
+    return bad
 
 
 class Tokens(NamedTuple):

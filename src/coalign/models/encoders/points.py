@@ -13,30 +13,41 @@ from __future__ import annotations
 
 from typing import Literal
 
+import pydantic
 import torch
 from torch import nn
 
-from coalign.models.encoders.base import Encoder, Tokens
+from coalign.models.encoders.base import Dropout, Encoder, EncoderConfig, MlpRatio, Positive, Tokens
 from coalign.models.layers import Transformer, init_weights
-from coalign.registry import ENCODERS, StrictModel
+from coalign.registry import ENCODERS
 
 
-class PointsConfig(StrictModel):
-    num_points: int | None = None  # taken from the points transform when unset
-    channels: int | None = None  # extra channels after xyz (RGB: 3); likewise
-    groups: int = 64  # G patches (tokens)
-    group_size: int = 32  # k points per patch
-    pointnet_width: int | None = None  # per-point feature width in the patch PointNet; width // 2 when unset
-    width: int = 384
-    depth: int = 12
-    heads: int = 6
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
+class PointsConfig(EncoderConfig):
+    num_points: Positive | None = None  # taken from the points transform when unset
+    channels: pydantic.NonNegativeInt | None = None  # extra channels after xyz (RGB: 3); likewise
+    groups: Positive = 64  # G patches (tokens)
+    group_size: Positive = 32  # k points per patch
+    pointnet_width: Positive | None = (
+        None  # per-point feature width in the patch PointNet; width // 2 when unset
+    )
+    width: Positive = 384
+    depth: Positive = 12
+    heads: Positive = 6
+    mlp_ratio: MlpRatio = 4.0
+    dropout: Dropout = 0.0
     pool: Literal["cls", "mean"] = "cls"  # cls adds a CLS token; mean averages the patch tokens
 
     @classmethod
     def smoke_options(cls) -> dict:
         return {"width": 32, "depth": 1, "heads": 2, "groups": 16, "group_size": 16}
+
+    @pydantic.field_validator("groups", "group_size")
+    @classmethod
+    def _within_the_cloud(cls, value: int, info: pydantic.ValidationInfo) -> int:
+        points = info.data.get("num_points")
+        if points is not None and value > points:
+            raise ValueError(f"{value} exceeds num_points {points}")
+        return value
 
 
 def farthest_point_sample(xyz: torch.Tensor, count: int) -> torch.Tensor:
@@ -128,11 +139,6 @@ class PointTransformer(Encoder):
         if cfg.num_points is None or cfg.channels is None:
             raise ValueError(
                 "point_transformer needs num_points and channels (normally from the points transform)"
-            )
-        if not 1 <= cfg.groups <= cfg.num_points or not 1 <= cfg.group_size <= cfg.num_points:
-            raise ValueError(
-                f"groups ({cfg.groups}) and group_size ({cfg.group_size}) must be between 1 and "
-                f"num_points ({cfg.num_points})"
             )
         self.cfg, self.width = cfg, cfg.width
         self.num_prefix_tokens = 1 if cfg.pool == "cls" else 0

@@ -14,25 +14,26 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import pydantic
 import torch
 from torch import nn
 
-from coalign.models.encoders.base import Encoder, Tokens
+from coalign.models.encoders.base import Dropout, Encoder, EncoderConfig, MlpRatio, Positive, Tokens
 from coalign.models.layers import Transformer, init_weights
-from coalign.registry import ENCODERS, StrictModel
+from coalign.registry import ENCODERS
 
 
-class TabularFields(StrictModel):
+class TabularFields(EncoderConfig):
     numeric: int | None = None  # taken from the tabular transform when unset
     categories: list[int] | None = None  # cardinality of each categorical field; likewise
 
 
 class FTTransformerConfig(TabularFields):
-    width: int = 192
-    depth: int = 3
-    heads: int = 8
-    mlp_ratio: float = 4 / 3  # FT-Transformer's feed-forward factor
-    dropout: float = 0.0
+    width: Positive = 192
+    depth: Positive = 3
+    heads: Positive = 8
+    mlp_ratio: MlpRatio = 4 / 3  # FT-Transformer's feed-forward factor
+    dropout: Dropout = 0.0
     pool: Literal["cls", "mean"] = "cls"  # cls adds a CLS token; mean averages the feature tokens
 
     @classmethod
@@ -41,10 +42,10 @@ class FTTransformerConfig(TabularFields):
 
 
 class TabularMLPConfig(TabularFields):
-    feature_dim: int = 16  # per-feature embedding width before concatenation
-    width: int = 256
-    depth: int = 2  # hidden layers
-    dropout: float = 0.0
+    feature_dim: Positive = 16  # per-feature embedding width before concatenation
+    width: Positive = 256
+    depth: int = pydantic.Field(2, ge=0)  # hidden layers; 0: one linear layer
+    dropout: Dropout = 0.0
 
     @classmethod
     def smoke_options(cls) -> dict:

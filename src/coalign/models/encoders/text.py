@@ -4,29 +4,49 @@ from __future__ import annotations
 
 from typing import Literal
 
+import pydantic
 import torch
 from torch import nn
 
-from coalign.models.encoders.base import Encoder, Tokens, masked_mean
+from coalign.models.encoders.base import (
+    Dropout,
+    Encoder,
+    EncoderConfig,
+    MlpRatio,
+    Positive,
+    Tokens,
+    masked_mean,
+)
 from coalign.models.layers import Transformer, init_weights, padding_attn_mask
-from coalign.registry import ENCODERS, StrictModel
+from coalign.registry import ENCODERS
 
 
-class TextConfig(StrictModel):
-    vocab_size: int | None = None  # taken from the tokenizer when unset
-    context_length: int | None = None  # likewise
-    pad_id: int = 0
-    width: int = 512
-    depth: int = 12
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
+class TextConfig(EncoderConfig):
+    # a tower may have more token rows and positions than its tokenizer uses, never fewer
+    inputs_at_least = ("vocab_size", "context_length")
+
+    vocab_size: Positive | None = None  # taken from the tokenizer when unset
+    context_length: Positive | None = None  # likewise
+    pad_id: int = pydantic.Field(0, ge=0)
+    width: Positive = 512
+    depth: Positive = 12
+    heads: Positive = 8
+    mlp_ratio: MlpRatio = 4.0
+    dropout: Dropout = 0.0
     causal: bool = False
     pool: Literal["eos", "mean", "first"] = "eos"  # eos: the last real token, as CLIP
 
     @classmethod
     def smoke_options(cls) -> dict:
         return {"width": 32, "depth": 1, "heads": 2}
+
+    @pydantic.field_validator("pad_id")
+    @classmethod
+    def _pad_is_a_token(cls, pad_id: int, info: pydantic.ValidationInfo) -> int:
+        vocab = info.data.get("vocab_size")
+        if vocab is not None and pad_id >= vocab:
+            raise ValueError(f"pad_id {pad_id} must be a token id below vocab_size {vocab}")
+        return pad_id
 
 
 @ENCODERS.register("text_transformer")

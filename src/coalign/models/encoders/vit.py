@@ -8,24 +8,24 @@ import pydantic
 import torch
 from torch import nn
 
-from coalign.models.encoders.base import Encoder, Tokens
+from coalign.models.encoders.base import Dropout, Encoder, EncoderConfig, MlpRatio, Positive, Tokens
 from coalign.models.layers import Transformer, init_weights, sincos_grid
-from coalign.registry import ENCODERS, StrictModel
+from coalign.registry import ENCODERS
 
 
-class ViTConfig(StrictModel):
-    image_size: int | None = None  # taken from the image transform when unset
-    patch_size: int = 16
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    pool: Literal["cls", "mean"] = "cls"
+class ViTConfig(EncoderConfig):
+    image_size: Positive | None = None  # taken from the image transform when unset
     # patch: one linear projection per patch (ViT). conv: a stack of stride-2 3x3 convolutions down to
     # the patch grid (Xiao et al. 2021, "Early convolutions help transformers see better"): far more
     # sample-efficient on small data, which is what a CPU-sized run has.
     stem: Literal["patch", "conv"] = "patch"
+    patch_size: Positive = 16
+    width: Positive = 768
+    depth: Positive = 12
+    heads: Positive = 12
+    mlp_ratio: MlpRatio = 4.0
+    dropout: Dropout = 0.0
+    pool: Literal["cls", "mean"] = "cls"
     # FLIP (Li et al. 2023): while training, encode only a random (1 - mask_ratio) of the patches.
     # Compute falls roughly in proportion, so more pairs fit in the same time; evaluation sees all.
     mask_ratio: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
@@ -33,6 +33,19 @@ class ViTConfig(StrictModel):
     @classmethod
     def smoke_options(cls) -> dict:
         return {"width": 32, "depth": 1, "heads": 2}
+
+    @pydantic.field_validator("patch_size")
+    @classmethod
+    def _patches_tile_the_image(cls, p: int, info: pydantic.ValidationInfo) -> int:
+        image_size, stem = info.data.get("image_size"), info.data.get("stem")
+        if stem == "conv" and p & (p - 1):
+            raise ValueError(
+                f"stem 'conv' needs a power-of-two patch_size, got {p} (it halves the image "
+                "log2(patch_size) times); or use stem 'patch'"
+            )
+        if image_size is not None and image_size % p:
+            raise ValueError(f"image_size {image_size} must be divisible by patch_size {p}")
+        return p
 
 
 def conv_stem(width: int, patch_size: int) -> nn.Sequential:
