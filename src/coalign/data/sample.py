@@ -87,8 +87,8 @@ def select_present(
     for key, value, sel in zip(keys, values, present_rows(batch, keys), strict=True):
         if sel is not None and sel.shape[0] != value.shape[0]:
             raise ValueError(
-                f"'{key}' has {value.shape[0]} rows but its present mask selects from {sel.shape[0]}; "
-                f"a key's values must cover exactly the rows where '{key}' is present"
+                f"'{key}' has {value.shape[0]} feature rows but its present mask selects from "
+                f"{sel.shape[0]}; features must cover exactly the rows where '{key}' is present"
             )
         out.append(value if sel is None else value[sel.to(value.device)])
     return tuple(out)
