@@ -5,8 +5,13 @@ batch = {
     "present": {"<modality>": bool (B,)}  which rows of the batch have it (all True when none is missing),
     "label": {"<key>": long (B,)}        when every sample carries that label,
     "id": [str] * B,
-    "skipped": SkipCounter                 samples dropped from this batch, by reason,
+    "skipped": {"<reason>": int}          how many samples were dropped from this batch, by reason,
+    "skipped_rows": {"<reason>": [int]}   and their source indices (`SkipCounter.from_batch` reads both),
 }
+
+The skip record is plain dicts, not the SkipCounter: the DataLoader passes each batch through
+torch's `default_convert` (and `pin_memory` when it is on), which rebuilds a mapping as
+`copy(m).update(converted items)`; for a Counter, `update` adds, so every count came out doubled.
 """
 
 from __future__ import annotations
@@ -15,9 +20,8 @@ from typing import Any
 
 import torch
 
-from coalign.data.sources.base import Sample, SkipCounter
-
-META_KEYS = {"id", "label", "present", "skipped"}
+from coalign.data.sample import Sample
+from coalign.data.sources.base import SkipCounter
 
 
 def collate(
@@ -32,7 +36,7 @@ def collate(
     labels = [s.get("label") or {} for s in samples]
     keys = set.intersection(*(set(lab) for lab in labels)) if labels else set()
     batch["label"] = {k: torch.tensor([lab[k] for lab in labels], dtype=torch.long) for k in sorted(keys)}
-    batch["skipped"] = skipped if skipped is not None else SkipCounter()
+    batch |= (skipped if skipped is not None else SkipCounter()).as_batch()
     return batch
 
 

@@ -7,7 +7,7 @@ the batches an uninterrupted run would have seen, whatever the number of workers
 sample's augmentation randomness is seeded from (seed, epoch, index) for the same reason.
 
 Workers build whole batches (the dataset below is indexed by step), so skip counts travel inside
-each batch and are merged in the main process.
+each batch (as plain dicts, see collate.py) and are merged in the main process.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 def load_sample(
     source: Source, pipeline: Pipeline, index: int, rng: np.random.Generator, skipped: SkipCounter
 ):
-    """One transformed sample, or None (counted in `skipped`) if it is unusable."""
+    """One transformed sample, or None (counted in `skipped`, with its index) if it is unusable."""
     try:
         return pipeline(source[index], rng)
     except SampleError as err:
-        skipped[err.reason] += 1
+        skipped.skip(err.reason, index)
         return None
 
 

@@ -37,7 +37,8 @@ from typing import Literal
 import numpy as np
 import pydantic
 
-from coalign.data.sources.base import Sample, Source, ZeroShotTask
+from coalign.data.sample import Sample
+from coalign.data.sources.base import Source, ZeroShotTask
 from coalign.data.world_modalities import render_audio, render_points, render_tabular
 from coalign.registry import SOURCES, StrictModel
 

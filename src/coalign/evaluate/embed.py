@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from coalign.data.sample import captions
 from coalign.data.sources.base import SampleError, SkipCounter, Source, ZeroShotTask
 from coalign.data.transforms.base import Transform
 from coalign.models.model import MultimodalModel
@@ -60,11 +61,6 @@ class EvalBatch(NamedTuple):
     indices: list[int]  # the source index of each sample
 
 
-def _captions(value) -> list[str]:
-    texts = [value] if isinstance(value, str) else list(value or [])
-    return [t for t in texts if isinstance(t, str) and t.strip()]
-
-
 def eval_batches(
     source: Source,
     transforms: dict[str, Transform],
@@ -94,7 +90,7 @@ def eval_batches(
     for index in range(n):
         try:
             raw = source[index]
-            texts = _captions(raw.get("text"))
+            texts = captions(raw.get("text"))
             if need_captions and not texts:
                 raise SampleError("empty_caption")
             sample = {m: transforms[m](raw[m], rng) for m in modalities if raw.get(m) is not None}

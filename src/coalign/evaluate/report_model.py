@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from coalign.data.sample import first_caption
 from coalign.data.sources.base import Source
 from coalign.evaluate.classification import class_embeddings, confusion_matrix
 from coalign.evaluate.embed import EmbeddedSet, embed_source, text_encoder
@@ -101,8 +102,7 @@ def _examples(eset: EmbeddedSet, gallery: str, source: Source, index: torch.Tens
         # Pessimistic, as the recall metrics: every other sample scoring >= the own one ranks above it.
         own_rank = int((scores >= scores[row]).sum())
         text = source[int(index[row])].get("text")  # the first non-empty caption, as embed_source took it
-        texts = [text] if isinstance(text, str) else [t for t in text or [] if isinstance(t, str)]
-        caption = next(t for t in texts if t.strip())
+        caption = first_caption(text)
         hits = [(int(index[i]), float(s)) for s, i in zip(top.values, top.indices, strict=True)]
         out.append(Example(caption, int(index[row]), hits, own_rank))
     return out

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coalign.config import ModelConfig
-from coalign.data.transforms.base import base_modality
+from coalign.data.sample import base_modality
 from coalign.models.encoders.base import Encoder, Tokens, fill_inputs
 from coalign.registry import ENCODERS, HEADS
 

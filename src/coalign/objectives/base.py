@@ -14,6 +14,7 @@ import pydantic
 import torch
 from torch import nn
 
+from coalign.data.sample import select_present
 from coalign.models.model import Features
 from coalign.registry import StrictModel
 
@@ -83,61 +84,25 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
-def rows_with_both(batch: dict[str, Any], a: str, b: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Boolean selectors into a's and b's feature rows for the samples that have both keys, or None
-    when every sample has both. Each key's features cover only the rows that have it
-    (`batch["present"][key]`), so the shared rows are picked out of each side separately."""
-    present = batch.get("present", {})
-    pa, pb = present.get(a), present.get(b)
-    if pa is None or pb is None or (bool(pa.all()) and bool(pb.all())):
-        return None
-    both = pa & pb
-    return both[pa], both[pb]
-
-
 def paired(
     features: dict[str, Features], batch: dict[str, Any], a: str, b: str, field: str = "embedding"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`field` of keys a and b for the samples that have both, row-aligned: (M, ...), (M, ...)."""
-    for m in (a, b):
-        if m not in features:
-            raise KeyError(f"objective needs modality '{m}', but the batch has {sorted(features)}")
-    xa, xb = getattr(features[a], field), getattr(features[b], field)
-    rows = rows_with_both(batch, a, b)
-    return (xa, xb) if rows is None else (xa[rows[0]], xb[rows[1]])
-
-
-def rows_with_all(batch: dict[str, Any], keys: list[str] | tuple[str, ...]) -> list[torch.Tensor | None]:
-    """For each key, a boolean selector into its feature rows for the samples that have every key
-    (None: take all its rows). `rows_with_both` for any number of keys. A key without a present
-    mask is taken to be present in every row of the batch."""
-    present = batch.get("present", {})
-    masks = [present.get(k) for k in keys]
-    known = [m for m in masks if m is not None]
-    if not known or all(bool(m.all()) for m in known):
-        return [None] * len(keys)
-    every = known[0]
-    for m in known[1:]:
-        every = every & m  # (B,)
-    return [every if m is None else every[m] for m in masks]
+    xa, xb = aligned(features, batch, (a, b), field)
+    return xa, xb
 
 
 def aligned(
     features: dict[str, Features],
     batch: dict[str, Any],
-    keys: list[str] | tuple[str, ...],
+    keys: Sequence[str],
     field: str = "embedding",
 ) -> tuple[torch.Tensor, ...]:
-    """`field` of each key for the samples that have all keys, row-aligned: one (M, ...) per key."""
+    """`field` of each key for the samples that have all keys, row-aligned: one (M, ...) per key.
+
+    Each key's features cover only the rows that have it (`batch["present"][key]`); the selection is
+    `sample.select_present`, the one helper for "rows present in every key"."""
     for m in keys:
         if m not in features:
             raise KeyError(f"objective needs modality '{m}', but the batch has {sorted(features)}")
-    values = [getattr(features[m], field) for m in keys]
-    rows = rows_with_all(batch, keys)
-    for m, value, sel in zip(keys, values, rows, strict=True):
-        if sel is not None and sel.shape[0] != value.shape[0]:
-            raise ValueError(
-                f"'{m}' has {value.shape[0]} feature rows but its present mask selects from "
-                f"{sel.shape[0]}; features must cover exactly the rows where '{m}' is present"
-            )
-    return tuple(v if sel is None else v[sel] for v, sel in zip(values, rows, strict=True))
+    return select_present(batch, keys, [getattr(features[m], field) for m in keys])

@@ -31,7 +31,7 @@ import pydantic
 import torch
 from torch import nn
 
-from coalign.data.transforms.base import base_modality
+from coalign.data.sample import base_modality
 from coalign.models.model import Features
 from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions, paired
 from coalign.objectives.contrastive import info_nce

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from coalign.build import load_run
-from coalign.data.transforms.base import Transform, base_modality
+from coalign.data.sample import base_modality
+from coalign.data.transforms.base import Transform
 from coalign.models.model import Features, MultimodalModel
 from coalign.objectives.base import Objective, ObjectiveConfig, paired
 from coalign.registry import OBJECTIVES, ConfigError

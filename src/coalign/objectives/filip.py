@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coalign.data.sample import present_rows
 from coalign.models.encoders.base import Tokens
 from coalign.models.model import Features
 from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions, paired
@@ -154,17 +155,15 @@ def filip_loss(
 def _paired_tokens(ta: Tokens, tb: Tokens, batch: dict[str, Any], a: str, b: str) -> tuple[Tokens, Tokens]:
     """The token rows of the samples that have both modalities, row-aligned (as `paired` does for
     embeddings: each modality's features cover only the rows where it is present)."""
-    present = batch.get("present", {})
-    pa, pb = present.get(a), present.get(b)
-    if pa is None or pb is None or (bool(pa.all()) and bool(pb.all())):
-        return ta, tb
-    both = pa & pb
 
-    def pick(t: Tokens, rows: torch.Tensor) -> Tokens:
+    def pick(t: Tokens, rows: torch.Tensor | None) -> Tokens:
+        if rows is None:
+            return t
         rows = rows.to(t.tokens.device)
         return Tokens(t.tokens[rows], None if t.mask is None else t.mask[rows])
 
-    return pick(ta, both[pa]), pick(tb, both[pb])
+    rows_a, rows_b = present_rows(batch, (a, b))
+    return pick(ta, rows_a), pick(tb, rows_b)
 
 
 @OBJECTIVES.register("filip")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coalign.data.transforms.base import base_modality
+from coalign.data.sample import base_modality
 from coalign.models.model import Features
 from coalign.objectives.base import Objective, ObjectiveConfig, paired
 from coalign.registry import OBJECTIVES, ConfigError

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from coalign.data.sample import select_present
 from coalign.models.model import Features
-from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions, rows_with_both
+from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions
 from coalign.registry import OBJECTIVES
 
 
@@ -67,8 +68,9 @@ def paired_group(
     mask = fb.group_mask
     if mask is None:
         mask = torch.ones(eb.shape[:2], dtype=torch.bool, device=eb.device)
-    rows = rows_with_both(batch, a, b)
-    return (ea, eb, mask) if rows is None else (ea[rows[0]], eb[rows[1]], mask[rows[1]])
+    # the group mask has the rows of b, so it is cut as b is
+    ea, eb, mask = select_present(batch, (a, b, b), [ea, eb, mask])
+    return ea, eb, mask
 
 
 @OBJECTIVES.register("multi_positive")

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from coalign.build import LoadedRun, build_source, load_run
 from coalign.config import Recipe, SourceSpec
+from coalign.data.sample import first_caption
 from coalign.data.sources.base import SampleError, SkipCounter, Source
 from coalign.data.transforms.base import Transform
 from coalign.data.transforms.image import decode_image
@@ -126,9 +127,11 @@ def carried_modalities(run: LoadedRun, source: Source, probe: int = 64) -> list[
     return found
 
 
-def first_caption(value: Any) -> str | None:
-    texts = [value] if isinstance(value, str) else list(value or [])
-    return next((t for t in texts if isinstance(t, str) and t.strip()), None)
+class Skip(NamedTuple):
+    """What `Prepared` gives for a sample it cannot use."""
+
+    reason: str
+    index: int
 
 
 class Prepared(torch.utils.data.Dataset):
@@ -142,7 +145,7 @@ class Prepared(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | str:
+    def __getitem__(self, index: int) -> dict[str, Any] | Skip:
         try:
             raw = self.source[index]
             inputs, png = {}, None
@@ -150,12 +153,15 @@ class Prepared(torch.utils.data.Dataset):
                 value = raw.get(m)
                 if value is None:
                     raise SampleError(MISSING_REASON.get(m, f"missing_{m}"))
-                if m == "image":  # decode once: for the model and for the thumbnail
-                    value = decode_image(value)
+                transform = self.transforms[m]
+                if (
+                    m == "image"
+                ):  # decode once (under the transform's pixel limit): for the model and the thumbnail
+                    value = transform.decode(value) if hasattr(transform, "decode") else decode_image(value)
                     png = thumbnail_png(value, self.thumb) if self.thumb else None
-                inputs[m] = self.transforms[m](value, np.random.default_rng(index))
+                inputs[m] = transform(value, np.random.default_rng(index))
         except SampleError as err:
-            return err.reason
+            return Skip(err.reason, index)
         image = raw.get("image")
         return {
             "inputs": inputs,
@@ -209,7 +215,11 @@ def embed_shard(
     skipped = SkipCounter()
     for batch in loader:
         kept = [item for item in batch if isinstance(item, dict)]
-        skipped.update(item for item in batch if isinstance(item, str))
+        here = SkipCounter()
+        for item in batch:
+            if isinstance(item, Skip):
+                here.skip(item.reason, item.index)
+        skipped.update(here)
         for m in prepared.modalities if kept else []:
             x = torch.stack([item["inputs"][m] for item in kept]).to(device)
             chunks[m].append(run.model.encode(m, x).float().cpu().numpy().astype(np.float16))
@@ -219,7 +229,7 @@ def embed_shard(
             if item["png"] is not None:
                 # No fsync per thumbnail (about 2 ms each): one os.sync below covers the whole shard.
                 atomic_write_bytes(thumbnail_file(out, row), item["png"], fsync=False)
-        running.update(item for item in batch if isinstance(item, str))
+        running.update(here)
         bar.update(len(batch))
         bar.set_postfix(skipped=sum(running.values()), refresh=False)
     dim = run.model.embed_dim
@@ -231,7 +241,16 @@ def embed_shard(
         part_path(out, shard), pa.table({c: [r[c] for r in meta] for c in schema.names}, schema=schema)
     )
     os.sync()  # the thumbnails reach the disk before the manifest says this shard is done
-    return dict(shard=shard, start=start, stop=stop, row_offset=row0, rows=len(meta), skipped=dict(skipped))
+    record = skipped.record()
+    return dict(
+        shard=shard,
+        start=start,
+        stop=stop,
+        row_offset=row0,
+        rows=len(meta),
+        skipped=record["counts"],
+        skipped_rows=record["rows"],
+    )
 
 
 def shard_done(out: Path, entry: dict[str, Any], modalities: list[str]) -> bool:
@@ -278,7 +297,8 @@ def embed_source(
     """Embed `source_spec` with the run at `checkpoint` into `out_dir`; resume if it holds a partial run.
 
     `stop_after` stops after computing that many shards (how tests simulate an interrupted run).
-    Returns a summary: rows, modalities, shards computed / reused, skipped counts by reason, seconds."""
+    Returns a summary: rows, modalities, shards computed / reused, skipped counts by reason (and the
+    source index of the first few skips of each reason), seconds."""
     if batch_size <= 0 or shard_size <= 0:
         raise ConfigError(f"batch_size and shard_size must be positive (got {batch_size}, {shard_size})")
     t0 = time.perf_counter()
@@ -333,13 +353,14 @@ def embed_source(
         write_manifest(out, manifest)
     bar.close()
     skipped = SkipCounter()
-    for s in manifest["shards"]:
-        skipped.update(s["skipped"])
+    for s in manifest["shards"]:  # in source order, so the rows kept are the first of each reason
+        skipped.update(SkipCounter(s["skipped"], s.get("skipped_rows")))
     finished = len(manifest["shards"]) == manifest["num_shards"]
     if finished:
         parts = [pq.read_table(part_path(out, s["shard"])) for s in manifest["shards"]]
         write_parquet(out / METADATA, pa.concat_tables(parts) if parts else metadata_schema().empty_table())
-    manifest.update(finished=finished, count=row, skipped=dict(skipped))
+    record = skipped.record()
+    manifest.update(finished=finished, count=row, skipped=record["counts"], skipped_rows=record["rows"])
     write_manifest(out, manifest)
     return {
         "out": str(out),
@@ -350,7 +371,8 @@ def embed_source(
         "shards": manifest["num_shards"],
         "computed_shards": computed,
         "reused_shards": len(done),
-        "skipped": dict(skipped),
+        "skipped": record["counts"],
+        "skipped_rows": record["rows"],  # the source index of the first few of each reason
         "skip_report": skipped.report(),
         "seconds": round(time.perf_counter() - t0, 3),
     }

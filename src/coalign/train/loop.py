@@ -149,7 +149,7 @@ def train_step(
     those of an uninterrupted run."""
     cfg = recipe.train
     n = batch_size(batch)
-    state.skipped.update(batch["skipped"])
+    state.skipped.update(SkipCounter.from_batch(batch))
     if n < 2:
         state.skipped["small_batch"] += n
         state.scheduler.step()
@@ -251,7 +251,8 @@ def train(
         results = run_eval(session, logger)
         atomic_write_json(session.run_dir / "results.json", results)
     atomic_write_json(
-        session.run_dir / "data_report.json", {"skipped": dict(state.skipped), "step": state.step}
+        session.run_dir / "data_report.json",
+        {"skipped": dict(state.skipped), "skipped_rows": state.skipped.record()["rows"], "step": state.step},
     )
     logger.write(f"data: {state.skipped.report()}")
     if results:

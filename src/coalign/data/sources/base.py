@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-Sample = dict[str, Any]
+from coalign.data.sample import Sample, captions
 
 
 class SampleError(Exception):
@@ -36,14 +37,15 @@ class Source:
         raise NotImplementedError
 
     def captions(self, limit: int | None = None) -> list[str]:
-        """Captions for fitting a tokenizer (first `limit` samples; unreadable ones are passed over)."""
+        """Captions for fitting a tokenizer (first `limit` samples; unreadable ones are passed over),
+        as `sample.captions` gives them: blank ones left out, lone surrogates replaced."""
         out: list[str] = []
         for i in range(min(len(self), limit or len(self))):
             try:
                 text = self[i].get("text")
             except SampleError:
                 continue
-            out.extend([text] if isinstance(text, str) else list(text or []))
+            out.extend(captions(text))
         return out
 
     def zero_shot_tasks(self) -> dict[str, ZeroShotTask]:
@@ -62,7 +64,60 @@ class ZeroShotTask:
 
 
 class SkipCounter(Counter):
-    """Counts skipped samples by reason; merged across batches and workers, reported at the end."""
+    """Counts skipped samples by reason, and keeps the source index of the first `ROWS_KEPT` of each.
+
+    It is a Counter (`skipped[reason] += 1`, `update`, `dict(skipped)` are the counts); `skip(reason,
+    row)` also keeps the row, and `update` with another SkipCounter merges its rows. A batch carries
+    plain dicts instead (`as_batch`), because torch's DataLoader rebuilds every mapping of a batch as
+    `copy(m).update(items)`, which adds a Counter's counts to themselves; `from_batch` reads them back.
+    `record()` / `from_record` are the JSON form that reports and checkpoints store.
+    """
+
+    ROWS_KEPT = 20
+
+    def __init__(self, counts: Mapping[str, int] | Iterable[str] = (), rows: Mapping | None = None):
+        self.rows: dict[str, list[int]] = {}  # before Counter's __init__, which calls update()
+        super().__init__(counts)
+        self.add_rows(rows or {})
+
+    def __reduce__(self):  # copy and pickle keep the rows (Counter's own keeps only the counts)
+        return self.__class__, (dict(self), self.rows)
+
+    def skip(self, reason: str, row: int | None = None) -> None:
+        """Count one sample skipped for `reason`; `row` is its index in the source."""
+        self[reason] += 1
+        if row is not None:
+            self.add_rows({reason: [row]})
+
+    def add_rows(self, rows: Mapping[str, Iterable[int]]) -> None:
+        """Keep these rows (source indices, by reason) up to ROWS_KEPT per reason; counts unchanged."""
+        for reason, more in rows.items():
+            kept = self.rows.setdefault(reason, [])
+            kept.extend(int(r) for r in list(more)[: max(0, self.ROWS_KEPT - len(kept))])
+
+    def update(self, other: Any = (), /, **kwargs: int) -> None:
+        super().update(other, **kwargs)
+        if isinstance(other, SkipCounter):
+            self.add_rows(other.rows)
+
+    def as_batch(self) -> dict[str, dict]:
+        """The plain dicts a batch carries: {"skipped": {reason: n}, "skipped_rows": {reason: [row]}}."""
+        return {"skipped": dict(self), "skipped_rows": {k: list(v) for k, v in self.rows.items()}}
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, Any]) -> SkipCounter:
+        return cls(batch.get("skipped") or {}, batch.get("skipped_rows"))
+
+    def record(self) -> dict[str, dict]:
+        """JSON-ready: {"counts": {reason: n}, "rows": {reason: [source index, ...]}}."""
+        return {
+            "counts": dict(sorted(self.items())),
+            "rows": {k: list(v) for k, v in sorted(self.rows.items())},
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> SkipCounter:
+        return cls(record.get("counts") or {}, record.get("rows"))
 
     def report(self) -> str:
         if not self:

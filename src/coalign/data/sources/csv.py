@@ -13,6 +13,13 @@ Missing modalities are normal: an empty cell gives a sample without that key, wh
 `empty_caption`, as it always has. A row with none of the configured modalities is a
 `SampleError("no_modalities")`.
 
+A bad row does not end the file: a row whose used cells hold bytes that are not UTF-8 is a
+`SampleError("bad_encoding")`, one that csv cannot parse (a field over csv's size limit) or that has
+more non-empty fields than the header (an unquoted separator shifts every column after it) is a
+`SampleError("bad_row")`; both keep their place (index i is still the i-th row) and their message
+names the row and its file line. A file that cannot be read at all (no header with the configured
+columns, not text, unreadable) is a one-line ConfigError at construction.
+
 The manifest is read once at construction so a wrong column name fails at start; files are not opened
 here. Decoding belongs to the transforms, where a missing or corrupt file becomes a counted
 `SampleError` instead of a crash.
@@ -28,13 +35,13 @@ from typing import Any
 import numpy as np
 import pydantic
 
-from coalign.data.sources.base import Sample, SampleError, Source
+from coalign.data.sample import META_KEYS, Sample
+from coalign.data.sources.base import SampleError, Source
 from coalign.registry import SOURCES, ConfigError, StrictModel, suggest
 
 SEPARATOR_ALIASES = {"tab": "\t", "\\t": "\t", "comma": ",", "pipe": "|"}
 # Modalities with an option of their own, and sample keys that are not modalities at all.
 OWN_OPTION = {"image": "image_key", "text": "caption_key", "tabular": "tabular_keys"}
-META_KEYS = ("id", "label", "present", "skipped")
 _NUMBER = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf|infinity|nan)", re.IGNORECASE)
 _INTEGER = re.compile(r"[+-]?\d+")
 
@@ -143,6 +150,15 @@ def check_keys(wanted: dict[str, str], present: list[str], kind: str, path: Path
             )
 
 
+def not_utf8(text: str) -> bool:
+    """True for text read with errors="surrogateescape" that held bytes which are not UTF-8."""
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def blank(value: Any) -> bool:
     """True when a cell holds nothing usable: None, a blank string, or an empty list/dict/array."""
     if value is None:
@@ -223,18 +239,62 @@ class CSVSource(Source):
         self.path = existing_file(self.cfg.path, "csv")
         self.root = Path(self.cfg.root).expanduser() if self.cfg.root else self.path.parent
         # Keep only the needed columns, as lists: a manifest may have millions of rows.
-        with open(self.path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter=self.cfg.resolved_separator())
-            header = [h for h in (reader.fieldnames or []) if h is not None]
-            wanted = self.cfg.wanted_keys()
-            check_keys(wanted, header, "csv", self.path)
-            keep = list(dict.fromkeys([*wanted.values(), *(["id"] if "id" in header else [])]))
-            self.columns: dict[str, list[str | None]] = {k: [] for k in keep}
-            self.rows = 0
-            for row in reader:
-                self.rows += 1
-                for k in keep:
-                    self.columns[k].append(row.get(k))
+        self.columns: dict[str, list[str | None]] = {}
+        self.bad: dict[int, tuple[str, str]] = {}  # row -> (reason, detail) for rows that cannot be used
+        self.rows = 0
+        try:
+            # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate (U+DC80..U+DCFF) instead
+            # of ending the whole file; the rows that hold one are found below and skipped one by one.
+            with open(self.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+                self._read(csv.reader(f, delimiter=self.cfg.resolved_separator()))
+        except OSError as err:
+            raise ConfigError(f"csv source: cannot read '{self.path}': {err.strerror or err}") from None
+
+    def _read(self, reader: Any) -> None:
+        try:
+            header = next(reader, [])
+        except csv.Error as err:
+            raise ConfigError(f"csv source '{self.path}': cannot read the header row: {err}") from None
+        if any(not_utf8(h) for h in header):
+            raise ConfigError(
+                f"csv source '{self.path}': the header row is not UTF-8 text (is it a csv file?)"
+            )
+        wanted = self.cfg.wanted_keys()
+        check_keys(wanted, header, "csv", self.path)
+        keep = list(dict.fromkeys([*wanted.values(), *(["id"] if "id" in header else [])]))
+        at = {k: header.index(k) for k in keep}
+        self.columns = {k: [] for k in keep}
+        line = reader.line_num + 1  # the file line where the next row starts
+        while True:
+            try:
+                row = next(reader)
+                problem = self._check(row, len(header), at)
+            except StopIteration:
+                break
+            except (
+                csv.Error
+            ) as err:  # e.g. a field over csv's size limit; the reader goes on at the next line
+                row, problem = [], ("bad_row", str(err))
+            if not row and problem is None:
+                line = reader.line_num + 1
+                continue  # a blank line is not a row (as csv.DictReader has it)
+            if problem is not None:
+                reason, detail = problem
+                self.bad[self.rows] = (reason, f"{self.path.name} row {self.rows} (line {line}): {detail}")
+            for k, i in at.items():
+                self.columns[k].append(row[i] if problem is None and i < len(row) else None)
+            self.rows += 1
+            line = reader.line_num + 1
+
+    @staticmethod
+    def _check(row: list[str], width: int, at: dict[str, int]) -> tuple[str, str] | None:
+        """Why this row cannot be used, or None."""
+        if any(cell.strip() for cell in row[width:]):
+            return "bad_row", f"{len(row)} fields under a header of {width} (an unquoted separator?)"
+        for k, i in at.items():
+            if i < len(row) and not_utf8(row[i]):
+                return "bad_encoding", f"column '{k}' is not UTF-8 text"
+        return None
 
     def __len__(self) -> int:
         return self.rows
@@ -242,6 +302,8 @@ class CSVSource(Source):
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < len(self):
             raise IndexError(f"csv index {index} out of range 0..{len(self) - 1}")
+        if index in self.bad:
+            raise SampleError(*self.bad[index])
         cfg = self.cfg
         where = f"{self.path.name} row {index}"
         ids = self.columns.get("id")

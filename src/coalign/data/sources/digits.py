@@ -20,7 +20,8 @@ import numpy as np
 import pydantic
 from PIL import Image
 
-from coalign.data.sources.base import Sample, Source, ZeroShotTask
+from coalign.data.sample import Sample
+from coalign.data.sources.base import Source, ZeroShotTask
 from coalign.registry import SOURCES, StrictModel
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

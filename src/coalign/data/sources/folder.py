@@ -12,7 +12,8 @@ from typing import Any
 
 import pydantic
 
-from coalign.data.sources.base import Sample, Source, ZeroShotTask
+from coalign.data.sample import Sample
+from coalign.data.sources.base import Source, ZeroShotTask
 from coalign.registry import SOURCES, ConfigError, StrictModel
 
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"]

@@ -10,10 +10,12 @@ images. A modality a line lacks (absent key, null, "", []) is simply not in its 
 in `required` (default: image when set, and text), as in the csv source.
 
 Configured keys are checked at start against the keys seen on any line (a key every line lacks is a
-configuration error); a line lacking a key is a missing modality, decided per line. A line that is
-not valid JSON must not end a long run: it is remembered at construction and raises
-`SampleError("corrupt_record")` when its sample is read, so it is skipped and counted. Blank lines
-are not samples.
+configuration error); a line lacking a key is a missing modality, decided per line. A bad line must
+not end a long run: one that is not valid JSON (or not an object, or nested too deeply to parse) is
+remembered at construction and raises `SampleError("corrupt_record")` when its sample is read, one
+that is not UTF-8 raises `SampleError("bad_encoding")`; either is skipped and counted, its message
+naming the line. Blank lines are not samples. A file none of whose lines is a JSON object is a
+one-line ConfigError. Captions are kept as read; `sample.captions` cleans them for every consumer.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from coalign.data.sources.base import Sample, SampleError, Source
+from coalign.data.sample import Sample, clean_text
+from coalign.data.sources.base import SampleError, Source
 from coalign.data.sources.csv import (
     ManifestConfig,
     blank,
@@ -33,7 +36,9 @@ from coalign.data.sources.csv import (
     manifest_modalities,
     parse_labels,
 )
-from coalign.registry import SOURCES
+from coalign.registry import SOURCES, ConfigError
+
+BOM = b"\xef\xbb\xbf"
 
 
 class JSONLConfig(ManifestConfig):
@@ -94,6 +99,26 @@ def _tabular(rec: dict[str, Any], cfg: JSONLConfig, where: str) -> dict[str, Any
     return {k: v for k, v in out.items() if not blank(v)}
 
 
+def _parse(raw: bytes, lineno: int, keep: list[str]) -> dict[str, Any] | tuple[str, str] | None:
+    """One line: the used fields (plus "_line", and "_keys": every key it has), a (reason, detail)
+    when it cannot be used, or None for a blank line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return "bad_encoding", f"line {lineno}: byte {raw[err.start]:#04x} at column {err.start} is not UTF-8"
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        return "corrupt_record", f"line {lineno}: invalid JSON ({err.msg})"
+    except RecursionError:
+        return "corrupt_record", f"line {lineno}: JSON nested too deeply"
+    if not isinstance(obj, dict):
+        return "corrupt_record", f"line {lineno}: a {type(obj).__name__}, not an object"
+    return {k: obj[k] for k in keep if k in obj} | {"_line": lineno, "_keys": list(obj)}
+
+
 @SOURCES.register("jsonl")
 class JSONLSource(Source):
     """Lines of a JSONL manifest as samples {"id", <modality>: path or value, ..., "label"}."""
@@ -106,23 +131,24 @@ class JSONLSource(Source):
         self.root = Path(self.cfg.root).expanduser() if self.cfg.root else self.path.parent
         wanted = self.cfg.wanted_keys()
         keep = list(dict.fromkeys([*wanted.values(), "id"]))
-        # Each record keeps only the fields used (dict) or, for a bad line, why it is bad (str).
-        self.records: list[dict[str, Any] | str] = []
+        # Each record keeps only the fields used (dict) or, for a bad line, (reason, why it is bad).
+        self.records: list[dict[str, Any] | tuple[str, str]] = []
         seen: set[str] = set()
-        with open(self.path, encoding="utf-8-sig", errors="replace") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    self.records.append(f"line {lineno}: invalid JSON ({err.msg})")
-                    continue
-                if not isinstance(obj, dict):
-                    self.records.append(f"line {lineno}: a {type(obj).__name__}, not an object")
-                    continue
-                seen.update(obj)
-                self.records.append({k: obj[k] for k in keep if k in obj} | {"_line": lineno})
+        try:
+            with open(self.path, "rb") as f:
+                for lineno, raw in enumerate(f, start=1):
+                    record = _parse(raw[3:] if lineno == 1 and raw.startswith(BOM) else raw, lineno, keep)
+                    if isinstance(record, dict):
+                        seen.update(record.pop("_keys"))
+                    if record is not None:
+                        self.records.append(record)
+        except OSError as err:
+            raise ConfigError(f"jsonl source: cannot read '{self.path}': {err.strerror or err}") from None
+        if self.records and all(isinstance(r, tuple) for r in self.records):
+            raise ConfigError(
+                f"jsonl source '{self.path}': no line is a JSON object (is it a jsonl file?); "
+                f"{self.records[0][1]}"
+            )
         if any(isinstance(r, dict) for r in self.records):  # a wrong key name fails at start
             check_keys(wanted, sorted(seen), "jsonl", self.path)
 
@@ -133,8 +159,8 @@ class JSONLSource(Source):
         if not 0 <= index < len(self):
             raise IndexError(f"jsonl index {index} out of range 0..{len(self) - 1}")
         rec = self.records[index]
-        if isinstance(rec, str):
-            raise SampleError("corrupt_record", f"{self.path.name} {rec}")
+        if isinstance(rec, tuple):
+            raise SampleError(rec[0], f"{self.path.name} {rec[1]}")
         cfg = self.cfg
         where = f"{self.path.name} line {rec['_line']}"
         raw: dict[str, Any] = {}
@@ -147,7 +173,7 @@ class JSONLSource(Source):
             raw["tabular"] = _tabular(rec, cfg, where)
         rid = rec.get("id")
         return {
-            "id": str(rid) if rid not in (None, "") else str(index),
+            "id": clean_text(str(rid)) if rid not in (None, "") else str(index),
             **manifest_modalities(cfg, self.root, raw, where),
             "label": parse_labels(rec, cfg.label_keys, where),
         }

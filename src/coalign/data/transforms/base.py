@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from coalign.data.sources.base import Sample, Source
+from coalign.data.sample import Sample, base_modality
+from coalign.data.sources.base import Source
 
 
 class Transform:
@@ -47,12 +48,6 @@ class Transform:
         """This transform without training-time randomness."""
         self.train = False
         return self
-
-
-def base_modality(key: str) -> str:
-    """'image@v2' -> 'image'. A key `<modality>@<view>` is another view of that modality: it is read
-    from the same raw value, transformed by its own transform and encoded by the same tower."""
-    return key.split("@", 1)[0]
 
 
 class Pipeline:

@@ -1,8 +1,15 @@
-"""Image transform: decode (array, path or bytes), resize, optional random-resized-crop, normalise."""
+"""Image transform: decode (array, path or bytes), resize, optional random-resized-crop, normalise.
+
+Decoding is bounded: `max_pixels` (default 25 Mpx, the server's limit too) is checked against the
+size in the file's header, before any pixel is decoded, so a small file that claims a huge image
+(a decompression bomb) costs nothing; it is skipped and counted as `image_too_large`. PIL's own
+`Image.MAX_IMAGE_PIXELS` guard (about 89 Mpx) still applies above it.
+"""
 
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +25,9 @@ from coalign.registry import TRANSFORMS, StrictModel
 # OpenAI CLIP's normalisation, so that converted checkpoints see the inputs they were trained on.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# 25 Mpx (e.g. 5000 x 5000) is about 75 MB once decoded to RGB; beyond it a sample costs more memory
+# than a whole batch of the images models are trained on, and is far more likely a bomb than a photo.
+MAX_PIXELS = 25_000_000
 
 
 class ImageConfig(StrictModel):
@@ -25,6 +35,8 @@ class ImageConfig(StrictModel):
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     crop_scale: tuple[float, float] | None = None  # random-resized-crop area range when training
+    # larger images (width x height, read from the header before decoding) are skipped: image_too_large
+    max_pixels: int = pydantic.Field(MAX_PIXELS, gt=0)
 
     @pydantic.field_validator("std")
     @classmethod
@@ -41,27 +53,51 @@ class ImageConfig(StrictModel):
         return v
 
 
-def decode_image(value: Any) -> Image.Image:
-    """An RGB PIL image from an array, a PIL image, a path or encoded bytes; SampleError otherwise."""
+def too_large(width: int, height: int, max_pixels: int) -> SampleError | None:
+    if width * height <= max_pixels:
+        return None
+    return SampleError("image_too_large", f"{width} x {height} is over the limit of {max_pixels} pixels")
+
+
+def _open(fp: Any, max_pixels: int) -> Image.Image:
+    """Open (lazily: only the header is read), check the size, then decode."""
+    with warnings.catch_warnings():
+        # PIL warns above MAX_IMAGE_PIXELS and raises above twice that: both mean too large here.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(fp) as im:
+                err = too_large(*im.size, max_pixels)
+                if err is not None:
+                    raise err
+                im.load()
+                return im.convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as bomb:
+            raise SampleError("image_too_large", str(bomb)) from None
+
+
+def decode_image(value: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An RGB PIL image from an array, a PIL image, a path or encoded bytes; SampleError otherwise
+    (`image_too_large` when it has more than `max_pixels`, decided before decoding)."""
     if isinstance(value, Image.Image):
+        if (err := too_large(*value.size, max_pixels)) is not None:
+            raise err
         return value.convert("RGB")
     if isinstance(value, np.ndarray):
         if value.ndim == 2:
             value = np.stack([value] * 3, axis=-1)
         if value.ndim != 3 or value.shape[-1] not in (1, 3, 4):
             raise SampleError("corrupt_image", f"array of shape {value.shape} is not an image")
+        if (err := too_large(value.shape[1], value.shape[0], max_pixels)) is not None:
+            raise err
         return Image.fromarray(np.ascontiguousarray(value).astype(np.uint8)).convert("RGB")
     try:
         if isinstance(value, str | Path):
             if not Path(value).is_file():
-                raise SampleError("missing_image", str(value))
-            with Image.open(value) as im:
-                im.load()
-                return im.convert("RGB")
+                what = "a folder, not a file" if Path(value).is_dir() else "no such file"
+                raise SampleError("missing_image", f"{value}: {what}")
+            return _open(value, max_pixels)
         if isinstance(value, bytes | bytearray):
-            with Image.open(io.BytesIO(value)) as im:
-                im.load()
-                return im.convert("RGB")
+            return _open(io.BytesIO(value), max_pixels)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise SampleError("corrupt_image", f"{str(value)[:200]}: {err}") from None
     raise SampleError("corrupt_image", f"cannot read an image from {type(value).__name__}")
@@ -77,8 +113,12 @@ class ImageTransform(Transform):
         self.mean = torch.tensor(self.cfg.mean).view(3, 1, 1)
         self.std = torch.tensor(self.cfg.std).view(3, 1, 1)
 
+    def decode(self, value: Any) -> Image.Image:
+        """The raw value as an RGB image, under this transform's pixel limit."""
+        return decode_image(value, self.cfg.max_pixels)
+
     def __call__(self, value: Any, rng: np.random.Generator) -> torch.Tensor:
-        img = decode_image(value)
+        img = self.decode(value)
         size = self.cfg.size
         if self.train and self.cfg.crop_scale is not None:
             img = self._random_resized_crop(img, rng)

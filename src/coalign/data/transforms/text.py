@@ -20,6 +20,7 @@ import pydantic
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from coalign.data.sample import captions, clean_text
 from coalign.data.sources.base import SampleError, Source
 from coalign.data.transforms.base import Transform
 from coalign.registry import TRANSFORMS, StrictModel
@@ -102,7 +103,7 @@ class BPETextTransform(Transform):
 
     def fit(self, source: Source, run_dir: Path | None) -> None:
         if self.tokenizer is None:
-            texts = [t for t in source.captions(self.cfg.fit_samples) if t and t.strip()]
+            texts = source.captions(self.cfg.fit_samples)  # cleaned and non-blank (sample.captions)
             if not texts:
                 raise ValueError("cannot train a tokenizer: the training source has no captions")
             self.tokenizer = train_bpe(texts, self.cfg.vocab_size)
@@ -119,7 +120,8 @@ class BPETextTransform(Transform):
             raise RuntimeError("the tokenizer is neither trained nor loaded; call fit() or load()")
         L = self.cfg.context_length
         out = torch.full((len(texts), L), PAD, dtype=torch.long)
-        for row, enc in enumerate(self.tokenizer.encode_batch(list(texts), add_special_tokens=False)):
+        texts = [clean_text(t) for t in texts]  # a lone surrogate would make the tokenizer raise
+        for row, enc in enumerate(self.tokenizer.encode_batch(texts, add_special_tokens=False)):
             tokens = enc.ids
             if rng is not None and self.cfg.token_dropout > 0 and len(tokens) > 1:
                 keep = rng.random(len(tokens)) >= self.cfg.token_dropout
@@ -131,8 +133,7 @@ class BPETextTransform(Transform):
         return out
 
     def __call__(self, value: Any, rng: np.random.Generator) -> torch.Tensor:
-        texts = [value] if isinstance(value, str) else list(value or [])
-        texts = [t for t in texts if isinstance(t, str) and t.strip()]
+        texts = captions(value)
         if not texts:
             raise SampleError("empty_caption")
         if not self.train:
