@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from coalign.data.sources.base import SkipCounter, Source, ZeroShotTask
-from coalign.evaluate.any_to_any import combine, retrieval_given_rest, zero_shot_fused
+from coalign.evaluate.any_to_any import combine
+from coalign.evaluate.base import EvalContext, metric_dict
 from coalign.evaluate.classification import classification_metrics
 from coalign.evaluate.embed import EmbeddedSet, eval_batches
-from coalign.evaluate.suite import EvalContext, retrieval, zero_shot
 from coalign.registry import EVALUATORS
+from coalign.runtime import Runtime
 
 E, N, C = 16, 40, 4
 
@@ -35,10 +36,31 @@ def eset():
     ), classes
 
 
-def ctx_for(classes, **options):
+def ctx_for(classes):
     words = dict(zip("wxyz", classes, strict=True))
     encode = lambda texts: torch.stack([words[t] for t in texts])  # noqa: E731
-    return EvalContext(None, {}, None, encode, 64, None, torch.device("cpu"), options=options)
+    return EvalContext(None, {}, None, encode, Runtime.cpu(), 64)
+
+
+def run(name, eset, ctx, **options):
+    """The registered evaluator `name` with `options` on `eset`: its records' flat view."""
+    return metric_dict(EVALUATORS.create(name, **options)(eset, ctx))
+
+
+def zero_shot_fused(eset, ctx, **options):
+    return run("zero_shot_fused", eset, ctx, **options)
+
+
+def retrieval_given_rest(eset, ctx, **options):
+    return run("retrieval_given_rest", eset, ctx, **options)
+
+
+def zero_shot(eset, ctx):
+    return run("zero_shot", eset, ctx)
+
+
+def retrieval(eset, ctx):
+    return run("retrieval", eset, ctx)
 
 
 def test_fused_zero_shot_matches_brute_force(eset):
@@ -68,7 +90,7 @@ def brute_recall_at(query, gallery, k):
 
 def test_given_rest_retrieval_with_product_is_the_multilinear_inner_product(eset):
     eset, classes = eset
-    out = retrieval_given_rest(eset, ctx_for(classes, combine="product"))
+    out = retrieval_given_rest(eset, ctx_for(classes), combine="product")
     assert sorted({k.split("/")[1] for k in out}) == ["audio", "image", "points", "text"]
     emb = {**eset.embeddings, "text": eset.captions}
     for target in emb:
@@ -163,8 +185,8 @@ def test_fitted_protocols_use_only_the_samples_that_have_the_modality(eset):
         s.embeddings["points"] = s.embeddings["points"] * some[:, None]
         s.embeddings["audio"] = s.embeddings["audio"] * 0
         s.present = {"points": some, "audio": none}
-    ctx = EvalContext(None, {}, None, None, 64, None, torch.device("cpu"), train=train, options={"k": 5})
-    out = EVALUATORS.get("knn")(test, ctx)
+    ctx = EvalContext(None, {}, None, None, Runtime.cpu(), 64, train=train)
+    out = run("knn", test, ctx, k=5)
     assert not any("/audio/" in k for k in out)  # absent everywhere: no numbers, not numbers of zeros
     expect = knn_classify(
         train.embeddings["points"][some],
@@ -182,8 +204,6 @@ def test_fitted_protocols_use_only_the_samples_that_have_the_modality(eset):
         test.labels["y"][some],
         C,
     )
-    out = EVALUATORS.get("linear_probe")(
-        test, EvalContext(None, {}, None, None, 64, None, torch.device("cpu"), train=train)
-    )
+    out = run("linear_probe", test, ctx)
     assert not any("/audio/" in k for k in out)
     assert out["linear_probe/points/y/lp_acc1"] == pytest.approx(direct["lp_acc1"])

@@ -1,10 +1,9 @@
 """The command line end to end on the built-in world (smoke-sized)."""
 
-import json
-
 import pytest
 
 from coalign.cli import main
+from coalign.evaluate.results import read_results
 
 
 def test_list_prints_every_registry(capsys):
@@ -35,8 +34,7 @@ def test_train_smoke_then_eval(tmp_path, capsys):
         assert (run / name).exists(), name
     assert list((run / "tensorboard").iterdir())
     assert main(["eval", str(run), "--out", str(tmp_path / "r.json")]) == 0
-    result = json.loads((tmp_path / "r.json").read_text())
-    test = result["results"]["heldout_samples"]
+    test = read_results(tmp_path / "r.json").flat()["heldout_samples"]
     assert 0.0 <= test["zero_shot/image/shape/acc1"] <= 1.0
     assert "retrieval/image/image_retrieval_recall@5" in test
     assert test["samples"] == 16

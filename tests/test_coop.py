@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import coalign.models.heads  # noqa: F401  (register the heads)
 from coalign.data.sources.base import ZeroShotTask
 from coalign.data.transforms.text import EOS, PAD, BPETextTransform, train_bpe
+from coalign.evaluate.base import EvalContext, metric_dict
 from coalign.evaluate.classification import class_embeddings, classification_metrics
 from coalign.evaluate.coop import (
     CoOpOptions,
@@ -20,9 +21,9 @@ from coalign.evaluate.coop import (
     train_coop,
 )
 from coalign.evaluate.embed import EmbeddedSet, text_encoder
-from coalign.evaluate.suite import EvalContext
 from coalign.models.model import MultimodalModel
 from coalign.registry import ENCODERS, EVALUATORS, HEADS, ConfigError
+from coalign.runtime import Runtime
 
 NAMES = ["cat", "dog", "bird", "fish", "horse", "sheep", "cow", "frog"]
 L, WIDTH, E = 16, 32, 16
@@ -117,7 +118,7 @@ def test_training_lowers_loss_and_leaves_the_model_untouched(text_transform):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _, (x, y), _ = _problem(4, 1)
     start = coop_loss(PromptLearner(model, text_transform, NAMES)().detach(), x, y)
-    classes = train_coop(model, text_transform, NAMES, x, y, steps=30, seed=0)
+    classes = train_coop(model, text_transform, NAMES, x, y, Runtime.cpu(), steps=30, seed=0)
     end = coop_loss(classes, x, y)
     assert float(end) < 0.7 * float(start), (float(start), float(end))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -126,11 +127,13 @@ def test_training_lowers_loss_and_leaves_the_model_untouched(text_transform):
     assert not model.training
     torch.testing.assert_close(classes.norm(dim=-1), torch.ones(len(NAMES)))
     # Deterministic for a seed.
-    torch.testing.assert_close(classes, train_coop(model, text_transform, NAMES, x, y, steps=30, seed=0))
+    torch.testing.assert_close(
+        classes, train_coop(model, text_transform, NAMES, x, y, Runtime.cpu(), steps=30, seed=0)
+    )
 
 
 def _zero_shot_acc(model, text_transform, x, y) -> float:
-    encode = text_encoder(model, text_transform, torch.device("cpu"))
+    encode = text_encoder(model, text_transform, Runtime.cpu())
     return classification_metrics(x @ class_embeddings(encode, NAMES, ["a picture of a {}."]).T, y)["acc1"]
 
 
@@ -140,7 +143,7 @@ def test_class_specific_context_learns_classes_the_text_tower_does_not_know(text
     protos, (x, y), (tx, ty) = _problem(4, 25)  # 4 shots per class, 200 test samples
     assert classification_metrics(tx @ protos.T, ty)["acc1"] == 1.0  # separable: the oracle is perfect
     zero_shot = _zero_shot_acc(model, text_transform, tx, ty)
-    classes = train_coop(model, text_transform, NAMES, x, y, steps=60, class_specific=True)
+    classes = train_coop(model, text_transform, NAMES, x, y, Runtime.cpu(), steps=60, class_specific=True)
     coop = classification_metrics(tx @ classes.T, ty)
     # Chance is 1/8. Measured (eos, mean): zero-shot 0.11, 0.16; class-specific CoOp 0.98, 1.00.
     # (One shared context cannot move 8 unrelated directions at will: it reaches only ~0.3 here.)
@@ -163,7 +166,7 @@ def test_shared_context_recovers_a_hidden_prompt(text_transform):
         noise = 0.3 * float(torch.pdist(protos).min()) / E**0.5
         (x, y), (tx, ty) = _draw(protos, 4, noise, g), _draw(protos, 25, noise, g)
         assert classification_metrics(tx @ protos.T, ty)["acc1"] == 1.0
-        classes = train_coop(model, text_transform, NAMES, x, y, steps=100)
+        classes = train_coop(model, text_transform, NAMES, x, y, Runtime.cpu(), steps=100)
         coop_acc.append(classification_metrics(tx @ classes.T, ty)["acc1"])
         zero_shot_acc.append(_zero_shot_acc(model, text_transform, tx, ty))
     # Measured: zero-shot [0.375, 0.0, 0.135], CoOp [0.79, 0.995, 0.87] (non-convex: not always 1.0).
@@ -186,26 +189,25 @@ def test_registered_evaluator(text_transform):
     model = _model(text_transform)
     test, train = _sets(text_transform)
 
-    def ctx(options, train=train):
-        enc = text_encoder(model, text_transform, torch.device("cpu"))
-        return EvalContext(
-            model, {"text": text_transform}, None, enc, 32, None, torch.device("cpu"), None, train, options
-        )
+    def run(name, options, train=train):
+        enc = text_encoder(model, text_transform, Runtime.cpu())
+        ctx = EvalContext(model, {"text": text_transform}, None, enc, Runtime.cpu(), 32, None, train)
+        return metric_dict(EVALUATORS.create(name, name, **options)(test, ctx))
 
     options = {"shots": 4, "steps": 60, "class_specific": True, "seed": 3}
     with torch.no_grad():  # as the suite runs evaluators
-        out = EVALUATORS.get("coop")(test, ctx(options))
-        zs = EVALUATORS.get("zero_shot")(test, ctx({}))
+        out = run("coop", options)
+        zs = run("zero_shot", {})
     assert set(out) == {f"coop/image/animal/{m}" for m in ("acc1", "acc5", "mean_per_class_recall")}
     assert out["coop/image/animal/acc1"] > 0.9 > zs["zero_shot/image/animal/acc1"] + 0.5
     with pytest.raises(ValueError, match="has none"):
-        EVALUATORS.get("coop")(test, ctx(options, train=None))
+        run("coop", options, train=None)
     with pytest.raises(ConfigError, match="coop.shot: unknown key"):
-        EVALUATORS.get("coop")(test, ctx({"shot": 4}))
+        run("coop", {"shot": 4})
     with pytest.raises(ConfigError, match="'colour' has no zero-shot task"):
-        EVALUATORS.get("coop")(test, ctx({"labels": ["colour"]}))
+        run("coop", {"labels": ["colour"]})
     with pytest.raises(ValueError, match="too few in class 0: 6"):
-        EVALUATORS.get("coop")(test, ctx({"shots": 7}))
+        run("coop", {"shots": 7})
 
 
 def test_samples_without_the_modality_are_left_out(text_transform):
@@ -223,8 +225,9 @@ def test_samples_without_the_modality_are_left_out(text_transform):
         return out
 
     opts = CoOpOptions(shots=4, steps=20, seed=1)
-    plain = coop_metrics(model, text_transform, test, train, opts)
-    padded = coop_metrics(model, text_transform, with_absent_rows(test, 7), with_absent_rows(train, 5), opts)
-    assert padded == plain and set(plain) == {
-        f"coop/image/animal/{m}" for m in ("acc1", "acc5", "mean_per_class_recall")
-    }
+    cpu = Runtime.cpu()
+    plain = coop_metrics(model, text_transform, test, train, cpu, opts)
+    padded = coop_metrics(
+        model, text_transform, with_absent_rows(test, 7), with_absent_rows(train, 5), cpu, opts
+    )
+    assert padded == plain and set(plain[("image", "animal")]) == {"acc1", "acc5", "mean_per_class_recall"}

@@ -142,7 +142,7 @@ def test_recipe_trains_with_smoke(tmp_path):
     assert {s.options()["split"] for s in recipe.data.eval.values()} == {"test"}
     result = train(recipe, tmp_path / "run", progress=False)
     assert result.step == 3
-    (metrics,) = result.results.values()
+    (metrics,) = result.results.flat().values()
     assert metrics["samples"] == 64
     assert 0.0 <= metrics["zero_shot/image/digit/acc1"] <= 1.0
     assert "zero_shot/image/digit/mean_per_class_recall" in metrics

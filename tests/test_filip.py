@@ -14,12 +14,13 @@ from coalign.data.transforms.image import ImageTransform
 from coalign.data.transforms.text import BPETextTransform
 from coalign.evaluate import late_interaction
 from coalign.evaluate.retrieval import retrieval_metrics
-from coalign.evaluate.suite import evaluate
+from coalign.evaluate.run import evaluate
 from coalign.models.model import MultimodalModel
 from coalign.objectives.contrastive import info_nce
 from coalign.objectives.filip import FILIP, filip_loss, late_interaction_scores
 from coalign.objectives.task import Task
 from coalign.registry import ENCODERS, OBJECTIVES, ConfigError
+from coalign.runtime import Runtime
 
 # ----------------------------------------------------------------------------------- brute force
 
@@ -304,7 +305,8 @@ def test_retrieval_late_matches_brute_force(monkeypatch, block_elements):
     source = _source()
     transforms = _transforms(source)
     model = tiny_model(vocab_size=transforms["text"].describe()["vocab_size"]).eval()
-    results = evaluate(model, transforms, {"s": source}, ["retrieval", "retrieval_late"], batch_size=2)["s"]
+    evaluators = ["retrieval", "retrieval_late"]
+    results = evaluate(model, transforms, {"s": source}, evaluators, Runtime.cpu(), batch_size=2).flat()["s"]
     assert results["skipped/empty_caption"] == 1
     expected = brute_force_recalls(model, transforms, source)
     got = {k.removeprefix("retrieval_late/image/"): v for k, v in results.items() if "retrieval_late" in k}
@@ -320,6 +322,6 @@ def test_filip_recipe_trains_and_evaluates(tmp_path, tiny_recipe):
         "objectives=[{name: filip}]", "eval.evaluators=[retrieval, retrieval_late]", "train.steps=3"
     )
     result = train(recipe, tmp_path / "run", progress=False)
-    metrics = result.results["heldout_samples"]
+    metrics = result.results.flat()["heldout_samples"]
     for direction in ("image", "text"):
         assert 0 <= metrics[f"retrieval_late/image/{direction}_retrieval_recall@1"] <= 1

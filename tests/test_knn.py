@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from coalign.evaluate.base import EvalContext, metric_dict
 from coalign.evaluate.embed import EmbeddedSet
 from coalign.evaluate.knn import knn_classify, knn_scores, nearest
-from coalign.evaluate.suite import EvalContext
 from coalign.registry import EVALUATORS, ConfigError
+from coalign.runtime import Runtime
 
 METRICS = {"knn_acc1", "knn_mean_per_class_recall"}
 
@@ -95,8 +96,12 @@ def test_clusters_reach_100_percent_and_metric_keys():
         knn_classify(train_x, train_y % 4, test_x, test_y, 4)
 
 
-def _ctx(train, options) -> EvalContext:
-    return EvalContext(None, {}, None, None, 32, None, torch.device("cpu"), None, train, options)
+def _ctx(train) -> EvalContext:
+    return EvalContext(None, {}, None, None, Runtime.cpu(), 32, None, train)
+
+
+def _knn(eset, train, options):
+    return metric_dict(EVALUATORS.create("knn", "knn", **options)(eset, _ctx(train)))
 
 
 def test_registered_evaluator():
@@ -114,13 +119,13 @@ def test_registered_evaluator():
     test_x, test_y = clusters(50, 8, 16, spread=0.2, seed=1)
     test, train = eset("toy", test_x, test_y), eset("toy-train", train_x, train_y)
     with torch.no_grad():
-        out = EVALUATORS.get("knn")(test, _ctx(train, {"k": 5, "shots": 3, "seed": 2}))
+        out = _knn(test, train, {"k": 5, "shots": 3, "seed": 2})
     expected = {f"knn/image/digit/{m}" for m in METRICS | {"knn_acc5"}}
     expected |= {f"knn/image/half/{m}" for m in METRICS}  # 2 classes: max label + 1
     assert set(out) == expected
     assert out["knn/image/digit/knn_acc1"] == 1.0
     assert EVALUATORS.validate("knn", {"k": 3}).k == 3
     with pytest.raises(ValueError, match="'knn' fits on a training split, but dataset 'toy' has none"):
-        EVALUATORS.get("knn")(test, _ctx(None, {}))
+        _knn(test, None, {})
     with pytest.raises(ConfigError, match=r"knn.kk: unknown key .*valid keys: .*temperature"):
-        EVALUATORS.get("knn")(test, _ctx(train, {"kk": 3}))
+        _knn(test, train, {"kk": 3})

@@ -8,6 +8,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from coalign.data.sources.base import ZeroShotTask
+from coalign.evaluate.base import EvalContext, metric_dict
 from coalign.evaluate.embed import EmbeddedSet
 from coalign.evaluate.linear_probe import (
     LinearProbeOptions,
@@ -18,8 +19,8 @@ from coalign.evaluate.linear_probe import (
     sweep_weight_decay,
     weight_decay_grid,
 )
-from coalign.evaluate.suite import EvalContext
 from coalign.registry import EVALUATORS, ConfigError
+from coalign.runtime import Runtime
 
 METRICS = {"lp_acc1", "lp_mean_per_class_recall", "lp_weight_decay"}
 
@@ -163,15 +164,19 @@ def _sets(tasks: dict) -> tuple[EmbeddedSet, EmbeddedSet]:
     return test, train
 
 
-def _ctx(train, options) -> EvalContext:
-    return EvalContext(None, {}, None, None, 32, None, torch.device("cpu"), None, train, options)
+def _ctx(train) -> EvalContext:
+    return EvalContext(None, {}, None, None, Runtime.cpu(), 32, None, train)
+
+
+def _probe(eset, train, options):
+    return metric_dict(EVALUATORS.create("linear_probe", "linear_probe", **options)(eset, _ctx(train)))
 
 
 def test_registered_evaluator():
     tasks = {"digit": ZeroShotTask("digit", [f"d{i}" for i in range(10)], ["a {}"])}
     test, train = _sets(tasks)
     with torch.no_grad():  # as the suite runs evaluators
-        out = EVALUATORS.get("linear_probe")(test, _ctx(train, {"shots": 5, "seed": 1, "max_iter": 50}))
+        out = _probe(test, train, {"shots": 5, "seed": 1, "max_iter": 50})
     # digit: 10 classes from its task, so acc5 is reported; parity: max label + 1 = 2 classes.
     expected = {f"linear_probe/image/digit/{m}" for m in METRICS | {"lp_acc5"}}
     expected |= {f"linear_probe/image/parity/{m}" for m in METRICS}
@@ -179,14 +184,14 @@ def test_registered_evaluator():
     assert out["linear_probe/image/digit/lp_acc1"] == 1.0
     assert EVALUATORS.validate("linear_probe", {"shots": 4}).shots == 4
     with pytest.raises(ValueError, match="'linear_probe' fits on a training split, but dataset 'toy'"):
-        EVALUATORS.get("linear_probe")(test, _ctx(None, {}))
+        _probe(test, None, {})
     with pytest.raises(ConfigError, match=r"linear_probe.shot: unknown key .*valid keys: .*shots"):
-        EVALUATORS.get("linear_probe")(test, _ctx(train, {"shot": 4}))
+        _probe(test, train, {"shot": 4})
     with pytest.raises(ValueError, match="too few in class 0: 20, class 1: 20, class 2: 20"):
-        EVALUATORS.get("linear_probe")(test, _ctx(train, {"shots": 21}))
+        _probe(test, train, {"shots": 21})
 
 
 def test_evaluator_rejects_labels_beyond_the_task():
     test, train = _sets({"digit": ZeroShotTask("digit", ["zero", "one"], ["a {}"])})
     with pytest.raises(ValueError, match="label 'digit' reaches 2, but its task names only 2 classes"):
-        EVALUATORS.get("linear_probe")(test, _ctx(train, {}))
+        _probe(test, train, {})

@@ -24,6 +24,7 @@ from PIL import Image
 
 from coalign.evaluate.report import SECTIONS, read_metrics, thumbnail, write_report
 from coalign.evaluate.report_command import add_report
+from coalign.evaluate.results import read_results
 
 EVAL_SAMPLES = 24
 EXAMPLES = 4
@@ -84,7 +85,7 @@ def test_every_section_has_content_and_plots_are_pngs(page):
 
 def test_summary_headline_numbers_are_results_json(run_dir, page):
     summary = sections(page)["summary"]
-    results = json.loads((run_dir / "results.json").read_text())
+    results = read_results(run_dir / "results.json").flat()
     value = results["heldout_samples"]["zero_shot/image/shape/acc1"]
     row = re.search(r"<td>zero_shot/image/shape/acc1</td><td>([^<]*)</td>", summary)
     assert row and row.group(1) == f"{100 * value:.1f}%"
@@ -134,7 +135,7 @@ def test_confusion_matrices_match_brute_force(run_dir, page, brute):
     )
     tasks = source.zero_shot_tasks()
     assert [k for k, _ in figures] == list(tasks)
-    results = json.loads((run_dir / "results.json").read_text())["heldout_samples"]
+    results = read_results(run_dir / "results.json").flat()["heldout_samples"]
     for key, matrix in figures:
         task = tasks[key]
         classes = torch.stack(
@@ -230,27 +231,31 @@ def test_folder_without_metrics_or_checkpoint_says_what_is_missing(run_dir, tmp_
 
 
 def test_metrics_of_a_resumed_run_keep_the_last_row_per_step(tmp_path):
+    from coalign.evaluate.base import Metric, metric_dict
+    from coalign.evaluate.results import DatasetInfo, Results, step_results_path, write_results
+
     rows = [{"step": s, "kind": "train", "loss": 10.0 - s, "lr": 0.1} for s in (1, 2, 3)]
     rows += [
         {"step": s, "kind": "train", "loss": 5.0 - s, "lr": 0.2} for s in (2, 3, 4)
     ]  # resumed from step 1
-    rows += [
-        {"step": 4, "kind": "eval", "a/zero_shot/image/k/acc1": 0.5},
-        {"step": 4, "kind": "eval", "b/samples": 3.0},
-    ]
+    rows += [{"step": 4, "kind": "eval", "a/zero_shot/image/k/acc1": 0.5}]  # the log's flat view: not read
     lines = [json.dumps(r) for r in rows] + ['{"step": 5, "kind": "tr']  # killed mid-write
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    (tmp_path / "eval").mkdir()
-    later = {"checkpoint": "x", "step": 6, "results": {"a": {"zero_shot/image/k/acc1": 0.75}}}
-    (tmp_path / "eval" / "step_00000006.json").write_text(json.dumps(later))
-    (tmp_path / "eval" / "other.json").write_text('{"dataset": "not a coalign eval file"}')
+
+    def acc(value: float) -> Metric:
+        return Metric("zero_shot", "a", "image", "k", "acc1", value, "zeroshot_classification", True)
+
+    info = {"a": DatasetInfo(3), "b": DatasetInfo(3)}
+    write_results(step_results_path(tmp_path, 4), Results([acc(0.5)], info, step=4, by="train"))
+    write_results(step_results_path(tmp_path, 6), Results([acc(0.75)], info, step=6, by="eval"))
+    (tmp_path / "eval" / "fewshot.json").write_text('{"not": "a results file"}')  # not named as one
     (tmp_path / "recipe.yaml").write_text("name: <b>escaped</b>\n")
     log = read_metrics(tmp_path)
     assert {s: r["loss"] for s, r in log.train.items()} == {1: 9.0, 2: 3.0, 3: 2.0, 4: 1.0}
     assert log.train[2]["lr"] == 0.2
-    assert log.eval == {
-        4: {"a/zero_shot/image/k/acc1": 0.5, "b/samples": 3.0},
-        6: {"a/zero_shot/image/k/acc1": 0.75},
+    assert {s: metric_dict(m) for s, m in log.eval.items()} == {
+        4: {"zero_shot/image/k/acc1": 0.5},
+        6: {"zero_shot/image/k/acc1": 0.75},
     }
     assert log.bad_lines == 1 and log.later_evals == 1
     text = write_report(tmp_path).read_text()

@@ -9,7 +9,7 @@ import pytest
 from coalign.cli import main
 from coalign.config import load_recipe, recipes_dir
 from coalign.evaluate.results import LAYOUT_KEYS
-from coalign.evaluate.runner import load_suite
+from coalign.evaluate.suites import load_suite
 from coalign.train.loop import train
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def test_every_shipped_suite_loads():
 def test_suite_writes_clip_benchmark_files_and_compare_builds_tables(run, capsys):
     out = run / "results"
     assert main(["eval", str(run / "run"), "--suite", str(run / "tiny.yaml"), "--out", str(out)]) == 0
-    files = sorted(out.glob("*.json"))
+    files = sorted((out / "clip_benchmark").glob("*.json"))
     records = [json.loads(f.read_text()) for f in files]
     assert all(list(r) == list(LAYOUT_KEYS) for r in records)
     kinds = {(r["dataset"], r["task"]) for r in records}

@@ -7,7 +7,6 @@ Each subcommand parses its own arguments (the search and serve subsystems keep t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -73,14 +72,14 @@ def _add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from coalign.build import build_source, load_run
-    from coalign.evaluate.suite import evaluate, format_table
+    from coalign.build import build_source
+    from coalign.evaluate.commands import load_for_eval, run_suite_command
+    from coalign.evaluate.results import format_table, step_results_path, write_results
+    from coalign.evaluate.run import evaluate
 
     if args.suite:
-        from coalign.evaluate.commands import run_suite_command
-
         return run_suite_command(args.run, args.suite, args.out, args.model)
-    run = load_run(args.run)
+    run, runtime = load_for_eval(args.run)
     sources = {k: build_source(s, f"data.eval.{k}") for k, s in run.recipe.data.eval.items()}
     if not sources:
         raise ConfigError("the recipe has no data.eval sets to evaluate on")
@@ -90,15 +89,12 @@ def cmd_eval(args) -> int:
         run.transforms,
         sources,
         run.recipe.eval.evaluators,
+        runtime,
         args.batch_size,
         max_samples,
         progress=True,
-    )
-    out = args.out or run.run_dir / "eval" / f"step_{run.step:08d}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"checkpoint": str(run.checkpoint), "step": run.step, "results": results}, indent=2)
-    )
+    ).about(args.model or run.recipe.name, run.checkpoint, run.step, "eval")
+    out = write_results(args.out or step_results_path(run.run_dir, run.step), results)
     print(format_table(results))
     print(f"results: {out}")
     return 0

@@ -132,8 +132,10 @@ def evaluator_specs(items: list[str | dict | EvaluatorSpec]) -> list[EvaluatorSp
     ]
 
 
-def evaluator_errors(items: list[str | EvaluatorSpec], where: str) -> list[str]:
-    """Unknown evaluator names and options that do not fit the evaluator's Config, by position."""
+def evaluator_errors(items: list[str | EvaluatorSpec], where: str, train_split: bool = True) -> list[str]:
+    """Unknown evaluator names and options that do not fit the evaluator's Config, by position; with
+    `train_split=False` (a recipe's evaluation sets have no labelled training split) also the
+    evaluators that fit on one."""
 
     errors = []
     specs = evaluator_specs(items)
@@ -149,6 +151,13 @@ def evaluator_errors(items: list[str | EvaluatorSpec], where: str) -> list[str]:
             EVALUATORS.validate(spec.name, spec.options(), f"{where}.{i}")
         except ConfigError as err:
             errors.append(f"{where}.{i}: {err}" if not str(err).startswith(where) else str(err))
+            continue
+        if not train_split and getattr(EVALUATORS.get(spec.name), "needs_train", False):
+            errors.append(
+                f"{where}.{i}: evaluator '{spec.name}' fits on a labelled training split, which only a "
+                "suite names; run it with `coalign eval RUN --suite SUITE.yaml` (a `train:` split beside "
+                "the dataset's source)"
+            )
     return errors
 
 
@@ -318,7 +327,7 @@ def _validate_parts(recipe: Recipe) -> None:
         HEADS.get(recipe.model.head)
     except ConfigError as err:
         errors.append(f"model.head: {err}")
-    errors += evaluator_errors(recipe.eval.evaluators, "eval.evaluators")
+    errors += evaluator_errors(recipe.eval.evaluators, "eval.evaluators", train_split=False)
     missing = [m for m in recipe.model.towers if m not in recipe.data.transforms]
     if missing:
         errors.append(f"data.transforms: no transform for modalities {missing}; every tower needs one")

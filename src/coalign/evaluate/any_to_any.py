@@ -19,11 +19,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from coalign.evaluate.base import EvalContext, Evaluator, Metric, register
 from coalign.evaluate.classification import class_embeddings, classification_metrics
 from coalign.evaluate.embed import EmbeddedSet
-from coalign.evaluate.retrieval import chunked_retrieval_metrics
-from coalign.evaluate.suite import EvalContext
-from coalign.registry import EVALUATORS, StrictModel
+from coalign.evaluate.retrieval import HEADLINE_KS, chunked_retrieval_recalls
+from coalign.registry import StrictModel
 
 
 class FusionOptions(StrictModel):
@@ -57,58 +57,62 @@ def _first_caption(eset: EmbeddedSet) -> tuple[torch.Tensor, torch.Tensor]:
     return out, has
 
 
-@EVALUATORS.register("zero_shot_fused")
-def zero_shot_fused(eset: EmbeddedSet, ctx: EvalContext) -> dict[str, float]:
-    """Zero-shot accuracy from each subset of modalities: `zero_shot_fused/<a+b>/<label>/<metric>`.
+@register("zero_shot_fused")
+class ZeroShotFused(Evaluator):
+    """Zero-shot accuracy from each subset of modalities: target `a+b`, label the key, metrics as
+    `zero_shot`'s (`acc1` the headline).
 
     Only samples that have every modality of the subset count, so a subset's row is what a user with
     only those modalities at test time gets."""
-    opts = FusionOptions(**ctx.options)
-    modalities = _non_text(eset)
-    largest = min(opts.max_subset or len(modalities), len(modalities))
-    out: dict[str, float] = {}
-    for key, task in eset.tasks.items() if ctx.encode_text is not None else ():
-        if key not in eset.labels:
-            continue
-        classes = class_embeddings(ctx.encode_text, task.classnames, task.templates)  # (C, E)
-        for size in range(2, largest + 1):
-            for subset in itertools.combinations(modalities, size):
-                rows = eset.has(*subset)
-                if not bool(rows.any()):
-                    continue
-                query = combine([eset.embeddings[m][rows] for m in subset], opts.combine)
-                metrics = classification_metrics(query @ classes.T, eset.labels[key][rows])
-                name = "+".join(subset)
-                out.update({f"zero_shot_fused/{name}/{key}/{k}": v for k, v in metrics.items()})
-    return out
+
+    Config = FusionOptions
+    task = "zeroshot_classification"
+    headlines = frozenset({"acc1"})
+
+    def __call__(self, eset: EmbeddedSet, ctx: EvalContext) -> list[Metric]:
+        opts: FusionOptions = self.config
+        modalities = _non_text(eset)
+        largest = min(opts.max_subset or len(modalities), len(modalities))
+        out: list[Metric] = []
+        for key, task in eset.tasks.items() if ctx.encode_text is not None else ():
+            if key not in eset.labels:
+                continue
+            classes = class_embeddings(ctx.encode_text, task.classnames, task.templates)  # (C, E)
+            for size in range(2, largest + 1):
+                for subset in itertools.combinations(modalities, size):
+                    rows = eset.has(*subset)
+                    if not bool(rows.any()):
+                        continue
+                    query = combine([eset.embeddings[m][rows] for m in subset], opts.combine)
+                    metrics = classification_metrics(query @ classes.T, eset.labels[key][rows])
+                    out += self.metrics(eset, "+".join(subset), key, metrics)
+        return out
 
 
-zero_shot_fused.Config = FusionOptions  # type: ignore[attr-defined]  (options checked at recipe load)
-
-
-@EVALUATORS.register("retrieval_given_rest")
-def retrieval_given_rest(eset: EmbeddedSet, ctx: EvalContext) -> dict[str, float]:
+@register("retrieval_given_rest")
+class RetrievalGivenRest(Evaluator):
     """For each modality m (text included, by each sample's first caption): retrieve m's item among
     all samples given the combination of every other modality of the same sample.
 
-    Keys `retrieval_given_rest/<m>/recall@k`; only samples that have every modality take part."""
-    opts = FusionOptions(**ctx.options)
-    embeddings = {m: eset.embeddings[m] for m in _non_text(eset)}
-    rows = eset.has(*embeddings)
-    if len(eset.captions):
-        embeddings["text"], has_text = _first_caption(eset)
-        rows &= has_text
-    if len(embeddings) < 3 or int(rows.sum()) < 2:
-        return {}  # with two modalities this is plain retrieval
-    n = int(rows.sum())
-    out: dict[str, float] = {}
-    for target in sorted(embeddings):
-        query = combine([e[rows] for m, e in embeddings.items() if m != target], opts.combine)
-        metrics = chunked_retrieval_metrics(query, embeddings[target][rows], torch.arange(n))
-        for k, v in metrics.items():
-            if k.startswith("image_retrieval"):  # query -> target item
-                out[f"retrieval_given_rest/{target}/recall@{k.split('@')[1]}"] = v
-    return out
+    Target m, metrics `recall@k` (@1 and @5 the headlines); only samples that have every modality take
+    part."""
 
+    Config = FusionOptions
 
-retrieval_given_rest.Config = FusionOptions  # type: ignore[attr-defined]
+    def __call__(self, eset: EmbeddedSet, ctx: EvalContext) -> list[Metric]:
+        opts: FusionOptions = self.config
+        embeddings = {m: eset.embeddings[m] for m in _non_text(eset)}
+        rows = eset.has(*embeddings)
+        if len(eset.captions):
+            embeddings["text"], has_text = _first_caption(eset)
+            rows &= has_text
+        if len(embeddings) < 3 or int(rows.sum()) < 2:
+            return []  # with two modalities this is plain retrieval
+        n = int(rows.sum())
+        out: list[Metric] = []
+        for target in sorted(embeddings):
+            query = combine([e[rows] for m, e in embeddings.items() if m != target], opts.combine)
+            recalls = chunked_retrieval_recalls(query, embeddings[target][rows], torch.arange(n))
+            for k, v in recalls.text_to_image.items():  # query -> target item
+                out.append(self.metric(eset, target, None, f"recall@{k}", v, headline=k in HEADLINE_KS))
+        return out

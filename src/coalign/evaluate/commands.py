@@ -5,25 +5,40 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coalign.registry import ConfigError
+from coalign.runtime import Runtime
+
+if TYPE_CHECKING:
+    from coalign.build import LoadedRun
 
 DEFAULT_SHOTS = [1, 2, 4, 8, 16]
 
 
-def run_suite_command(run_path: Path, suite_path: Path, out: Path | None, model: str | None) -> int:
-    """`coalign eval RUN --suite SUITE.yaml`: result files into OUT (default RUN/eval/<suite>-step_N)."""
+def load_for_eval(run_path: Path) -> tuple[LoadedRun, Runtime]:
+    """A run loaded onto the runtime evaluation uses: CUDA when there is one, `auto` precision."""
     from coalign.build import load_run
-    from coalign.evaluate.results import comparison, load_records, to_markdown
-    from coalign.evaluate.runner import load_suite, run_suite
+
+    runtime = Runtime.create()
+    return load_run(run_path, runtime), runtime
+
+
+def run_suite_command(run_path: Path, suite_path: Path, out: Path | None, model: str | None) -> int:
+    """`coalign eval RUN --suite SUITE.yaml`: OUT/results.json and OUT/clip_benchmark/*.json (default OUT:
+    RUN/eval/<suite>-step_N)."""
+    from coalign.evaluate.results import comparison, scores_of, to_markdown
+    from coalign.evaluate.suites import BENCHMARK_FOLDER, RESULTS_FILE, load_suite, run_suite
 
     suite = load_suite(suite_path)
-    run = load_run(run_path)
+    run, runtime = load_for_eval(run_path)
     out = out or run.run_dir / "eval" / f"{suite.name}-step_{run.step:08d}"
-    _, paths = run_suite(run, suite, out, model)
-    header, rows = comparison(load_records(paths))
+    results, paths = run_suite(run, suite, out, runtime, model)
+    header, rows = comparison(scores_of(results))
     print(to_markdown(header, rows))
-    print(f"{len(paths)} result files (CLIP_benchmark layout) in {out}")
+    print(
+        f"results: {out / RESULTS_FILE}; {len(paths)} CLIP_benchmark result files in {out / BENCHMARK_FOLDER}"
+    )
     return 0
 
 
@@ -31,24 +46,24 @@ def add_compare(sub) -> None:
     p = sub.add_parser(
         "compare",
         help="build a comparison table (CSV and Markdown) from result files",
-        description="Read CLIP_benchmark-layout result files (files or folders of *.json, from `coalign eval "
-        "--suite` or CLIP_benchmark itself) and pivot them: one row per dataset, task and metric, one column "
-        "per model.",
+        description="Read results files (coalign's results.json and CLIP_benchmark-layout files; files or "
+        "folders of *.json, from `coalign eval`, `coalign eval --suite` or CLIP_benchmark itself) and pivot "
+        "them: one row per dataset, task and metric, one column per model.",
     )
     p.add_argument("results", type=Path, nargs="+", help="result files or folders")
     p.add_argument("--out", type=Path, default=Path("comparison"), help="writes OUT.csv and OUT.md")
     p.add_argument(
         "--metrics",
-        help="regular expression over metric names (default: acc1, lp_acc1, knn_acc1, recall@1/5)",
+        help="regular expression over metric names (default: each evaluator's headline metrics)",
     )
     p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args) -> int:
-    from coalign.evaluate.results import comparison, load_records, to_csv, to_markdown
+    from coalign.evaluate.results import comparison, load_scores, to_csv, to_markdown
     from coalign.io import atomic_write_text
 
-    header, rows = comparison(load_records(args.results), args.metrics)
+    header, rows = comparison(load_scores(args.results), args.metrics)
     if not rows:
         raise ConfigError("no metric in these result files matches; see --metrics")
     markdown = to_markdown(header, rows)
@@ -76,17 +91,16 @@ def add_fewshot(sub) -> None:
 
 
 def cmd_fewshot(args) -> int:
-    from coalign.build import load_run
     from coalign.evaluate.fewshot import fewshot_table
     from coalign.evaluate.results import to_csv
-    from coalign.evaluate.runner import load_suite
+    from coalign.evaluate.suites import load_suite
     from coalign.io import atomic_write_text
 
     if any(k < 1 for k in args.shots):
         raise ConfigError(f"--shots must be positive integers, got {args.shots}")
     suite = load_suite(args.suite)
-    run = load_run(args.run)
-    table = fewshot_table(run, suite, sorted(set(args.shots)), seeds=args.seeds)
+    run, runtime = load_for_eval(args.run)
+    table = fewshot_table(run, suite, sorted(set(args.shots)), runtime, seeds=args.seeds)
     out = args.out or run.run_dir / "eval" / "fewshot"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".md"), table.markdown())

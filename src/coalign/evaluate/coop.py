@@ -22,7 +22,6 @@ Logit scale: the learnt temperature belongs to the training objective, not to th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import pydantic
 import torch
@@ -30,12 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from coalign.data.transforms.base import Transform
+from coalign.evaluate.base import EvalContext, Evaluator, Metric, register
 from coalign.evaluate.classification import chunked_classification_metrics
 from coalign.evaluate.embed import EmbeddedSet
-from coalign.evaluate.linear_probe import parse_options, sample_shots
-from coalign.evaluate.suite import EvalContext, require_train
+from coalign.evaluate.linear_probe import sample_shots
 from coalign.models.model import MultimodalModel
-from coalign.registry import EVALUATORS, ConfigError, StrictModel
+from coalign.registry import ConfigError, StrictModel
+from coalign.runtime import Runtime
 
 
 class CoOpOptions(StrictModel):
@@ -163,6 +163,7 @@ def train_coop(
     classnames: list[str],
     train_x: torch.Tensor,
     train_y: torch.Tensor,
+    runtime: Runtime,
     *,
     n_ctx: int = 4,
     class_specific: bool = False,
@@ -172,7 +173,6 @@ def train_coop(
     logit_scale: float = 100.0,
     seed: int = 0,
     init: str | None = "a picture of a",
-    autocast: Callable | None = None,
 ) -> torch.Tensor:
     """Fit CoOp's context on (N, E) normalised embeddings `train_x` with labels `train_y` (N,) in
     [0, C); return the (C, E) normalised class embeddings, on train_x's device.
@@ -180,6 +180,7 @@ def train_coop(
     SGD with momentum 0.9 and a cosine schedule, as CoOp; batches are reshuffled each pass over the
     data. The model is frozen (requires_grad off for the duration, then restored; no gradient
     reaches its parameters) and run in eval mode (no dropout), then returned to the mode it was in.
+    `runtime` gives the precision (the device is the model's).
     """
     C = len(classnames)
     if train_x.dim() != 2 or train_y.shape != (train_x.shape[0],):
@@ -209,13 +210,13 @@ def train_coop(
                     order, pos = torch.randperm(len(y), generator=gen), 0
                 idx = order[pos : pos + bs].to(device)
                 pos += bs
-                with autocast() if autocast else torch.autocast(device.type, enabled=False):
+                with runtime.autocast():
                     loss = coop_loss(learner().float(), x[idx], y[idx], logit_scale)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
-        with torch.no_grad(), autocast() if autocast else torch.autocast(device.type, enabled=False):
+        with torch.no_grad(), runtime.autocast():
             return learner().float().to(train_x.device)
     finally:
         for p, flag in frozen.items():
@@ -228,12 +229,12 @@ def coop_metrics(
     text_transform: Transform,
     eset: EmbeddedSet,
     train: EmbeddedSet,
+    runtime: Runtime,
     options: CoOpOptions | None = None,
-    autocast: Callable | None = None,
-) -> dict[str, float]:
-    """`coop/<modality>/<label>/<metric>`: for every label key with class names and every non-text
+) -> dict[tuple[str, str], dict[str, float]]:
+    """{(modality, label): metrics}: for every label key with class names and every non-text
     modality, fit CoOp on k shots per class of `train`'s samples that have the modality, then classify
-    `eset`'s samples that have it with the learnt class embeddings."""
+    `eset`'s samples that have it with the learnt class embeddings. `runtime`: see `train_coop`."""
     opts = options or CoOpOptions()
     keys = opts.labels if opts.labels is not None else list(eset.tasks)
     for key in keys:
@@ -244,7 +245,7 @@ def coop_metrics(
             )
         if opts.labels is not None and (key not in eset.labels or key not in train.labels):
             raise ValueError(f"coop: label '{key}' is missing from dataset '{eset.name}' or its train split")
-    out: dict[str, float] = {}
+    out: dict[tuple[str, str], dict[str, float]] = {}
     for key in keys:
         if key not in eset.labels or key not in train.labels:
             continue
@@ -261,6 +262,7 @@ def coop_metrics(
                 eset.tasks[key].classnames,
                 train_x,
                 train_y,
+                runtime,
                 n_ctx=opts.n_ctx,
                 class_specific=opts.class_specific,
                 steps=opts.steps,
@@ -269,23 +271,31 @@ def coop_metrics(
                 logit_scale=opts.logit_scale,
                 seed=opts.seed,
                 init=opts.init,
-                autocast=autocast,
             )  # (C, E)
             test_x, test_y = eset.labelled(modality, key)
-            metrics = chunked_classification_metrics(test_x, classes, test_y)
-            out.update({f"coop/{modality}/{key}/{k}": v for k, v in metrics.items()})
+            out[modality, key] = chunked_classification_metrics(test_x, classes, test_y)
     return out
 
 
-@EVALUATORS.register("coop")
-def coop(eset: EmbeddedSet, ctx: EvalContext) -> dict[str, float]:
-    """CoOp few-shot classification; options `CoOpOptions` from the suite. Keys:
-    `coop/<modality>/<label>/<metric>`."""
-    opts = parse_options(CoOpOptions, ctx.options, "coop")
-    train = require_train(eset, ctx, "coop")
-    if "text" not in ctx.transforms:
-        raise ValueError(f"CoOp tokenises class names but got no text transform ({list(ctx.transforms)})")
-    return coop_metrics(ctx.model, ctx.transforms["text"], eset, train, opts, ctx.autocast)
+@register("coop")
+class CoOp(Evaluator):
+    """CoOp few-shot classification (options: `CoOpOptions`). Target: the modality; label: the key;
+    metrics `acc1` (headline), `acc5`, `mean_per_class_recall`."""
 
+    Config = CoOpOptions
+    headlines = frozenset({"acc1"})
+    needs_train = True
 
-coop.Config = CoOpOptions  # type: ignore[attr-defined]  (EVALUATORS.validate checks a suite at start)
+    def benchmark(self) -> dict:
+        return {"fewshot_k": self.config.shots} if self.config.shots is not None else {}
+
+    def __call__(self, eset: EmbeddedSet, ctx: EvalContext) -> list[Metric]:
+        opts: CoOpOptions = self.config
+        train = self.require_train(eset, ctx)
+        if "text" not in ctx.transforms or ctx.model is None:
+            raise ValueError(f"CoOp tokenises class names but got no text transform ({list(ctx.transforms)})")
+        out: list[Metric] = []
+        results = coop_metrics(ctx.model, ctx.transforms["text"], eset, train, ctx.runtime, opts)
+        for (modality, key), values in results.items():
+            out += self.metrics(eset, modality, key, values)
+        return out

@@ -14,6 +14,7 @@ from coalign.data.sample import captions
 from coalign.data.sources.base import SampleError, SkipCounter, Source, ZeroShotTask
 from coalign.data.transforms.base import Transform
 from coalign.models.model import MultimodalModel
+from coalign.runtime import Runtime
 
 
 @dataclass
@@ -116,15 +117,15 @@ def eval_batches(
 
 @torch.no_grad()
 def text_encoder(
-    model: MultimodalModel, transform: Transform, device, batch_size: int = 256, autocast=None
-) -> Callable:
-    """A function list[str] -> (n, E) normalised text embeddings."""
+    model: MultimodalModel, transform: Transform, runtime: Runtime, batch_size: int = 256
+) -> Callable[[list[str]], torch.Tensor]:
+    """A function list[str] -> (n, E) normalised text embeddings (on the CPU), encoded on `runtime`."""
 
     def encode(texts: list[str]) -> torch.Tensor:
         out = []
         for i in range(0, len(texts), batch_size):
-            ids = transform.encode(texts[i : i + batch_size]).to(device)
-            with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            ids = transform.encode(texts[i : i + batch_size]).to(runtime.device)
+            with runtime.autocast():
                 out.append(model.encode("text", ids).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, model.embed_dim)
 
@@ -132,23 +133,21 @@ def text_encoder(
 
 
 @torch.no_grad()
-def embed_source(
+def embed_eval_set(
     name: str,
     model: MultimodalModel,
     transforms: dict[str, Transform],
     source: Source,
+    runtime: Runtime,
     batch_size: int = 256,
     max_samples: int | None = None,
-    device: torch.device | None = None,
     progress: bool = False,
-    autocast=None,
 ) -> EmbeddedSet:
-    device = device or torch.device("cpu")
+    """Every sample's non-text embeddings and every caption's embedding, encoded on `runtime` (the
+    embeddings come back on the CPU, in fp32)."""
     modalities = [m for m in model.modalities if m != "text" and m in transforms]
     encode_text = (
-        text_encoder(model, transforms["text"], device, batch_size, autocast)
-        if "text" in transforms
-        else None
+        text_encoder(model, transforms["text"], runtime, batch_size) if "text" in transforms else None
     )
     skipped = SkipCounter()
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
@@ -167,8 +166,8 @@ def embed_source(
         for m in modalities:
             rows = torch.zeros(len(caps), model.embed_dim)  # zero rows where the sample lacks m
             if m in values:
-                with autocast() if autocast else torch.autocast(device.type, enabled=False):
-                    rows[present[m]] = model.encode(m, values[m].to(device)).float().cpu()
+                with runtime.autocast():
+                    rows[present[m]] = model.encode(m, values[m].to(runtime.device)).float().cpu()
             chunks[m].append(rows)
             masks[m].append(present[m])
         kept_indices.extend(idx)

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from statistics import mean
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from coalign.build import LoadedRun
-    from coalign.evaluate.runner import Suite
+from coalign.build import LoadedRun
+from coalign.config import evaluator_specs
+from coalign.evaluate.results import Results
+from coalign.evaluate.suites import EmbeddingCache, Suite, evaluate_dataset, run_cache_dir
+from coalign.runtime import Runtime
 
-METHODS = {  # row name -> (evaluator, its top-1 metric)
-    "zero-shot": ("zero_shot", "acc1"),
-    "CoOp": ("coop", "acc1"),
-    "linear probe": ("linear_probe", "lp_acc1"),
-}
+# row name -> evaluator; each row shows its evaluator's headline metric (top-1) per target and label
+METHODS = {"zero-shot": "zero_shot", "CoOp": "coop", "linear probe": "linear_probe"}
 
 
 @dataclass
@@ -53,12 +51,9 @@ class FewshotTable:
 
 
 def fewshot_table(
-    run: LoadedRun, suite: Suite, shots: list[int], seeds: int = 1, progress: bool = True
+    run: LoadedRun, suite: Suite, shots: list[int], runtime: Runtime, seeds: int = 1, progress: bool = True
 ) -> FewshotTable:
-    from coalign.config import evaluator_specs
-    from coalign.evaluate.runner import EmbeddingCache, evaluate_dataset, run_cache_dir
-
-    cache = EmbeddingCache(run, run_cache_dir(run), suite.batch_size, progress)
+    cache = EmbeddingCache(run, run_cache_dir(run), runtime, suite.batch_size, progress)
     table = FewshotTable(shots)
     # Options for CoOp and the probe come from the suite's entries of those names, if it has them.
     options = {spec.name: spec.options() for spec in evaluator_specs(suite.tasks)}
@@ -66,11 +61,11 @@ def fewshot_table(
     if not datasets:
         raise ValueError("the few-shot comparison needs datasets with a `train:` split; this suite has none")
     for name in datasets:
-        zero = evaluate_dataset(run, suite, name, ["zero_shot"], cache)
+        zero = evaluate_dataset(run, suite, name, [METHODS["zero-shot"]], cache)
         _collect(table, name, "zero-shot", 0, [zero])
         for k in shots:
             for method in ("CoOp", "linear probe"):
-                evaluator = METHODS[method][0]
+                evaluator = METHODS[method]
                 base = options.get(evaluator, {})
                 runs = [
                     evaluate_dataset(
@@ -82,11 +77,12 @@ def fewshot_table(
     return table
 
 
-def _collect(table: FewshotTable, dataset: str, method: str, k: int, runs: list[dict[str, float]]) -> None:
-    """Add each target's top-1 (averaged over the seeds' runs) to the table."""
-    evaluator, metric = METHODS[method]
-    for key in runs[0]:
-        parts = key.split("/")
-        if len(parts) == 4 and parts[0] == evaluator and parts[3] == metric:
-            target = f"{dataset}/{parts[2]}" + ("" if parts[1] == "image" else f" ({parts[1]})")
-            table.add(target, method, k, mean(r[key] for r in runs))
+def _collect(table: FewshotTable, dataset: str, method: str, k: int, runs: list[Results]) -> None:
+    """Add each (target, label)'s headline metric, averaged over the seeds' runs, to the table."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for results in runs:
+        for m in results.metrics:
+            if m.evaluator == METHODS[method] and m.headline and m.label is not None:
+                values.setdefault((m.target, m.label), []).append(m.value)
+    for (target, label), v in values.items():
+        table.add(f"{dataset}/{label}" + ("" if target == "image" else f" ({target})"), method, k, mean(v))

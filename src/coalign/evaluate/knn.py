@@ -15,11 +15,11 @@ import pydantic
 import torch
 import torch.nn.functional as F
 
+from coalign.evaluate.base import EvalContext, Evaluator, Metric, register
 from coalign.evaluate.classification import classification_metrics
 from coalign.evaluate.embed import EmbeddedSet
 from coalign.evaluate.linear_probe import check_features, labelled_features, parse_options, sample_shots
-from coalign.evaluate.suite import EvalContext, require_train
-from coalign.registry import EVALUATORS, StrictModel
+from coalign.registry import StrictModel
 
 
 class KnnOptions(StrictModel):
@@ -100,28 +100,49 @@ def knn_classify(
     Returns ``knn_acc1``, ``knn_acc5`` (only when C > 5) and ``knn_mean_per_class_recall``.
     """
     options = {"k": k, "temperature": temperature, "chunk": chunk, "train_chunk": train_chunk}
-    opts = parse_options(KnnOptions, options, "knn")
+    return knn_metrics(
+        train_x, train_y, test_x, test_y, num_classes, parse_options(KnnOptions, options, "knn")
+    )
+
+
+def knn_metrics(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    opts: KnnOptions,
+) -> dict[str, float]:
+    """`knn_classify` with options already validated (the evaluator's Config is a KnnOptions)."""
     check_features(train_x, train_y, test_x, test_y, num_classes)
-    scores = knn_scores(train_x, train_y, test_x, num_classes, **opts.model_dump())  # (M, C)
+    vote = {name: getattr(opts, name) for name in KnnOptions.model_fields}
+    scores = knn_scores(train_x, train_y, test_x, num_classes, **vote)  # (M, C)
     metrics = classification_metrics(scores, test_y.to(scores.device))
     return {f"knn_{name}": v for name, v in metrics.items()}
 
 
-@EVALUATORS.register("knn")
-def evaluate_knn(eset: EmbeddedSet, ctx: EvalContext) -> dict[str, float]:
-    """kNN per modality and label against the dataset's training split:
-    `knn/<modality>/<label>/knn_<metric>` (options: `KnnEvalConfig`)."""
-    cfg = parse_options(KnnEvalConfig, ctx.options, "knn")
-    train = require_train(eset, ctx, "knn")
-    vote = cfg.model_dump(exclude={"shots", "seed"})
-    out: dict[str, float] = {}
-    for modality, key, train_x, train_y, test_x, test_y, c in labelled_features(eset, train):
-        if cfg.shots is not None:
-            keep = sample_shots(train_y, cfg.shots, cfg.seed).to(train_x.device)
-            train_x, train_y = train_x[keep], train_y[keep]
-        metrics = knn_classify(train_x, train_y, test_x, test_y, c, **vote)
-        out.update({f"knn/{modality}/{key}/{k}": v for k, v in metrics.items()})
-    return out
+@register("knn")
+class Knn(Evaluator):
+    """kNN per modality and label against the dataset's training split (options: `KnnEvalConfig`).
+    Target: the modality; label: the key; metrics `knn_acc1` (headline), `knn_acc5`,
+    `knn_mean_per_class_recall`. Runs on the runtime's device."""
 
+    Config = KnnEvalConfig
+    headlines = frozenset({"knn_acc1"})
+    needs_train = True
 
-evaluate_knn.Config = KnnEvalConfig  # type: ignore[attr-defined]  (EVALUATORS.validate)
+    def benchmark(self) -> dict:
+        return {"fewshot_k": self.config.shots} if self.config.shots is not None else {}
+
+    def __call__(self, eset: EmbeddedSet, ctx: EvalContext) -> list[Metric]:
+        cfg: KnnEvalConfig = self.config
+        train = self.require_train(eset, ctx)
+        device = ctx.runtime.device
+        out: list[Metric] = []
+        for modality, key, train_x, train_y, test_x, test_y, c in labelled_features(eset, train):
+            if cfg.shots is not None:
+                keep = sample_shots(train_y, cfg.shots, cfg.seed).to(train_x.device)
+                train_x, train_y = train_x[keep], train_y[keep]
+            features = (t.to(device) for t in (train_x, train_y, test_x, test_y))
+            out += self.metrics(eset, modality, key, knn_metrics(*features, c, cfg))
+        return out

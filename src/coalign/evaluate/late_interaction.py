@@ -1,9 +1,10 @@
 """Retrieval scored by FILIP's token-wise late interaction instead of pooled-embedding cosine.
 
 The pooled embeddings the suite computes are not enough here, so the evaluator re-reads the source
-exactly as `embed_source` does (same samples, same skips, so caption ownership matches), keeps every
-sample's and every caption's projected token embeddings, and scores blocks of (caption, sample)
-pairs with the objective's own `late_interaction_scores`:
+exactly as `embed_eval_set` does (same samples, same skips, so caption ownership matches), keeps every
+sample's and every caption's token embeddings (`MultimodalModel.token_embeddings`, as FILIP trains
+them), and scores blocks of (caption, sample) pairs with `models.late_interaction_scores`, the
+function the FILIP objective trains with:
 
 - text -> image (`image_retrieval_recall@k`) ranks samples by s_t2i (mean over the caption's tokens);
 - image -> text (`text_retrieval_recall@k`) ranks captions by s_i2t (mean over the sample's tokens).
@@ -20,11 +21,10 @@ import math
 import torch
 
 from coalign.data.sources.base import SkipCounter
+from coalign.evaluate.base import EvalContext, Evaluator, Metric, register
 from coalign.evaluate.embed import EmbeddedSet, eval_batches
-from coalign.evaluate.retrieval import retrieval_metrics
-from coalign.evaluate.suite import EvalContext
-from coalign.objectives.filip import late_interaction_scores, prefix_tokens, project_tokens
-from coalign.registry import EVALUATORS
+from coalign.evaluate.retrieval import Recalls, recall_metrics, retrieval_recalls
+from coalign.models.late_interaction import late_interaction_scores
 
 # Elements of one (texts, samples, sample tokens, text tokens) similarity block: 2**24 floats = 64 MiB.
 BLOCK_ELEMENTS = 2**24
@@ -66,27 +66,23 @@ class TokenSet:
 
 @torch.no_grad()
 def encode_tokens(eset: EmbeddedSet, ctx: EvalContext) -> tuple[dict[str, TokenSet], TokenSet]:
-    """{modality: TokenSet over the kept samples}, TokenSet over every caption, in embed_source's order."""
-    model, transforms, device = ctx.model, ctx.transforms, ctx.device
+    """{modality: TokenSet over the kept samples}, TokenSet over every caption, in embed_eval_set's order.
+
+    Token embeddings as FILIP trains them by default: each modality's content tokens (no CLS)."""
+    model, transforms, runtime = ctx.model, ctx.transforms, ctx.runtime
     modalities = [m for m in model.modalities if m != "text" and m in transforms]
-    skip = {m: prefix_tokens(model.towers[m]) for m in modalities}  # as FILIP's default (no CLS)
-
-    def context():
-        return ctx.autocast() if ctx.autocast else torch.autocast(device.type, enabled=False)
-
     parts: dict[str, list] = {m: [] for m in [*modalities, "text"]}
     texts: list[str] = []
     batches = eval_batches(ctx.source, transforms, modalities, ctx.batch_size, ctx.max_samples, SkipCounter())
-    for values, _, caps, _, _ in batches:  # the same walk as embed_source, so samples and captions line up
+    for values, _, caps, _, _ in batches:  # the same walk as embed_eval_set: samples and captions line up
         for m in modalities:
-            with context():
-                feats = model.features(m, values[m].to(device))
-                parts[m].append(project_tokens(model.heads[m], feats.tokens, skip[m]))
+            with runtime.autocast():
+                parts[m].append(model.token_embeddings(m, values[m].to(runtime.device)))
         texts.extend(t for c in caps for t in c)
     for i in range(0, len(texts), ctx.batch_size):
-        ids = transforms["text"].encode(texts[i : i + ctx.batch_size]).to(device)
-        with context():
-            parts["text"].append(project_tokens(model.heads["text"], model.features("text", ids).tokens))
+        ids = transforms["text"].encode(texts[i : i + ctx.batch_size]).to(runtime.device)
+        with runtime.autocast():
+            parts["text"].append(model.token_embeddings("text", ids))
     sets = {m: TokenSet.cat(parts[m], model.embed_dim) for m in parts}
     captions = sets.pop("text")
     for m, s in sets.items():
@@ -119,30 +115,31 @@ def late_score_matrices(
     return t2i, i2t
 
 
-def late_recalls(
-    items: TokenSet, captions: TokenSet, owner: torch.Tensor, device: torch.device
-) -> dict[str, float]:
+def late_recalls(items: TokenSet, captions: TokenSet, owner: torch.Tensor, device: torch.device) -> Recalls:
     """CLIP_benchmark recalls: text -> image ranked by s_t2i, image -> text ranked by s_i2t.
 
-    `retrieval_metrics` reads both directions off one (T, I) matrix; it is called once per matrix
-    and each call keeps only the direction that its matrix scores.
+    `retrieval_recalls` reads both directions off one (T, I) matrix; it is called once per matrix
+    and each call gives only the direction that its matrix scores.
     """
     t2i, i2t = late_score_matrices(items, captions, device)
     owner = owner.to(device)
-    out = {k: v for k, v in retrieval_metrics(t2i, owner).items() if k.startswith("image_retrieval")}
-    out.update({k: v for k, v in retrieval_metrics(i2t, owner).items() if k.startswith("text_retrieval")})
-    return out
+    return Recalls(retrieval_recalls(t2i, owner).text_to_image, retrieval_recalls(i2t, owner).image_to_text)
 
 
-@EVALUATORS.register("retrieval_late")
-def retrieval_late(eset: EmbeddedSet, ctx: EvalContext) -> dict[str, float]:
-    """Caption <-> sample retrieval by late interaction: `retrieval_late/<modality>/<metric>`."""
-    out: dict[str, float] = {}
-    if not len(eset.captions) or "text" not in ctx.transforms or "text" not in ctx.model.towers:
+@register("retrieval_late")
+class RetrievalLate(Evaluator):
+    """Caption <-> sample retrieval by late interaction. Target: the modality; metrics as `retrieval`'s
+    caption metrics (`image_retrieval_recall@k`, `text_retrieval_recall@k`; @1 and @5 the headlines)."""
+
+    task = "zeroshot_retrieval"
+
+    def __call__(self, eset: EmbeddedSet, ctx: EvalContext) -> list[Metric]:
+        out: list[Metric] = []
+        if not len(eset.captions) or "text" not in ctx.transforms or "text" not in ctx.model.towers:
+            return out
+        samples, captions = encode_tokens(eset, ctx)
+        for modality, items in samples.items():
+            if len(items.tokens):
+                recalls = late_recalls(items, captions, eset.caption_owner, ctx.runtime.device)
+                out += recall_metrics(self, eset, modality, recalls, "image", "text")
         return out
-    samples, captions = encode_tokens(eset, ctx)
-    for modality, items in samples.items():
-        if len(items.tokens):
-            metrics = late_recalls(items, captions, eset.caption_owner, ctx.device)
-            out.update({f"retrieval_late/{modality}/{k}": v for k, v in metrics.items()})
-    return out

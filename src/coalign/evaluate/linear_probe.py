@@ -25,10 +25,10 @@ from typing import Any, Self
 import pydantic
 import torch
 
+from coalign.evaluate.base import EvalContext, Evaluator, Metric, register
 from coalign.evaluate.classification import classification_metrics
 from coalign.evaluate.embed import EmbeddedSet
-from coalign.evaluate.suite import EvalContext, require_train
-from coalign.registry import EVALUATORS, ConfigError, StrictModel, format_validation_error
+from coalign.registry import ConfigError, StrictModel, format_validation_error
 
 
 class LinearProbeOptions(StrictModel):
@@ -66,7 +66,8 @@ class LinearProbeEvalConfig(LinearProbeOptions):
 
 
 def parse_options(cls: type[StrictModel], options: dict[str, Any], evaluator: str) -> Any:
-    """Validate an evaluator's options; a typo fails naming the key and the valid ones."""
+    """Validate the keyword options of a direct call (`linear_probe(...)`, `knn_classify(...)`); a typo
+    fails naming the key and the valid ones. Evaluators get theirs validated once, when built."""
     try:
         return cls(**options)
     except pydantic.ValidationError as err:
@@ -271,6 +272,20 @@ def linear_probe(
     Returns ``lp_acc1``, ``lp_acc5`` (only when C > 5), ``lp_mean_per_class_recall``, ``lp_weight_decay``.
     """
     opts = parse_options(LinearProbeOptions, options, "linear_probe")
+    return fit_and_score(train_x, train_y, test_x, test_y, num_classes, opts, shots, seed)
+
+
+def fit_and_score(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    opts: LinearProbeOptions,
+    shots: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """`linear_probe` with options already validated (the evaluator's Config is a LinearProbeOptions)."""
     check_features(train_x, train_y, test_x, test_y, num_classes)
     device = train_x.device
     if shots is not None:
@@ -328,20 +343,25 @@ def labelled_features(
             yield modality, key, train_x, train_y, test_x, test_y, num_classes
 
 
-@EVALUATORS.register("linear_probe")
-def evaluate_linear_probe(eset: EmbeddedSet, ctx: EvalContext) -> dict[str, float]:
-    """Linear probe per modality and label on the dataset's training split:
-    `linear_probe/<modality>/<label>/lp_<metric>` (options: `LinearProbeEvalConfig`)."""
-    cfg = parse_options(LinearProbeEvalConfig, ctx.options, "linear_probe")
-    train = require_train(eset, ctx, "linear_probe")
-    fit_options = cfg.model_dump(exclude={"shots", "seed"})
-    out: dict[str, float] = {}
-    for modality, key, train_x, train_y, test_x, test_y, c in labelled_features(eset, train):
-        metrics = linear_probe(
-            train_x, train_y, test_x, test_y, c, shots=cfg.shots, seed=cfg.seed, **fit_options
-        )
-        out.update({f"linear_probe/{modality}/{key}/{k}": v for k, v in metrics.items()})
-    return out
+@register("linear_probe")
+class LinearProbe(Evaluator):
+    """Linear probe per modality and label on the dataset's training split (options:
+    `LinearProbeEvalConfig`). Target: the modality; label: the key; metrics `lp_acc1` (headline),
+    `lp_acc5`, `lp_mean_per_class_recall`, `lp_weight_decay`. Fitted on the runtime's device."""
 
+    Config = LinearProbeEvalConfig
+    headlines = frozenset({"lp_acc1"})
+    needs_train = True
 
-evaluate_linear_probe.Config = LinearProbeEvalConfig  # type: ignore[attr-defined]  (EVALUATORS.validate)
+    def benchmark(self) -> dict:
+        return {"fewshot_k": self.config.shots} if self.config.shots is not None else {}
+
+    def __call__(self, eset: EmbeddedSet, ctx: EvalContext) -> list[Metric]:
+        cfg: LinearProbeEvalConfig = self.config
+        train = self.require_train(eset, ctx)
+        device = ctx.runtime.device
+        out: list[Metric] = []
+        for modality, key, train_x, train_y, test_x, test_y, c in labelled_features(eset, train):
+            features = (t.to(device) for t in (train_x, train_y, test_x, test_y))
+            out += self.metrics(eset, modality, key, fit_and_score(*features, c, cfg, cfg.shots, cfg.seed))
+        return out

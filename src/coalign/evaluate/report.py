@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from coalign.data.sources.base import SampleError
+from coalign.evaluate.base import Metric
 from coalign.evaluate.report_model import (
     TOP_K,
     Confusion,
@@ -38,7 +38,8 @@ from coalign.evaluate.report_plots import (
     png_uri,
     thumbnail,
 )
-from coalign.evaluate.suite import summary_rows
+from coalign.evaluate.results import RUN_RESULTS, read_results, run_results_files
+from coalign.io import atomic_write_text
 from coalign.registry import ConfigError
 
 __all__ = [
@@ -89,17 +90,18 @@ UNREADABLE = '<div class="thumb unreadable">unreadable</div>'
 @dataclass
 class MetricLog:
     train: dict[int, dict[str, float]]  # step -> metrics
-    eval: dict[int, dict[str, float]]  # step -> {"<dataset>/<metric>": value}
+    eval: dict[int, list[Metric]]  # step -> the records of every evaluation at that step
     bad_lines: int = 0
-    later_evals: int = 0  # eval/*.json files merged into `eval`
+    later_evals: int = 0  # results files not written by the trainer (`coalign eval`, suites)
 
 
 def read_metrics(run_dir: Path) -> MetricLog:
-    """metrics.jsonl (plus later `coalign eval` results in eval/*.json) by kind and step.
+    """Training rows of metrics.jsonl by step, and the records of every results file of the run by step.
 
     A resumed run appends to metrics.jsonl, so a step can repeat: the last value of each key at a
-    (kind, step) wins. Eval rows of one step (one per dataset) merge into one. Unreadable lines are
-    counted, not fatal: a run killed mid-write leaves a truncated last line.
+    step wins. Unreadable lines are counted, not fatal: a run killed mid-write leaves a truncated last
+    line. Evaluations come from the results files (`run_results_files`), never from the log's flat
+    keys; of two records of one thing at one step, the later file's wins.
     """
     log = MetricLog({}, {})
     path = run_dir / "metrics.jsonl"
@@ -110,18 +112,16 @@ def read_metrics(run_dir: Path) -> MetricLog:
         except (ValueError, KeyError, TypeError, AttributeError):
             log.bad_lines += line.strip() != ""
             continue
-        target = log.eval if kind == "eval" else log.train if kind == "train" else None
-        if target is not None:
-            target.setdefault(step, {}).update({k: v for k, v in row.items() if _number(v)})
-    for file in sorted((run_dir / "eval").glob("*.json")):
-        try:
-            data = json.loads(file.read_text())
-            step, results = int(data["step"]), dict(data["results"])
-        except (ValueError, KeyError, TypeError, OSError):
-            continue  # not a `coalign eval` result (suites write their own layout beside them)
-        flat = {f"{d}/{k}": v for d, m in results.items() for k, v in m.items() if _number(v)}
-        log.eval.setdefault(step, {}).update(flat)
-        log.later_evals += 1
+        if kind == "train":
+            log.train.setdefault(step, {}).update({k: v for k, v in row.items() if _number(v)})
+    merged: dict[int, dict[tuple, Metric]] = {}
+    for file in run_results_files(run_dir):
+        results = read_results(file)
+        if results.step is None:
+            continue
+        merged.setdefault(results.step, {}).update((m.identity, m) for m in results.metrics)
+        log.later_evals += results.by != "train"
+    log.eval = {step: list(merged[step].values()) for step in sorted(merged)}
     return log
 
 
@@ -177,23 +177,20 @@ def summary_section(run_dir: Path, recipe: dict, log: MetricLog) -> str:
         facts.append(("unreadable metric lines", str(log.bad_lines)))
     dl = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in facts)
     out = f'<dl class="facts">{dl}</dl>'
-    results_path = run_dir / "results.json"
+    results_path = run_dir / RUN_RESULTS
     if results_path.exists():
-        results, origin = json.loads(results_path.read_text()), "results.json (final evaluation)"
+        metrics, origin = read_results(results_path).metrics, f"{RUN_RESULTS} (final evaluation)"
     elif log.eval:
         step = max(log.eval)
-        results, origin = {}, f"the last evaluation in metrics.jsonl (step {step}; no results.json yet)"
-        for k, v in log.eval[step].items():
-            dataset, _, metric = k.partition("/")
-            results.setdefault(dataset, {})[metric] = v
+        metrics, origin = log.eval[step], f"the last evaluation (step {step}; no {RUN_RESULTS} yet)"
     else:
-        return out + _missing("No results.json and no evaluation in metrics.jsonl: no headline numbers.")
-    rows = summary_rows(results)
-    datasets = list(dict.fromkeys(d for d, _, _ in rows))
-    metrics = list(dict.fromkeys(m for _, m, _ in rows))
-    value = {(d, m): v for d, m, v in rows}
-    pct = lambda d, m: f"{100 * value[d, m]:.1f}%" if (d, m) in value else ""
-    cells = [[m] + [pct(d, m) for d in datasets] for m in metrics]
+        return out + _missing(f"No {RUN_RESULTS} and no evaluation results: no headline numbers.")
+    rows = [m for m in metrics if m.headline]
+    datasets = list(dict.fromkeys(m.dataset for m in rows))
+    keys = list(dict.fromkeys(m.key for m in rows))
+    value = {(m.dataset, m.key): m.value for m in rows}
+    pct = lambda d, k: f"{100 * value[d, k]:.1f}%" if (d, k) in value else ""
+    cells = [[k] + [pct(d, k) for d in datasets] for k in keys]
     out += f'<p class="note">Headline numbers from {html.escape(origin)}.</p>'
     return out + _table(["metric", *datasets], cells, "headline")
 
@@ -221,30 +218,34 @@ def schedule_section(log: MetricLog) -> str:
 
 
 def eval_section(log: MetricLog) -> str:
-    """One axis per (dataset, evaluator): zero-shot top-1 per label, retrieval recall@k, and any other
-    evaluator's metrics; counts (`samples`, `skipped/*`) are left out."""
+    """One axis per (dataset, evaluator), one line per headline metric of that evaluator (zero-shot
+    top-1 per modality and label, retrieval recall@1 and @5, ...), over the evaluation steps."""
     if not log.eval:
-        return _missing("No evaluation rows in metrics.jsonl and no eval/*.json: nothing to plot.")
-    keys = list(dict.fromkeys(k for step in sorted(log.eval) for k in log.eval[step]))
-    datasets = list(dict.fromkeys(k.partition("/")[0] for k in keys))  # in the order they were logged
-    natural = lambda k: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", k)]  # @5 before @10
+        return _missing("No evaluation rows: no results files in eval/ (nothing to plot).")
+    first: dict[tuple, Metric] = {}  # identity -> its first record, in the order evaluations came
+    for step in sorted(log.eval):
+        for m in log.eval[step]:
+            if m.headline:
+                first.setdefault(m.identity, m)
+    datasets = list(dict.fromkeys(m.dataset for m in first.values()))
     panels: dict[str, Lines] = {}
-    for key in sorted(keys, key=lambda k: (datasets.index(k.partition("/")[0]), natural(k))):
-        dataset, _, metric = key.partition("/")
-        family, _, rest = metric.partition("/")
-        if not rest or family == "skipped" or (family == "zero_shot" and not metric.endswith("/acc1")):
-            continue
-        label = rest.removesuffix("/acc1").replace("image_retrieval_", "text→image ")
-        label = label.replace("text_retrieval_", "image→text ")
-        panels.setdefault(f"{dataset}: {family}", {})[label] = series(log.eval, key)
+    # Lines in the order the evaluators list their metrics (recall@1 before @5); datasets as first seen.
+    for m in sorted(first.values(), key=lambda m: datasets.index(m.dataset)):
+        line = " ".join(p for p in (m.target, m.label, m.name) if p is not None)
+        panels.setdefault(f"{m.dataset}: {m.evaluator}", {})[line] = _eval_series(log, m.identity)
     if not panels:
-        return _missing("The evaluation rows hold no plottable metrics.")
+        return _missing("The evaluation results hold no headline metrics to plot.")
     steps = sorted(log.eval)
     shown = ", ".join(map(str, steps)) if len(steps) <= 12 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
     note = f"{len(steps)} evaluation step(s): {shown}"
     note += f"; {log.later_evals} from later `coalign eval` runs." if log.later_evals else "."
     plots = line_plots(list(panels.items()), ncols=2, fractions=True, legend_out=True)
     return f'<p class="note">{html.escape(note)}</p>{plots}'
+
+
+def _eval_series(log: MetricLog, identity: tuple) -> tuple[list[int], list[float]]:
+    points = [(s, m.value) for s in sorted(log.eval) for m in log.eval[s] if m.identity == identity]
+    return [s for s, _ in points], [v for _, v in points]
 
 
 def confusion_section(view: ModelView) -> str:
@@ -380,6 +381,5 @@ def write_report(
     """Write the report of `run_dir` to `out` (default RUN/report.html) and return its path."""
     page = build_report(run_dir, max_samples=max_samples, examples=examples)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    atomic_write_text(path, page)
     return path

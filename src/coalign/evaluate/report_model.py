@@ -15,7 +15,8 @@ import torch
 from coalign.data.sample import first_caption
 from coalign.data.sources.base import Source
 from coalign.evaluate.classification import class_embeddings, confusion_matrix
-from coalign.evaluate.embed import EmbeddedSet, embed_source, text_encoder
+from coalign.evaluate.embed import EmbeddedSet, embed_eval_set, text_encoder
+from coalign.runtime import Runtime
 
 TOP_K = 5  # images shown per retrieval query
 
@@ -54,11 +55,15 @@ class ModelView:
 @torch.no_grad()
 def inspect_model(run_dir: Path, max_samples: int = 500, examples: int = 8) -> ModelView:
     """Embed the first eval dataset with the run's latest checkpoint: zero-shot confusion matrices per
-    (modality, label key), and the top-5 gallery samples for `examples` captions spread over the set."""
+    (modality, label key), and the top-5 gallery samples for `examples` captions spread over the set.
+
+    On the GPU when there is one, in fp32: a few hundred samples cost nothing, and the page's
+    matrices and ranks are then exactly what a reader recomputes from the checkpoint."""
     from coalign.build import build_source, load_run
 
+    runtime = Runtime.create("fp32")
     try:
-        run = load_run(run_dir)
+        run = load_run(run_dir, runtime)
     except FileNotFoundError as err:
         raise Missing(f"no model to load: {err}") from None
     if not run.recipe.data.eval:
@@ -68,9 +73,9 @@ def inspect_model(run_dir: Path, max_samples: int = 500, examples: int = 8) -> M
     name, spec = next(iter(run.recipe.data.eval.items()))
     source = build_source(spec, f"data.eval.{name}")
     batch = run.recipe.eval.batch_size
-    eset = embed_source(name, run.model, run.transforms, source, batch, max_samples)
-    index = eset.indices  # (N,) source index per row (embed_source skips samples it cannot use)
-    encode_text = text_encoder(run.model, run.transforms["text"], torch.device("cpu"), batch)
+    eset = embed_eval_set(name, run.model, run.transforms, source, runtime, batch, max_samples)
+    index = eset.indices  # (N,) source index per row (embed_eval_set skips samples it cannot use)
+    encode_text = text_encoder(run.model, run.transforms["text"], runtime, batch)
     confusions = []
     for key, task in eset.tasks.items():
         if key not in eset.labels:
@@ -101,7 +106,7 @@ def _examples(eset: EmbeddedSet, gallery: str, source: Source, index: torch.Tens
         top = scores.topk(min(TOP_K, len(scores)))
         # Pessimistic, as the recall metrics: every other sample scoring >= the own one ranks above it.
         own_rank = int((scores >= scores[row]).sum())
-        text = source[int(index[row])].get("text")  # the first non-empty caption, as embed_source took it
+        text = source[int(index[row])].get("text")  # the first non-empty caption, as embed_eval_set took it
         caption = first_caption(text)
         hits = [(int(index[i]), float(s)) for s, i in zip(top.values, top.indices, strict=True)]
         out.append(Example(caption, int(index[row]), hits, own_rank))

@@ -1,4 +1,4 @@
-"""Image-text retrieval recall@k, following CLIP_benchmark's definitions.
+"""Retrieval recall@k, following CLIP_benchmark's definitions, and the `retrieval` evaluator.
 
 Two directions, named as in CLIP_benchmark:
 
@@ -29,10 +29,31 @@ average (CLIP_benchmark would count them as misses via 0/0).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from coalign.evaluate.base import EvalContext, Evaluator, Metric, register
+from coalign.evaluate.embed import EmbeddedSet
+
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Recalls:
+    """Recall@k in both directions: `text_to_image[k]` (CLIP_benchmark's ``image_retrieval_recall@k``,
+    the caption is the query) and `image_to_text[k]` (``text_retrieval_recall@k``)."""
+
+    text_to_image: dict[int, float]
+    image_to_text: dict[int, float]
+
+    def named(self) -> dict[str, float]:
+        """CLIP_benchmark's names, k by k: ``image_retrieval_recall@k``, ``text_retrieval_recall@k``."""
+        out: dict[str, float] = {}
+        for k in self.text_to_image:
+            out[f"image_retrieval_recall@{k}"] = self.text_to_image[k]
+            out[f"text_retrieval_recall@{k}"] = self.image_to_text[k]
+        return out
 
 
 def _check_ks(ks: Sequence[int]) -> list[int]:
@@ -69,16 +90,14 @@ def _summarise(
     i2t_rank: torch.Tensor,
     has_caption: torch.Tensor,
     ks: list[int],
-) -> dict[str, float]:
+) -> Recalls:
     # t2i_rank: (T,) number of negative images scoring >= each caption's own image.
     # i2t_rank: (I,) number of negative captions scoring >= each image's best positive caption.
     # A rank is at most (#candidates - 1), so k >= #candidates is always a hit without capping k.
     i2t_rank = i2t_rank[has_caption]
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"image_retrieval_recall@{k}"] = (t2i_rank < k).double().mean().item()
-        out[f"text_retrieval_recall@{k}"] = (i2t_rank < k).double().mean().item()
-    return out
+    t2i = {k: (t2i_rank < k).double().mean().item() for k in ks}
+    i2t = {k: (i2t_rank < k).double().mean().item() for k in ks}
+    return Recalls(t2i, i2t)
 
 
 @torch.no_grad()
@@ -91,6 +110,14 @@ def retrieval_metrics(
     Returns ``image_retrieval_recall@k`` and ``text_retrieval_recall@k`` for each k, in [0, 1].
     See the module docstring for the tie rule and for images without captions.
     """
+    return retrieval_recalls(scores, text_to_image, ks).named()
+
+
+@torch.no_grad()
+def retrieval_recalls(
+    scores: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> Recalls:
+    """`retrieval_metrics` as a `Recalls` record."""
     ks = _check_ks(ks)
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D (T, I), got shape {tuple(scores.shape)}")
@@ -122,7 +149,21 @@ def chunked_retrieval_metrics(
     chunk: int = 4096,
     score_fn: ScoreFn | None = None,
 ) -> dict[str, float]:
-    """Same numbers as ``retrieval_metrics(score_fn(text_emb, image_emb), ...)`` without the full matrix.
+    """Same numbers as ``retrieval_metrics(score_fn(text_emb, image_emb), ...)`` without the full matrix
+    (see `chunked_retrieval_recalls`)."""
+    return chunked_retrieval_recalls(text_emb, image_emb, text_to_image, ks, chunk, score_fn).named()
+
+
+@torch.no_grad()
+def chunked_retrieval_recalls(
+    text_emb: torch.Tensor,
+    image_emb: torch.Tensor,
+    text_to_image: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk: int = 4096,
+    score_fn: ScoreFn | None = None,
+) -> Recalls:
+    """Same numbers as ``retrieval_recalls(score_fn(text_emb, image_emb), ...)`` without the full matrix.
 
     Scores are computed block by block, (chunk, chunk) at a time; ``score_fn(text_chunk, image_chunk)``
     must return their (t, i) similarities (default: ``text_chunk @ image_chunk.T``). Two passes:
@@ -212,3 +253,68 @@ def chunked_retrieval_metrics(
     i2t_rank = i2t_count - ties_best  # the image's captions that reach its best are positives
     has_caption = torch.bincount(text_to_image, minlength=n_img) > 0
     return _summarise(t2i_rank, i2t_rank, has_caption, ks)
+
+
+# --------------------------------------------------------------------------------------------- evaluator
+
+HEADLINE_KS = (1, 5)  # recall@1 and @5 are the headline numbers of every retrieval evaluator
+
+
+def _galleries(eset: EmbeddedSet) -> list[str]:
+    return sorted(m for m in eset.embeddings if bool(eset.has(m).any()))
+
+
+def caption_recalls(eset: EmbeddedSet, modality: str, device: torch.device) -> Recalls | None:
+    """Captions <-> the samples that have `modality`; captions of samples without it are left out."""
+    rows = eset.has(modality)
+    keep = rows[eset.caption_owner]  # (T,) captions whose sample has the modality
+    if not bool(keep.any()):
+        return None
+    new_index = torch.cumsum(rows.long(), 0) - 1  # sample index -> row among the kept samples
+    owner = new_index[eset.caption_owner[keep]]
+    texts, items = eset.captions[keep].to(device), eset.embeddings[modality][rows].to(device)
+    return chunked_retrieval_recalls(texts, items, owner)
+
+
+def recall_metrics(
+    evaluator: Evaluator, eset: EmbeddedSet, target: str, recalls: Recalls, retrieved: str, other: str
+) -> list[Metric]:
+    """`<retrieved>_retrieval_recall@k` from `recalls.text_to_image`, `<other>_retrieval_recall@k` from
+    the other direction, k by k as CLIP_benchmark lists them; @1 and @5 are headlines."""
+    out = []
+    for k in recalls.text_to_image:
+        for side, value in ((retrieved, recalls.text_to_image[k]), (other, recalls.image_to_text[k])):
+            name = f"{side}_retrieval_recall@{k}"
+            out.append(evaluator.metric(eset, target, None, name, value, headline=k in HEADLINE_KS))
+    return out
+
+
+@register("retrieval")
+class Retrieval(Evaluator):
+    """Retrieval between every pair of modalities the model has, CLIP_benchmark's definitions.
+
+    Captions <-> each modality m: target m, `image_retrieval_recall@k` (caption -> m's item) and
+    `text_retrieval_recall@k` (m's item -> caption), CLIP_benchmark's names ("image" is the non-text
+    side). Two non-text modalities a, b: target `a-b`, `<x>_retrieval_recall@k` for retrieving x's
+    item given the other modality's item as the query.
+    """
+
+    task = "zeroshot_retrieval"
+
+    def __call__(self, eset: EmbeddedSet, ctx: EvalContext) -> list[Metric]:
+        device = ctx.runtime.device
+        galleries = _galleries(eset)
+        out: list[Metric] = []
+        for modality in galleries if len(eset.captions) else []:
+            recalls = caption_recalls(eset, modality, device)
+            if recalls is not None:
+                out += recall_metrics(self, eset, modality, recalls, "image", "text")
+        for i, a in enumerate(galleries):
+            for b in galleries[i + 1 :]:
+                rows = eset.has(a, b)
+                if int(rows.sum()) < 2:
+                    continue
+                queries, items = eset.embeddings[a][rows].to(device), eset.embeddings[b][rows].to(device)
+                recalls = chunked_retrieval_recalls(queries, items, torch.arange(int(rows.sum())))
+                out += recall_metrics(self, eset, f"{a}-{b}", recalls, b, a)  # a queries b, b queries a
+        return out

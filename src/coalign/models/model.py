@@ -71,6 +71,26 @@ class MultimodalModel(nn.Module):
         embedding[valid] = inner.embedding
         return Features(inner.tokens, inner.pooled, embedding.view(B, k, -1), valid.view(B, k))
 
+    def token_embeddings(
+        self, modality: str, x: Any, prefix: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every token of `x` in the shared space: (B, N, E) float32 L2-normalised embeddings and their
+        (B, N) mask (None = all real). See `project_tokens`."""
+        return self.project_tokens(modality, self.features(modality, x).tokens, prefix)
+
+    def project_tokens(
+        self, modality: str, tokens: Tokens, prefix: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token features (B, N, D) of `modality` -> projected, L2-normalised (B, N', E) float32 token
+        embeddings and their (B, N') mask (None = all real).
+
+        The head is the one that projects pooled features, applied to every token (it maps the last
+        dimension), so token and pooled embeddings live in one space. The tower's prefix tokens (a
+        ViT's CLS) are dropped unless `prefix`: late interaction (FILIP) scores content tokens."""
+        skip = 0 if prefix else int(self._tower(modality).num_prefix_tokens)
+        x, mask = tokens.tokens[:, skip:], None if tokens.mask is None else tokens.mask[:, skip:]
+        return F.normalize(self.heads[modality](x).float(), dim=-1), mask
+
     def encode(self, modality: str, x: Any) -> torch.Tensor:
         """(B, E) L2-normalised embeddings: the one function evaluation, search and serving use."""
         return self.features(modality, x).embedding

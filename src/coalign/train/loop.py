@@ -29,7 +29,8 @@ from coalign.data.collate import batch_size
 from coalign.data.loader import train_batches
 from coalign.data.sources.base import SkipCounter, Source
 from coalign.data.transforms.base import Pipeline, Transform
-from coalign.evaluate.suite import evaluate, format_table
+from coalign.evaluate.results import RUN_RESULTS, Results, format_table, step_results_path, write_results
+from coalign.evaluate.run import evaluate
 from coalign.io import atomic_write_json
 from coalign.objectives.task import Task
 from coalign.runtime import Runtime
@@ -45,7 +46,7 @@ DEMO_MARKER = ".coalign-demo"  # `coalign demo` may replace a folder that holds 
 class TrainResult:
     run_dir: Path
     step: int
-    results: dict[str, dict[str, float]]
+    results: Results | None  # the final evaluation; None when the run stopped before its last step
     skipped: SkipCounter
     seconds: float
 
@@ -166,20 +167,21 @@ def train_step(
     return StepOutput(out, grad_norm, n)
 
 
-def run_eval(session: Session, logger: MetricLogger) -> dict[str, dict[str, float]]:
-    recipe, rt = session.recipe, session.runtime
+def run_eval(session: Session, logger: MetricLogger) -> Results:
+    """Evaluate the model as it is now: log the flat view, write RUN/eval/step_N.json."""
+    recipe, step = session.recipe, session.state.step
     results = evaluate(
         session.state.task.model,
         session.eval_transforms,
         session.eval_sources,
         recipe.eval.evaluators,
+        session.runtime,
         recipe.eval.batch_size,
         recipe.eval.max_samples,
-        rt.device,
-        autocast=rt.autocast,
-    )
-    for dataset, metrics in results.items():
-        logger.log(session.state.step, {f"{dataset}/{k}": v for k, v in metrics.items()}, kind="eval")
+    ).about(recipe.name, "", step, "train")
+    for dataset, metrics in results.flat().items():
+        logger.log(step, {f"{dataset}/{k}": v for k, v in metrics.items()}, kind="eval")
+    write_results(step_results_path(session.run_dir, step), results)
     return results
 
 
@@ -225,7 +227,7 @@ def train(
         recipe.data.num_workers,
     )
     end = min(cfg.steps, stop_after or cfg.steps)
-    results: dict[str, dict[str, float]] = {}
+    results: Results | None = None
     started = time.perf_counter()
     state.task.train()
     try:
@@ -249,13 +251,13 @@ def train(
     seconds = time.perf_counter() - started
     if state.step >= cfg.steps:
         results = run_eval(session, logger)
-        atomic_write_json(session.run_dir / "results.json", results)
+        write_results(session.run_dir / RUN_RESULTS, results)
     atomic_write_json(
         session.run_dir / "data_report.json",
         {"skipped": dict(state.skipped), "skipped_rows": state.skipped.record()["rows"], "step": state.step},
     )
     logger.write(f"data: {state.skipped.report()}")
-    if results:
+    if results is not None:
         logger.write(format_table(results))
     logger.close()
     return TrainResult(session.run_dir, state.step, results, state.skipped, seconds)

@@ -1,4 +1,5 @@
-"""Evaluation suites: several evaluators over several datasets, one CLIP_benchmark result file each.
+"""Evaluation suites: several evaluators over several datasets, one results file (and the CLIP_benchmark
+result files derived from it).
 
 A suite is a YAML file:
 
@@ -17,8 +18,9 @@ A suite is a YAML file:
       - {name: linear_probe}
       - {name: knn, k: 20}
 
-Embeddings of every split are cached under the run folder (keyed by checkpoint, source options and
-sample limit), so running a second suite, or the few-shot sweep, over the same data does not re-encode.
+Embeddings of every split are cached under the run folder (keyed by checkpoint, source options,
+sample limit and precision), so running a second suite, or the few-shot sweep, over the same data does
+not re-encode.
 """
 
 from __future__ import annotations
@@ -35,12 +37,15 @@ import yaml
 from coalign.build import LoadedRun, build_source
 from coalign.config import EvaluatorSpec, SourceSpec, evaluator_errors, evaluator_specs
 from coalign.data.sources.base import Source
-from coalign.evaluate.embed import EmbeddedSet, embed_source
-from coalign.evaluate.results import to_records, write_records
-from coalign.evaluate.suite import evaluate
-from coalign.registry import SOURCES, ConfigError, StrictModel, format_validation_error
+from coalign.evaluate.embed import EmbeddedSet, embed_eval_set
+from coalign.evaluate.results import Results, merge_results, write_benchmark_files, write_results
+from coalign.evaluate.run import evaluate
+from coalign.registry import EVALUATORS, SOURCES, ConfigError, StrictModel, format_validation_error
+from coalign.runtime import Runtime
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the key holds the precision
+RESULTS_FILE = "results.json"
+BENCHMARK_FOLDER = "clip_benchmark"
 
 
 class DatasetSpec(StrictModel):
@@ -70,7 +75,13 @@ def load_suite(path: Path | str, overrides: dict[str, Any] | None = None) -> Sui
         raise ConfigError(format_validation_error(err, f"suite {path.name}", Suite)) from None
     errors = evaluator_errors(suite.tasks, "tasks")
     for name, ds in suite.datasets.items():
-        errors += evaluator_errors(ds.tasks or [], f"datasets.{name}.tasks")
+        errors += evaluator_errors(ds.tasks or [], f"datasets.{name}.tasks", train_split=ds.train is not None)
+        fitted = [s.name for s in evaluator_specs(suite.tasks) if _needs_train(s.name)]
+        if ds.tasks is None and ds.train is None and fitted:
+            errors.append(
+                f"datasets.{name}: the suite's tasks {', '.join(fitted)} fit on a labelled training split, "
+                "which this dataset lacks; give it a `train:` split or its own `tasks:`"
+            )
         for split, spec in (("source", ds.source), ("train", ds.train)):
             if spec is None:
                 continue
@@ -84,11 +95,18 @@ def load_suite(path: Path | str, overrides: dict[str, Any] | None = None) -> Sui
     return suite
 
 
-class EmbeddingCache:
-    """Embedded splits on disk under `folder`, keyed by (checkpoint, source options, limit)."""
+def _needs_train(name: str) -> bool:
+    return name in EVALUATORS and bool(getattr(EVALUATORS.get(name), "needs_train", False))
 
-    def __init__(self, run: LoadedRun, folder: Path, batch_size: int, progress: bool = True):
-        self.run, self.folder, self.batch_size, self.progress = run, folder, batch_size, progress
+
+class EmbeddingCache:
+    """Embedded splits on disk under `folder`, keyed by (checkpoint, source options, limit, precision)."""
+
+    def __init__(
+        self, run: LoadedRun, folder: Path, runtime: Runtime, batch_size: int, progress: bool = True
+    ):
+        self.run, self.folder, self.runtime = run, folder, runtime
+        self.batch_size, self.progress = batch_size, progress
         self.hits = self.misses = 0
 
     def key(self, spec: SourceSpec, limit: int | None) -> str:
@@ -98,6 +116,7 @@ class EmbeddingCache:
             "step": self.run.step,
             "source": spec.model_dump(mode="json"),
             "limit": limit,
+            "precision": self.runtime.precision,
         }
         return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -108,8 +127,15 @@ class EmbeddingCache:
             data = torch.load(path, weights_only=False)
             return EmbeddedSet(**data, tasks=source.zero_shot_tasks())
         self.misses += 1
-        eset = embed_source(
-            name, self.run.model, self.run.transforms, source, self.batch_size, limit, progress=self.progress
+        eset = embed_eval_set(
+            name,
+            self.run.model,
+            self.run.transforms,
+            source,
+            self.runtime,
+            self.batch_size,
+            limit,
+            self.progress,
         )
         self.folder.mkdir(parents=True, exist_ok=True)
         data = {k: v for k, v in vars(eset).items() if k != "tasks"}
@@ -125,8 +151,8 @@ def evaluate_dataset(
     name: str,
     tasks: list[str | EvaluatorSpec] | None,
     cache: EmbeddingCache,
-) -> dict[str, float]:
-    """{key: value} of `tasks` (default: the dataset's, else the suite's) on one dataset of the suite."""
+) -> Results:
+    """`tasks` (default: the dataset's, else the suite's) on one dataset, on the cache's runtime."""
     ds = suite.datasets[name]
     test = build_source(ds.source, f"datasets.{name}.source")
     train = build_source(ds.train, f"datasets.{name}.train") if ds.train is not None else None
@@ -138,40 +164,38 @@ def evaluate_dataset(
 
     if tasks is None:
         tasks = ds.tasks if ds.tasks is not None else suite.tasks
-    out = evaluate(
+    return evaluate(
         run.model,
         run.transforms,
         {name: test},
         tasks,
+        cache.runtime,
         suite.batch_size,
         suite.max_samples,
         train_sources={name: train} if train is not None else None,
         embedded=embedded,
     )
-    return out[name]
 
 
 def run_suite(
     run: LoadedRun,
     suite: Suite,
     out_dir: Path,
+    runtime: Runtime,
     model_name: str | None = None,
     progress: bool = True,
     cache_dir: Path | None = None,
-) -> tuple[dict[str, dict[str, float]], list[Path]]:
-    """Evaluate `run` on every dataset of `suite`; write one result file per (dataset, task) into
-    `out_dir`. Returns the flat results ({dataset: {key: value}}) and the files written."""
-    cache = EmbeddingCache(run, cache_dir or run_cache_dir(run), suite.batch_size, progress)
-    model = model_name or run.recipe.name
-    results: dict[str, dict[str, float]] = {}
-    paths: list[Path] = []
-    for name, ds in suite.datasets.items():
-        results[name] = evaluate_dataset(run, suite, name, None, cache)
-        tasks = evaluator_specs(ds.tasks if ds.tasks is not None else suite.tasks)
-        extra = {s.name: {"fewshot_k": s.options()["shots"]} for s in tasks if s.options().get("shots")}
-        records = to_records({name: results[name]}, model, run.checkpoint.name, extra)
-        paths += write_records(records, out_dir)
-    return results, paths
+) -> tuple[Results, list[Path]]:
+    """Evaluate `run` on every dataset of `suite` on `runtime`; write `out_dir/results.json` and the
+    CLIP_benchmark files derived from it into `out_dir/clip_benchmark/`. Returns the results and the
+    CLIP_benchmark files."""
+    cache = EmbeddingCache(run, cache_dir or run_cache_dir(run), runtime, suite.batch_size, progress)
+    parts = [evaluate_dataset(run, suite, name, None, cache) for name in suite.datasets]
+    results = merge_results(parts).about(
+        model_name or run.recipe.name, run.checkpoint, run.step, f"suite {suite.name}"
+    )
+    write_results(out_dir / RESULTS_FILE, results)
+    return results, write_benchmark_files(results, out_dir / BENCHMARK_FOLDER)
 
 
 def run_cache_dir(run: LoadedRun) -> Path:
