@@ -149,6 +149,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _log_to_stderr() -> None:
+    """The library's warnings (a damaged checkpoint passed over, ...) as `coalign: warning: ...` lines."""
+    import logging
+
+    log = logging.getLogger("coalign")
+    if not any(getattr(h, "_coalign", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("coalign: %(levelname)s: %(message)s"))
+        handler._coalign = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="coalign", description="One embedding space for many modalities.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     for add in (*builders, add_embed, add_index, add_search, add_serve):
         add(sub)
     args = parser.parse_args(argv)
+    _log_to_stderr()
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:

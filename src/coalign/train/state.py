@@ -53,7 +53,7 @@ class TrainState:
             "rng": rng_state(),
             "step": self.step,
             "data_position": self.step,  # batches consumed; the loader's order is a function of (seed, step)
-            "skipped": dict(self.skipped),
+            "skipped": self.skipped.record(),  # counts and the first rows of each reason
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -61,7 +61,9 @@ class TrainState:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
-        self.skipped = SkipCounter(state.get("skipped", {}))
+        skipped = state.get("skipped", {})
+        # {"counts", "rows"}; checkpoints from before rows were kept hold plain counts
+        self.skipped = SkipCounter.from_record(skipped) if "counts" in skipped else SkipCounter(skipped)
 
     def save(self, run_dir: Path, keep: int) -> Path:
         return save_checkpoint(run_dir, self.step, self.task.state_dict(), self.state_dict(), keep)
