@@ -202,7 +202,7 @@ def test_no_traceback_reaches_stderr(override, tmp_path):
     env.pop("COALIGN_DEBUG", None)
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "coalign.cli", "train", "demo", override, "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "coalign", "train", "demo", override, "--smoke", "--out", str(out)],
         capture_output=True,
         text=True,
         env=env,

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from coalign.cli.report import add_report
 from coalign.evaluate.report import SECTIONS, read_metrics, thumbnail, write_report
-from coalign.evaluate.report_command import add_report
 from coalign.evaluate.results import read_results
 
 EVAL_SAMPLES = 24

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from coalign.cli.search import build_parser
 from coalign.config import load_recipe
 from coalign.data.sources.base import SampleError
 from coalign.registry import ConfigError
@@ -26,7 +27,6 @@ from coalign.search import (
     thumbnail_file,
     write_manifest,
 )
-from coalign.search.commands import build_parser
 from coalign.search.embed import embed_source, resolve_source_spec
 from coalign.search.index import IndexRule, build_index, choose_index
 from coalign.search.query import Hit, SearchIndex, exact_search

@@ -357,7 +357,7 @@ def test_thumbnail_route_cannot_escape(tmp_path, path):
 
 
 def _serve_args(*argv: str):
-    from coalign.serve.commands import add_serve
+    from coalign.cli.serve import add_serve
 
     parser = argparse.ArgumentParser(prog="coalign")
     add_serve(parser.add_subparsers(dest="command"))

@@ -1,7 +1,4 @@
-"""The `coalign embed | index | search` subcommands (argparse builders in the style of coalign.cli).
-
-Wired into coalign.cli by adding `add_embed, add_index, add_search` to its list of subcommand builders.
-"""
+"""`coalign embed | index | search`: embed a source into shards, index them, query the index."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The `coalign compare | fewshot` subcommands and `coalign eval --suite` (argparse builders in the
-style of coalign.cli, which lists them)."""
+"""`coalign eval | compare | fewshot`: evaluate a run (its recipe's sets, or a suite), pivot result
+files into a comparison table, and the few-shot sweep."""
 
 from __future__ import annotations
 
@@ -22,6 +22,55 @@ def load_for_eval(run_path: Path) -> tuple[LoadedRun, Runtime]:
 
     runtime = Runtime.create()
     return load_run(run_path, runtime), runtime
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run or checkpoint",
+        description="Zero-shot classification and "
+        "retrieval on the recipe's evaluation sets (or those named by overrides).",
+    )
+    p.add_argument("run", type=Path, help="run folder or checkpoint folder")
+    p.add_argument("--out", type=Path, help="results JSON (default: RUN/eval/step_N.json)")
+    p.add_argument("--max-samples", type=int, help="evaluate at most this many samples per set")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--suite",
+        type=Path,
+        help="suite YAML: several evaluators over several datasets, one CLIP_benchmark result file each "
+        "(written to --out, a folder; default RUN/eval/<suite>-step_N)",
+    )
+    p.add_argument("--model", help="model name in the result files (default: the recipe's name)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from coalign.build import build_source
+    from coalign.evaluate.results import format_table, step_results_path, write_results
+    from coalign.evaluate.run import evaluate
+
+    if args.suite:
+        return run_suite_command(args.run, args.suite, args.out, args.model)
+    run, runtime = load_for_eval(args.run)
+    sources = {k: build_source(s, f"data.eval.{k}") for k, s in run.recipe.data.eval.items()}
+    if not sources:
+        raise ConfigError("the recipe has no data.eval sets to evaluate on")
+    max_samples = args.max_samples or run.recipe.eval.max_samples
+    results = evaluate(
+        run.model,
+        run.transforms,
+        sources,
+        run.recipe.eval.evaluators,
+        runtime,
+        args.batch_size,
+        max_samples,
+        progress=True,
+    ).about(args.model or run.recipe.name, run.checkpoint, run.step, "eval")
+    out = write_results(args.out or step_results_path(run.run_dir, run.step), results)
+    print(format_table(results))
+    print(f"results: {out}")
+    return 0
 
 
 def run_suite_command(run_path: Path, suite_path: Path, out: Path | None, model: str | None) -> int:
