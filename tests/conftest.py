@@ -21,20 +21,28 @@ def tiny_recipe():
 
 
 @pytest.fixture(scope="session")
-def real_index(tmp_path_factory):
-    """A real SearchIndex: a run trained for a few steps, a small world split embedded and indexed.
-    Session-wide: the serve tests (test_serve_api, test_serve_faults) share one."""
-    from coalign.config import load_recipe
-    from coalign.search.embed import embed_source
-    from coalign.search.index import build_index
-    from coalign.search.query import SearchIndex
+def tiny_run(tmp_path_factory):
+    """A run of the smoke demo trained for 4 steps, once per session: enough for tests that check
+    the plumbing around a model (search, serving, suites), not the model. Read it; copy it to write."""
     from coalign.train.loop import train
 
-    root = tmp_path_factory.mktemp("serve_real")
+    root = tmp_path_factory.mktemp("tiny_run")
     sizes = ["data.train.size=96", "data.eval.heldout_samples.size=24", "data.eval.heldout_combos.size=24"]
     recipe = load_recipe("demo", [*sizes, "train.steps=4", "eval.evaluators=[]"], smoke=True)
     train(recipe, root / "run", progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def real_index(tmp_path_factory, tiny_run):
+    """A real SearchIndex: the tiny run, a small world split embedded and indexed.
+    Session-wide: the serve tests (test_serve_api, test_serve_faults) share one."""
+    from coalign.search.embed import embed_source
+    from coalign.search.index import build_index
+    from coalign.search.query import SearchIndex
+
+    root = tmp_path_factory.mktemp("serve_real")
     spec = {"source": "world", "split": "test", "size": 30}
-    embed_source(root / "run", spec, root / "emb", batch_size=16, shard_size=16, progress=False)
+    embed_source(tiny_run, spec, root / "emb", batch_size=16, shard_size=16, progress=False)
     build_index(root / "emb", sample_queries=10)
     return SearchIndex.load(root / "emb")

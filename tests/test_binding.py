@@ -14,6 +14,7 @@ from coalign.objectives.binding import AllPairs, Anchored
 from coalign.objectives.contrastive import InfoNCE
 from coalign.objectives.task import Task
 from coalign.registry import OBJECTIVES, ConfigError
+from helpers import brute_force_info_nce, descend
 
 MODS = ["image", "text", "audio", "points"]
 
@@ -33,18 +34,6 @@ def _features(embeddings):
 def _clip(a, b, feats, batch):
     """The reference pairwise term: the `clip` objective on modalities (a, b), same temperature."""
     return InfoNCE(modalities=(a, b))(feats, batch)["clip_loss"]
-
-
-def brute_info_nce(a, b, scale):
-    """1/2B sum_i [-log softmax_j(s a_i.b_j)_i - log softmax_j(s a_j.b_i)_i], by loops."""
-    B = a.shape[0]
-    total = 0.0
-    for i in range(B):
-        pos = scale * (a[i] * b[i]).sum()
-        row = torch.stack([scale * (a[i] * b[j]).sum() for j in range(B)])
-        col = torch.stack([scale * (a[j] * b[i]).sum() for j in range(B)])
-        total = total - (pos - torch.logsumexp(row, 0)) - (pos - torch.logsumexp(col, 0))
-    return total / (2 * B)
 
 
 def _grads(loss, tensors):
@@ -140,7 +129,7 @@ def test_missing_modalities_use_rows_with_both_and_backward_works(cls, pairs):
     expected = []
     for a, b in pairs:
         both = present[a] & present[b]
-        expected.append(brute_info_nce(full[a].detach()[both], full[b].detach()[both], scale))
+        expected.append(brute_force_info_nce(full[a].detach()[both], full[b].detach()[both], scale))
     torch.testing.assert_close(out[f"{obj.name}_loss"], sum(expected) / len(expected))
     out[f"{obj.name}_loss"].backward()
     for leaf in leaves.values():
@@ -229,11 +218,5 @@ def test_a_few_steps_reduce_the_loss(cls):
     def loss():
         return obj(_features({m: F.normalize(p, dim=-1) for m, p in raw.items()}), {})[f"{obj.name}_loss"]
 
-    first = loss().item()
-    params = [*raw.values(), *obj.parameters()]
-    for _ in range(30):  # plain gradient descent: torch.optim's first step imports for seconds
-        grads = torch.autograd.grad(loss(), params)
-        with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                p -= 0.5 * g
-    assert loss().item() < 0.5 * first
+    first, last = descend(loss, [*raw.values(), *obj.parameters()])
+    assert last < 0.5 * first

@@ -21,6 +21,7 @@ from coalign.objectives.filip import FILIP, filip_loss, late_interaction_scores
 from coalign.objectives.task import Task
 from coalign.registry import ENCODERS, OBJECTIVES, ConfigError
 from coalign.runtime import Runtime
+from helpers import assert_same_value_and_gradient
 
 # ----------------------------------------------------------------------------------- brute force
 
@@ -86,14 +87,11 @@ def test_scores_known_values_and_asymmetry():
 def test_filip_loss_matches_brute_force_value_and_gradient(image_mask, text_chunk):
     x, mx, y, my = _tokens(image_mask=image_mask)
     scale = torch.tensor(1 / 0.07, dtype=torch.float64, requires_grad=True)
-    fast = filip_loss(x, mx, y, my, scale, text_chunk)
-    fx, fy, fs = torch.autograd.grad(fast, (x, y, scale))
-    slow = brute_force_loss(x, mx, y, my, scale)
-    sx, sy, ss = torch.autograd.grad(slow, (x, y, scale))
-    torch.testing.assert_close(fast, slow)
-    torch.testing.assert_close(fx, sx)
-    torch.testing.assert_close(fy, sy)
-    torch.testing.assert_close(fs, ss)
+    assert_same_value_and_gradient(
+        lambda: filip_loss(x, mx, y, my, scale, text_chunk),
+        lambda: brute_force_loss(x, mx, y, my, scale),
+        (x, y, scale),
+    )
 
 
 def test_scores_match_brute_force_for_unequal_batches():

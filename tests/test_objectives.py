@@ -9,18 +9,7 @@ from coalign.models.encoders.base import Tokens
 from coalign.models.model import Features
 from coalign.objectives.contrastive import InfoNCE, info_nce
 from coalign.objectives.task import Task
-
-
-def brute_force_info_nce(a, b, scale):
-    """L = 1/2B sum_i [-log e^{s a_i.b_i}/sum_j e^{s a_i.b_j} - log e^{s a_i.b_i}/sum_j e^{s a_j.b_i}]."""
-    B = a.shape[0]
-    total = 0.0
-    for i in range(B):
-        pos = scale * (a[i] * b[i]).sum()
-        row = torch.stack([scale * (a[i] * b[j]).sum() for j in range(B)])
-        col = torch.stack([scale * (a[j] * b[i]).sum() for j in range(B)])
-        total = total - (pos - torch.log(torch.exp(row).sum())) - (pos - torch.log(torch.exp(col).sum()))
-    return total / (2 * B)
+from helpers import assert_same_value_and_gradient, brute_force_info_nce
 
 
 def _pair(B=7, E=5, seed=0):
@@ -33,14 +22,9 @@ def _pair(B=7, E=5, seed=0):
 def test_info_nce_matches_brute_force_value_and_gradient():
     a, b = _pair()
     scale = torch.tensor(1 / 0.07, dtype=torch.float64, requires_grad=True)
-    fast = info_nce(a, b, scale)
-    ga, gb, gs = torch.autograd.grad(fast, (a, b, scale))
-    slow = brute_force_info_nce(a, b, scale)
-    sa, sb, ss = torch.autograd.grad(slow, (a, b, scale))
-    torch.testing.assert_close(fast, slow)
-    torch.testing.assert_close(ga, sa)
-    torch.testing.assert_close(gb, sb)
-    torch.testing.assert_close(gs, ss)
+    assert_same_value_and_gradient(
+        lambda: info_nce(a, b, scale), lambda: brute_force_info_nce(a, b, scale), (a, b, scale)
+    )
 
 
 def test_info_nce_known_values():

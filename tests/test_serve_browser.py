@@ -45,24 +45,15 @@ def sync_playwright():
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory):
-    from coalign.config import load_recipe
+def index(tmp_path_factory, tiny_run):
+    # A few training steps suffice: the test compares the page with the library, not the model with truth.
     from coalign.search.embed import embed_source
     from coalign.search.index import build_index
     from coalign.search.query import SearchIndex
-    from coalign.train.loop import train
 
     root = tmp_path_factory.mktemp("serve_browser")
-    recipe = load_recipe(
-        "demo",
-        # A few steps suffice: the test compares the page with the library, not the model with the truth.
-        ["data.train.size=96", "data.eval.heldout_samples.size=24", "data.eval.heldout_combos.size=24"]
-        + ["train.steps=4", "eval.evaluators=[]"],
-        smoke=True,
-    )
-    train(recipe, root / "run", progress=False)
     spec = {"source": "world", "split": "test", "size": 40}
-    embed_source(root / "run", spec, root / "emb", batch_size=20, shard_size=20, progress=False)
+    embed_source(tiny_run, spec, root / "emb", batch_size=20, shard_size=20, progress=False)
     build_index(root / "emb", sample_queries=10)
     return SearchIndex.load(root / "emb")
 

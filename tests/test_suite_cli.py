@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from coalign.cli import main
-from coalign.config import load_recipe, recipes_dir
+from coalign.config import recipes_dir
 from coalign.evaluate.results import LAYOUT_KEYS
 from coalign.evaluate.suites import load_suite
-from coalign.train.loop import train
 
 pytestmark = pytest.mark.slow
 
@@ -34,15 +34,9 @@ batch_size: 64
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_run):
     root = tmp_path_factory.mktemp("suite_cli")
-    recipe = load_recipe(
-        "demo",
-        ["data.train.size=96", "data.eval.heldout_samples.size=24", "data.eval.heldout_combos.size=24"]
-        + ["train.steps=4", "eval.evaluators=[]"],
-        smoke=True,
-    )
-    train(recipe, root / "run", progress=False)
+    shutil.copytree(tiny_run, root / "run")  # the suite writes its results and cache into the run
     (root / "tiny.yaml").write_text(SUITE)
     return root
 

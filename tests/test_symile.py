@@ -17,6 +17,7 @@ from coalign.objectives.symile import (
     multilinear_inner_product,
     symile_loss,
 )
+from helpers import descend
 
 MODS = ["image", "text", "audio", "points"]
 
@@ -180,14 +181,8 @@ def test_a_few_steps_reduce_the_loss(negatives):
         torch.manual_seed(1)  # the same negatives at every evaluation, for a fair comparison
         return obj(_features(MODS[:3], [F.normalize(p, dim=-1) for p in raw]), {})["symile_loss"]
 
-    first = loss().item()
-    params = [*raw, *obj.parameters()]
-    for _ in range(30):  # plain gradient descent: torch.optim's first step imports for seconds
-        grads = torch.autograd.grad(loss(), params)
-        with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                p -= 0.5 * g
-    assert loss().item() < 0.8 * first
+    first, last = descend(loss, [*raw, *obj.parameters()])
+    assert last < 0.8 * first
 
 
 @pytest.mark.parametrize("negatives", ["n", "n_squared"])

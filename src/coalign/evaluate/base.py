@@ -20,7 +20,7 @@ import torch
 
 from coalign.data.sources.base import Source
 from coalign.data.transforms.base import Transform
-from coalign.evaluate.embed import EmbeddedSet
+from coalign.evaluate.embed import EmbeddedSet, labelled_features
 from coalign.models.model import MultimodalModel
 from coalign.registry import EVALUATORS, ConfigError, StrictModel
 from coalign.runtime import Runtime
@@ -158,6 +158,35 @@ class Evaluator:
                 "name one as `train:` beside the dataset's source in the suite"
             )
         return ctx.train
+
+
+class FittedEvaluator(Evaluator):
+    """An evaluator that fits something on the dataset's labelled training split (k shots per class
+    when its Config sets `shots`): linear probe, kNN, CoOp. A subclass implements `fit` (one modality,
+    one label: features in, metrics out) or, to see both splits whole, `scores`."""
+
+    needs_train = True
+
+    def benchmark(self) -> dict:
+        shots = getattr(self.config, "shots", None)
+        return {"fewshot_k": shots} if shots is not None else {}
+
+    def __call__(self, eset: EmbeddedSet, ctx: EvalContext) -> list[Metric]:
+        scores = self.scores(eset, self.require_train(eset, ctx), ctx)
+        return [
+            m for (target, label), vals in scores.items() for m in self.metrics(eset, target, label, vals)
+        ]
+
+    def scores(self, eset: EmbeddedSet, train: EmbeddedSet, ctx: EvalContext) -> dict:
+        """{(modality, label key): {metric: value}}, fitting on the runtime's device."""
+        device = ctx.runtime.device
+        return {
+            (modality, key): self.fit(*(t.to(device) for t in (train_x, train_y, test_x, test_y)), c)
+            for modality, key, train_x, train_y, test_x, test_y, c in labelled_features(eset, train)
+        }
+
+    def fit(self, train_x, train_y, test_x, test_y, num_classes: int) -> dict[str, float]:
+        raise NotImplementedError
 
 
 def register(name: str) -> Callable[[type[Evaluator]], type[Evaluator]]:

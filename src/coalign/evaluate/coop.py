@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coalign.data.transforms.base import Transform
-from coalign.evaluate.base import EvalContext, Evaluator, Metric, register
+from coalign.evaluate.base import EvalContext, FittedEvaluator, register
 from coalign.evaluate.classification import chunked_classification_metrics
 from coalign.evaluate.embed import EmbeddedSet
 from coalign.evaluate.linear_probe import sample_shots
@@ -278,24 +278,14 @@ def coop_metrics(
 
 
 @register("coop")
-class CoOp(Evaluator):
+class CoOp(FittedEvaluator):
     """CoOp few-shot classification (options: `CoOpOptions`). Target: the modality; label: the key;
     metrics `acc1` (headline), `acc5`, `mean_per_class_recall`."""
 
     Config = CoOpOptions
     headlines = frozenset({"acc1"})
-    needs_train = True
 
-    def benchmark(self) -> dict:
-        return {"fewshot_k": self.config.shots} if self.config.shots is not None else {}
-
-    def __call__(self, eset: EmbeddedSet, ctx: EvalContext) -> list[Metric]:
-        opts: CoOpOptions = self.config
-        train = self.require_train(eset, ctx)
+    def scores(self, eset: EmbeddedSet, train: EmbeddedSet, ctx: EvalContext) -> dict:
         if "text" not in ctx.transforms or ctx.model is None:
             raise ValueError(f"CoOp tokenises class names but got no text transform ({list(ctx.transforms)})")
-        out: list[Metric] = []
-        results = coop_metrics(ctx.model, ctx.transforms["text"], eset, train, ctx.runtime, opts)
-        for (modality, key), values in results.items():
-            out += self.metrics(eset, modality, key, values)
-        return out
+        return coop_metrics(ctx.model, ctx.transforms["text"], eset, train, ctx.runtime, self.config)

@@ -191,3 +191,40 @@ def embed_eval_set(
         {m: torch.cat(v) for m, v in masks.items() if v and not bool(torch.cat(v).all())},
         torch.tensor(kept_indices, dtype=torch.long),
     )
+
+
+def labelled_features(
+    eset: EmbeddedSet, train: EmbeddedSet
+) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """(modality, label key, train_x, train_y, test_x, test_y, num_classes) for every non-text modality
+    embedded in both splits and every label key both splits carry. The class count is the zero-shot
+    task's when the dataset names one, else the largest label seen plus one."""
+    keys = [k for k in eset.labels if k in train.labels]
+    for modality in eset.embeddings:
+        if modality == "text" or modality not in train.embeddings:
+            continue
+        # Only the samples that have the modality: absent rows are zeros, not features.
+        test_rows, train_rows = eset.has(modality), train.has(modality)
+        if not bool(test_rows.any()) or not bool(train_rows.any()):
+            continue
+        test_x, train_x = eset.embeddings[modality][test_rows], train.embeddings[modality][train_rows]
+        for key in keys:
+            test_y, train_y = eset.labels[key].long(), train.labels[key].long()
+            for split, x, y in (("evaluation", test_rows, test_y), ("training", train_rows, train_y)):
+                if len(x) != len(y):
+                    raise ValueError(
+                        f"dataset '{eset.name}' {split} split: {len(x)} '{modality}' rows "
+                        f"but {len(y)} '{key}' labels"
+                    )
+            test_y, train_y = test_y[test_rows], train_y[train_rows]
+            top = max(int(test_y.max()), int(train_y.max())) + 1
+            if key in eset.tasks:
+                num_classes = len(eset.tasks[key].classnames)
+                if top > num_classes:
+                    raise ValueError(
+                        f"dataset '{eset.name}' label '{key}' reaches {top - 1}, but its task names only "
+                        f"{num_classes} classes"
+                    )
+            else:
+                num_classes = top
+            yield modality, key, train_x, train_y, test_x, test_y, num_classes

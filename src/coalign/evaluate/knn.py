@@ -15,10 +15,9 @@ import pydantic
 import torch
 import torch.nn.functional as F
 
-from coalign.evaluate.base import EvalContext, Evaluator, Metric, register
+from coalign.evaluate.base import FittedEvaluator, register
 from coalign.evaluate.classification import classification_metrics
-from coalign.evaluate.embed import EmbeddedSet
-from coalign.evaluate.linear_probe import check_features, labelled_features, parse_options, sample_shots
+from coalign.evaluate.linear_probe import check_features, parse_options, sample_shots
 from coalign.registry import StrictModel
 
 
@@ -122,27 +121,17 @@ def knn_metrics(
 
 
 @register("knn")
-class Knn(Evaluator):
+class Knn(FittedEvaluator):
     """kNN per modality and label against the dataset's training split (options: `KnnEvalConfig`).
     Target: the modality; label: the key; metrics `knn_acc1` (headline), `knn_acc5`,
     `knn_mean_per_class_recall`. Runs on the runtime's device."""
 
     Config = KnnEvalConfig
     headlines = frozenset({"knn_acc1"})
-    needs_train = True
 
-    def benchmark(self) -> dict:
-        return {"fewshot_k": self.config.shots} if self.config.shots is not None else {}
-
-    def __call__(self, eset: EmbeddedSet, ctx: EvalContext) -> list[Metric]:
+    def fit(self, train_x, train_y, test_x, test_y, num_classes: int) -> dict[str, float]:
         cfg: KnnEvalConfig = self.config
-        train = self.require_train(eset, ctx)
-        device = ctx.runtime.device
-        out: list[Metric] = []
-        for modality, key, train_x, train_y, test_x, test_y, c in labelled_features(eset, train):
-            if cfg.shots is not None:
-                keep = sample_shots(train_y, cfg.shots, cfg.seed).to(train_x.device)
-                train_x, train_y = train_x[keep], train_y[keep]
-            features = (t.to(device) for t in (train_x, train_y, test_x, test_y))
-            out += self.metrics(eset, modality, key, knn_metrics(*features, c, cfg))
-        return out
+        if cfg.shots is not None:
+            keep = sample_shots(train_y, cfg.shots, cfg.seed).to(train_x.device)
+            train_x, train_y = train_x[keep], train_y[keep]
+        return knn_metrics(train_x, train_y, test_x, test_y, num_classes, cfg)

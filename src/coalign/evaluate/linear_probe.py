@@ -19,15 +19,13 @@ blocks of rows with a closed-form gradient, so memory is (block, C) beyond the f
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any, Self
 
 import pydantic
 import torch
 
-from coalign.evaluate.base import EvalContext, Evaluator, Metric, register
+from coalign.evaluate.base import FittedEvaluator, register
 from coalign.evaluate.classification import classification_metrics
-from coalign.evaluate.embed import EmbeddedSet
 from coalign.registry import ConfigError, StrictModel, format_validation_error
 
 
@@ -306,62 +304,15 @@ def fit_and_score(
     return out
 
 
-def labelled_features(
-    eset: EmbeddedSet, train: EmbeddedSet
-) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]]:
-    """(modality, label key, train_x, train_y, test_x, test_y, num_classes) for every non-text modality
-    embedded in both splits and every label key both splits carry. The class count is the zero-shot
-    task's when the dataset names one, else the largest label seen plus one."""
-    keys = [k for k in eset.labels if k in train.labels]
-    for modality in eset.embeddings:
-        if modality == "text" or modality not in train.embeddings:
-            continue
-        # Only the samples that have the modality: absent rows are zeros, not features.
-        test_rows, train_rows = eset.has(modality), train.has(modality)
-        if not bool(test_rows.any()) or not bool(train_rows.any()):
-            continue
-        test_x, train_x = eset.embeddings[modality][test_rows], train.embeddings[modality][train_rows]
-        for key in keys:
-            test_y, train_y = eset.labels[key].long(), train.labels[key].long()
-            for split, x, y in (("evaluation", test_rows, test_y), ("training", train_rows, train_y)):
-                if len(x) != len(y):
-                    raise ValueError(
-                        f"dataset '{eset.name}' {split} split: {len(x)} '{modality}' rows "
-                        f"but {len(y)} '{key}' labels"
-                    )
-            test_y, train_y = test_y[test_rows], train_y[train_rows]
-            top = max(int(test_y.max()), int(train_y.max())) + 1
-            if key in eset.tasks:
-                num_classes = len(eset.tasks[key].classnames)
-                if top > num_classes:
-                    raise ValueError(
-                        f"dataset '{eset.name}' label '{key}' reaches {top - 1}, but its task names only "
-                        f"{num_classes} classes"
-                    )
-            else:
-                num_classes = top
-            yield modality, key, train_x, train_y, test_x, test_y, num_classes
-
-
 @register("linear_probe")
-class LinearProbe(Evaluator):
+class LinearProbe(FittedEvaluator):
     """Linear probe per modality and label on the dataset's training split (options:
     `LinearProbeEvalConfig`). Target: the modality; label: the key; metrics `lp_acc1` (headline),
     `lp_acc5`, `lp_mean_per_class_recall`, `lp_weight_decay`. Fitted on the runtime's device."""
 
     Config = LinearProbeEvalConfig
     headlines = frozenset({"lp_acc1"})
-    needs_train = True
 
-    def benchmark(self) -> dict:
-        return {"fewshot_k": self.config.shots} if self.config.shots is not None else {}
-
-    def __call__(self, eset: EmbeddedSet, ctx: EvalContext) -> list[Metric]:
+    def fit(self, train_x, train_y, test_x, test_y, num_classes: int) -> dict[str, float]:
         cfg: LinearProbeEvalConfig = self.config
-        train = self.require_train(eset, ctx)
-        device = ctx.runtime.device
-        out: list[Metric] = []
-        for modality, key, train_x, train_y, test_x, test_y, c in labelled_features(eset, train):
-            features = (t.to(device) for t in (train_x, train_y, test_x, test_y))
-            out += self.metrics(eset, modality, key, fit_and_score(*features, c, cfg, cfg.shots, cfg.seed))
-        return out
+        return fit_and_score(train_x, train_y, test_x, test_y, num_classes, cfg, cfg.shots, cfg.seed)

@@ -140,18 +140,9 @@ def retrieval_recalls(
     return _summarise(t2i_rank, i2t_rank, has_caption, ks)
 
 
-@torch.no_grad()
-def chunked_retrieval_metrics(
-    text_emb: torch.Tensor,
-    image_emb: torch.Tensor,
-    text_to_image: torch.Tensor,
-    ks: Sequence[int] = (1, 5, 10),
-    chunk: int = 4096,
-    score_fn: ScoreFn | None = None,
-) -> dict[str, float]:
-    """Same numbers as ``retrieval_metrics(score_fn(text_emb, image_emb), ...)`` without the full matrix
-    (see `chunked_retrieval_recalls`)."""
-    return chunked_retrieval_recalls(text_emb, image_emb, text_to_image, ks, chunk, score_fn).named()
+def chunked_retrieval_metrics(*args, **kwargs) -> dict[str, float]:
+    """`chunked_retrieval_recalls(...)` as a dict of CLIP_benchmark names (same arguments)."""
+    return chunked_retrieval_recalls(*args, **kwargs).named()
 
 
 @torch.no_grad()

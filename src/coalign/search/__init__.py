@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from coalign.io import atomic_write_text
+from coalign.io import atomic_write_bytes, atomic_write_text
 
 MANIFEST = "manifest.json"
 METADATA = "metadata.parquet"
@@ -43,22 +41,6 @@ def thumbnail_file(out: Path, row: int) -> Path:
 
 def index_path(out: Path, modality: str) -> Path:
     return out / "index" / f"{modality}.faiss"
-
-
-def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
-    """Write to a temporary file beside `path`, then rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
