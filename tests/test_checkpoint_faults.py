@@ -208,3 +208,15 @@ def test_a_batch_of_one_still_steps_the_schedule_and_writes_the_last_checkpoint(
     assert latest_checkpoint(tmp_path / "run").name == "step_00000003"
     state = torch.load(latest_checkpoint(tmp_path / "run") / STATE, weights_only=False)
     assert state["scheduler"]["last_epoch"] == 3  # the schedule advanced on the skipped step too
+
+
+def test_an_out_folder_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "file").write_text("x")
+    target = (
+        locked / "file" / "run"
+    )  # a path through a file: NotADirectoryError, as a read-only disk would be
+    assert main(["train", "demo", "--smoke", "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("coalign train: error:")

@@ -76,9 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
-        # Bad input (a recipe, a path, too few samples for k shots) is a message, not a traceback;
-        # COALIGN_DEBUG=1 shows the traceback.
+    except (
+        ConfigError,
+        FileNotFoundError,
+        FileExistsError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+        ValueError,
+    ) as err:
+        # Bad input (a recipe, a path, a folder one may not write, too few samples for k shots) is a
+        # message, not a traceback; COALIGN_DEBUG=1 shows the traceback.
         if os.environ.get("COALIGN_DEBUG"):
             raise
         print(f"coalign {args.command}: error: {err}", file=sys.stderr)
