@@ -11,36 +11,21 @@ from torch import nn
 from coalign.models.encoders.audio import hz_to_mel, mel_filterbank, mel_to_hz, power_spectrogram
 from coalign.models.encoders.points import farthest_point_sample, knn
 from coalign.registry import ENCODERS
+from parts import tiny_encoder, tiny_encoder_options
 
-SMALL = {
-    "audio_transformer": {
-        "sample_rate": 8000,
-        "num_samples": 2048,
-        "n_fft": 256,
-        "hop_length": 128,
-        "n_mels": 32,
-        "patch": (8, 4),
-        "width": 32,
-        "depth": 1,
-        "heads": 2,
-    },
-    "point_transformer": {
-        "num_points": 128,
-        "channels": 3,
-        "groups": 16,
-        "group_size": 8,
-        "width": 32,
-        "depth": 1,
-        "heads": 2,
-    },
-    "tabular_transformer": {"numeric": 3, "categories": [4, 2], "width": 32, "depth": 1, "heads": 2},
-    "tabular_mlp": {"numeric": 3, "categories": [4, 2], "width": 32, "depth": 2},
+# What these tests assert on (patch grids, column layouts), over each encoder's tiny settings and the
+# inputs of its modality's tiny transform (8 kHz audio of 2048 samples, clouds of 128 points with RGB).
+LAYOUT = {
+    "audio_transformer": {"n_fft": 256, "hop_length": 128, "n_mels": 32, "patch": (8, 4)},
+    "point_transformer": {},
+    "tabular_transformer": {"numeric": 3, "categories": [4, 2]},
+    "tabular_mlp": {"numeric": 3, "categories": [4, 2]},
 }
 POOLED = ["audio_transformer", "point_transformer", "tabular_transformer"]  # those with a pool option
 
 
 def build(name: str, **overrides):
-    return ENCODERS.create(name, **{**SMALL[name], **overrides})
+    return tiny_encoder(name, **{**LAYOUT[name], **overrides})
 
 
 # ---------------------------------------------------------------------------------------- contract
@@ -65,7 +50,7 @@ def test_shapes_and_gradients_reach_every_parameter(name, pool):
         assert p.grad.abs().sum() > 0, f"{name}: no gradient reaches {pname}"
 
 
-@pytest.mark.parametrize("name", list(SMALL))
+@pytest.mark.parametrize("name", list(LAYOUT))
 def test_deterministic_and_independent_of_the_rest_of_the_batch(name):
     torch.manual_seed(0)
     enc = build(name).eval()
@@ -85,8 +70,9 @@ def test_deterministic_and_independent_of_the_rest_of_the_batch(name):
     ],
 )
 def test_inputs_from_the_transform_are_required(name, missing):
+    options = {**tiny_encoder_options(name, **LAYOUT[name]), missing: None}  # as if no transform said
     with pytest.raises(ValueError, match=f"needs .*{missing}|needs {missing}"):
-        build(name, **{missing: None})
+        ENCODERS.create(name, **options)
 
 
 # ------------------------------------------------------------------------------------------- audio
@@ -206,9 +192,10 @@ def test_groups_are_relative_to_their_centre_and_keep_channels():
     enc = build("point_transformer")
     points = torch.randn(2, 128, 6)
     centres, patches = enc.group(points)
-    assert centres.shape == (2, 16, 3) and patches.shape == (2, 16, 8, 6)
+    G, k = enc.cfg.groups, enc.cfg.group_size
+    assert centres.shape == (2, G, 3) and patches.shape == (2, G, k, 6)
     # Each centre is a point of the cloud, so it is its own nearest neighbour: offset 0, its own colour.
-    torch.testing.assert_close(patches[:, :, 0, :3], torch.zeros(2, 16, 3))
+    torch.testing.assert_close(patches[:, :, 0, :3], torch.zeros(2, G, 3))
     colours = {tuple(p.tolist()) for p in points[0, :, 3:]}
     assert all(tuple(c.tolist()) in colours for c in patches[0, :, :, 3:].reshape(-1, 3))
 

@@ -443,11 +443,12 @@ def shrink(recipe: Recipe) -> Recipe:
     r.data.batch_size = min(r.data.batch_size, 32)
     r.data.num_workers = 0
     r.eval.max_samples = min(r.eval.max_samples or 10**9, 128)
+    # The tiny settings of the sources and encoders (each Config's `tiny()`); a transform's are left
+    # out: they fix the tower inputs (image size, tokenizer) that the recipe's data and model agree on.
     parts = [(SOURCES, s.source, s) for s in [r.data.train, *r.data.eval.values()]]
     parts += [(ENCODERS, t.encoder, t) for t in r.model.towers.values()]
     for registry, name, spec in parts:
-        cls = registry.config_class(name)
-        for key, small in getattr(cls, "smoke_options", dict)().items():
+        for key, small in registry.tiny(name).items():
             current = spec.options().get(key)
             setattr(spec, key, min(current, small) if isinstance(current, int | float) else small)
     return validate_recipe(r.model_dump())

@@ -4,6 +4,11 @@ Sources, transforms, encoders, objectives and evaluators all live in a `Registry
 entry may carry a pydantic `Config` class (as a class attribute); `create(name, **cfg)` validates
 the keyword arguments against it before building, so a recipe with a misspelt key fails at start.
 
+Every part's Config may offer its tiny settings, a classmethod `tiny() -> dict` of options: the
+smallest instance worth running. `--smoke` applies them to a recipe's sources and encoders
+(`config.shrink`), and the tests over every registry (`tests/test_registries.py`) build each entry
+from them, so a part added tomorrow is tested the day it is registered.
+
 Registries fill themselves: the first lookup (`get`, `names`, `in`, ...) imports every module of
 the part packages (`PACKAGES`), in sorted order so registration is deterministic. A new objective is
 one new file in `coalign/objectives/` with one decorator, and nothing else to edit; no caller has to
@@ -16,6 +21,7 @@ import difflib
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
 import pydantic
@@ -144,6 +150,21 @@ class Registry(Generic[T]):
         parsed = self.validate(name, cfg, where or f"{self.kind} '{name}'")
         ctor = self.get(name)
         return ctor(parsed) if parsed is not None else ctor(**cfg)
+
+    def tiny(self, name: str) -> dict[str, Any]:
+        """The entry's tiny settings (its Config's `tiny()`), or {} when it offers none."""
+        return dict(getattr(self.config_class(name), "tiny", dict)())
+
+    @contextmanager
+    def temporary(self, name: str, obj: Callable[..., T]) -> Iterator[Callable[..., T]]:
+        """Register `obj` as `name` for the duration of a `with` block (tests: a toy entry that must
+        not outlive the test), then remove it again, even when the block raises."""
+        discover()  # first, so that discovery cannot register `name` itself inside the block
+        self.register(name)(obj)
+        try:
+            yield obj
+        finally:
+            del self._entries[name]
 
     def names(self) -> list[str]:
         discover()

@@ -232,7 +232,7 @@ class WorldConfig(StrictModel):
     cache_mb: float = pydantic.Field(1024.0, ge=0.0)  # stop caching new samples past this many megabytes
 
     @classmethod
-    def smoke_options(cls) -> dict:
+    def tiny(cls) -> dict:
         return {"size": 256}
 
     @pydantic.field_validator("modalities")

@@ -49,6 +49,11 @@ class CoOpOptions(StrictModel):
     lr: float = pydantic.Field(0.002, gt=0)
     batch_size: int = pydantic.Field(32, ge=1)
     logit_scale: float = pydantic.Field(100.0, gt=0)
+
+    @classmethod
+    def tiny(cls) -> dict:
+        return {"shots": 1, "steps": 3, "batch_size": 8}
+
     seed: int = 0
     labels: list[str] | None = None  # label keys to evaluate; None: every key with a zero-shot task
 

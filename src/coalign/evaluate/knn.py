@@ -36,6 +36,10 @@ class KnnEvalConfig(KnnOptions):
     shots: int | None = pydantic.Field(None, ge=1)  # samples per class from the training split; None = all
     seed: int = 0
 
+    @classmethod
+    def tiny(cls) -> dict:
+        return {"k": 3}
+
 
 @torch.no_grad()
 def nearest(

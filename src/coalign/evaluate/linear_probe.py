@@ -62,6 +62,10 @@ class LinearProbeEvalConfig(LinearProbeOptions):
     shots: int | None = pydantic.Field(None, ge=1)  # samples per class from the training split; None = all
     seed: int = 0
 
+    @classmethod
+    def tiny(cls) -> dict:
+        return {"max_iter": 20, "wd_steps": 5, "wd_coarse": 3}
+
 
 def parse_options(cls: type[StrictModel], options: dict[str, Any], evaluator: str) -> Any:
     """Validate the keyword options of a direct call (`linear_probe(...)`, `knn_classify(...)`); a typo

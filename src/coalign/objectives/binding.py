@@ -43,6 +43,10 @@ class BindingOptions(TemperatureOptions):
     # (views `<modality>@<view>` are only used when named here).
     modalities: list[str] | None = None
 
+    @classmethod
+    def tiny(cls) -> dict:
+        return {"modalities": ["image", "text", "points"]}  # three: a joint term needs more than a pair
+
     @pydantic.field_validator("modalities")
     @classmethod
     def _distinct(cls, value: list[str] | None) -> list[str] | None:

@@ -33,6 +33,10 @@ class SimCLRConfig(ObjectiveConfig):
     head_hidden: int = pydantic.Field(4096, gt=0)  # SLIP: 4096
     head_dim: int = pydantic.Field(256, gt=0)  # SLIP: 256
 
+    @classmethod
+    def tiny(cls) -> dict:
+        return {"head_hidden": 32, "head_dim": 16}
+
     @pydantic.field_validator("views")
     @classmethod
     def _two_views_of_one_modality(cls, views: tuple[str, str]) -> tuple[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from coalign.data.sample import Sample, captions
@@ -50,6 +51,35 @@ class Source:
 
     def zero_shot_tasks(self) -> dict[str, ZeroShotTask]:
         return {}
+
+    @classmethod
+    def example(cls, folder: Path) -> dict[str, Any]:
+        """Options that read a few samples in this source's format, after writing them under `folder`:
+        the registry tests run every source on them (with its Config's tiny settings). A source that
+        reads no files (the built-in world) needs none: {}."""
+        return {}
+
+
+# (class name, RGB) of the images that file sources write for `Source.example`
+EXAMPLE_COLOURS = [("red", (220, 30, 30)), ("green", (30, 180, 40)), ("blue", (30, 70, 230))]
+
+
+def write_example_images(folder: Path, count: int = 6, classes: bool = False) -> list[tuple[str, str, int]]:
+    """`count` small PNGs of plain colours under `folder` (in one subfolder per colour with
+    `classes`): [(path relative to folder, caption, class index)], for `Source.example`."""
+    import numpy as np
+    from PIL import Image
+
+    rows = []
+    for i in range(count):
+        label = i % len(EXAMPLE_COLOURS)
+        colour, rgb = EXAMPLE_COLOURS[label]
+        rel = Path(colour if classes else ".") / f"image{i}.png"
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.broadcast_to(np.array(rgb, dtype=np.uint8), (16, 16, 3))
+        Image.fromarray(np.ascontiguousarray(pixels)).save(folder / rel)
+        rows.append((rel.as_posix(), f"a {colour} square, number {i}", label))
+    return rows
 
 
 class ZeroShotTask:

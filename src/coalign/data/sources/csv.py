@@ -36,7 +36,7 @@ import numpy as np
 import pydantic
 
 from coalign.data.sample import META_KEYS, Sample
-from coalign.data.sources.base import SampleError, Source
+from coalign.data.sources.base import SampleError, Source, write_example_images
 from coalign.registry import SOURCES, ConfigError, StrictModel, suggest
 
 SEPARATOR_ALIASES = {"tab": "\t", "\\t": "\t", "comma": ",", "pipe": "|"}
@@ -59,7 +59,7 @@ class ManifestConfig(StrictModel):
     required: list[str] | None = None  # modalities a row must have; default: image (if set) and text (if set)
 
     @classmethod
-    def smoke_options(cls) -> dict:
+    def tiny(cls) -> dict:
         return {}
 
     @pydantic.field_validator("modality_keys")
@@ -295,6 +295,12 @@ class CSVSource(Source):
             if i < len(row) and not_utf8(row[i]):
                 return "bad_encoding", f"column '{k}' is not UTF-8 text"
         return None
+
+    @classmethod
+    def example(cls, folder: Path) -> dict[str, Any]:
+        with open(folder / "manifest.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("filepath", "title", "label"), *write_example_images(folder)])
+        return {"path": str(folder / "manifest.csv"), "label_keys": ["label"]}
 
     def __len__(self) -> int:
         return self.rows

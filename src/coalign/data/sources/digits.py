@@ -96,7 +96,7 @@ class DigitsConfig(StrictModel):
     seed: int = 0  # chooses captions only; the split is fixed
 
     @classmethod
-    def smoke_options(cls) -> dict:
+    def tiny(cls) -> dict:
         return {}  # 1,797 tiny images are already smoke-sized
 
     @pydantic.field_validator("split")

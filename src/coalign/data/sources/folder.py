@@ -13,7 +13,7 @@ from typing import Any
 import pydantic
 
 from coalign.data.sample import Sample
-from coalign.data.sources.base import Source, ZeroShotTask
+from coalign.data.sources.base import Source, ZeroShotTask, write_example_images
 from coalign.registry import SOURCES, ConfigError, StrictModel
 
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"]
@@ -26,7 +26,7 @@ class FolderConfig(StrictModel):
     labels_from_folders: bool = False  # top-level subfolder names become sample["label"]["class"]
 
     @classmethod
-    def smoke_options(cls) -> dict:
+    def tiny(cls) -> dict:
         return {}
 
     @pydantic.field_validator("extensions")
@@ -81,6 +81,12 @@ class ImageFolderSource(Source):
             text = ""
         label = {"class": self._class_index[rel.parts[0]]} if self.classes else {}
         return {"id": rel.as_posix(), "image": str(image), "text": text, "label": label}
+
+    @classmethod
+    def example(cls, folder: Path) -> dict[str, Any]:
+        for rel, caption, _ in write_example_images(folder, classes=True):
+            (folder / rel).with_suffix(".txt").write_text(caption)
+        return {"path": str(folder), "labels_from_folders": True}
 
     def zero_shot_tasks(self) -> dict[str, ZeroShotTask]:
         if not self.classes:

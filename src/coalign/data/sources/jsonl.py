@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from coalign.data.sample import Sample, clean_text
-from coalign.data.sources.base import SampleError, Source
+from coalign.data.sources.base import SampleError, Source, write_example_images
 from coalign.data.sources.csv import (
     ManifestConfig,
     blank,
@@ -151,6 +151,13 @@ class JSONLSource(Source):
             )
         if any(isinstance(r, dict) for r in self.records):  # a wrong key name fails at start
             check_keys(wanted, sorted(seen), "jsonl", self.path)
+
+    @classmethod
+    def example(cls, folder: Path) -> dict[str, Any]:
+        rows = write_example_images(folder)
+        lines = [json.dumps({"image": path, "caption": text, "label": label}) for path, text, label in rows]
+        (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+        return {"path": str(folder / "manifest.jsonl"), "label_keys": ["label"]}
 
     def __len__(self) -> int:
         return len(self.records)

@@ -37,6 +37,10 @@ class AudioConfig(StrictModel):
     gain_db: float = pydantic.Field(3.0, ge=0.0)  # training only: random gain in [-gain_db, +gain_db]
     shift_seconds: float = pydantic.Field(0.05, ge=0.0)  # training only: random time shift
 
+    @classmethod
+    def tiny(cls) -> dict:
+        return {"sample_rate": 8000, "seconds": 0.256}  # 2048 samples
+
     @property
     def num_samples(self) -> int:
         return int(round(self.seconds * self.sample_rate))
@@ -115,6 +119,7 @@ def decode_audio(value: Any, sample_rate: int) -> np.ndarray:
 @TRANSFORMS.register("audio")
 class AudioTransform(Transform):
     Config = AudioConfig
+    modality = "audio"
     shared_with_views = ("sample_rate", "seconds")
 
     def __init__(self, cfg: AudioConfig | None = None, **kwargs):

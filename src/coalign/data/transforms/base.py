@@ -21,6 +21,10 @@ class Transform:
     """
 
     train: bool = True
+    # The kind of raw value it reads (a world modality: image, text, audio, points, tabular): the
+    # registry tests draw raw values of it from the built-in world and pair it with that modality's
+    # encoders.
+    modality: str = ""
     # Options a view `<modality>@<view>` must share with its modality's transform: the view is encoded by
     # the same tower (image size) and reads the same learnt state (tokenizer).
     shared_with_views: tuple[str, ...] = ()

@@ -38,6 +38,10 @@ class ImageConfig(StrictModel):
     # larger images (width x height, read from the header before decoding) are skipped: image_too_large
     max_pixels: int = pydantic.Field(MAX_PIXELS, gt=0)
 
+    @classmethod
+    def tiny(cls) -> dict:
+        return {"size": 32, "crop_scale": (0.5, 1.0)}  # training augments, as real recipes do
+
     @pydantic.field_validator("std")
     @classmethod
     def _divides(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -106,6 +110,7 @@ def decode_image(value: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
 @TRANSFORMS.register("image")
 class ImageTransform(Transform):
     Config = ImageConfig
+    modality = "image"
     shared_with_views = ("size", "mean", "std")
 
     def __init__(self, cfg: ImageConfig | None = None, **kwargs):

@@ -51,6 +51,10 @@ class PointsConfig(StrictModel):
     jitter: float = pydantic.Field(0.01, ge=0.0)  # training only: std of Gaussian noise on xyz
     eval_sampling: Literal["even", "fps"] = "even"
 
+    @classmethod
+    def tiny(cls) -> dict:
+        return {"num_points": 128}
+
 
 # ------------------------------------------------------------------------------------------- PLY
 
@@ -192,6 +196,7 @@ def farthest_point_indices(xyz: np.ndarray, k: int) -> np.ndarray:
 @TRANSFORMS.register("points")
 class PointsTransform(Transform):
     Config = PointsConfig
+    modality = "points"
     shared_with_views = ("num_points", "channels", "normalize")
 
     def __init__(self, cfg: PointsConfig | None = None, **kwargs):

@@ -46,6 +46,10 @@ class TabularConfig(StrictModel):
     noise: float = pydantic.Field(0.0, ge=0.0)  # training only: Gaussian noise on standardised numerics
     drop_prob: float = pydantic.Field(0.0, ge=0.0, lt=1.0)  # training only: chance to blank each field
 
+    @classmethod
+    def tiny(cls) -> dict:
+        return {"fit_samples": 64}
+
     @pydantic.model_validator(mode="after")
     def _check_fields(self) -> TabularConfig:
         if not self.numeric and not self.categorical:
@@ -91,6 +95,7 @@ def parse_record(value: Any) -> dict[str, Any]:
 @TRANSFORMS.register("tabular")
 class TabularTransform(Transform):
     Config = TabularConfig
+    modality = "tabular"
     shared_with_views = ("numeric", "categorical", "fit_samples")
 
     def __init__(self, cfg: TabularConfig | None = None, **kwargs):

@@ -46,6 +46,10 @@ class BPEConfig(StrictModel):
     # training only: captions per sample per step; k > 1 gives (k, L) groups (see the module docstring)
     captions: int = pydantic.Field(1, ge=1)
 
+    @classmethod
+    def tiny(cls) -> dict:
+        return {"vocab_size": 300, "context_length": 16, "fit_samples": 64}
+
     @pydantic.field_validator("context_length")
     @classmethod
     def _room_for_a_word(cls, v: int) -> int:
@@ -83,6 +87,7 @@ def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
 @TRANSFORMS.register("bpe")
 class BPETextTransform(Transform):
     Config = BPEConfig
+    modality = "text"
     shared_with_views = ("context_length", "vocab_size", "path", "fit_samples")
 
     def __init__(self, cfg: BPEConfig | None = None, **kwargs):

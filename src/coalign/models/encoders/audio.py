@@ -42,7 +42,7 @@ class AudioConfig(EncoderConfig):
     pool: Literal["cls", "mean"] = "cls"  # cls adds a CLS token; mean averages the patch tokens
 
     @classmethod
-    def smoke_options(cls) -> dict:
+    def tiny(cls) -> dict:
         return {"width": 32, "depth": 1, "heads": 2}
 
     @pydantic.model_validator(mode="after")
@@ -100,6 +100,7 @@ def power_spectrogram(wave: torch.Tensor, n_fft: int, hop_length: int, window: t
 @ENCODERS.register("audio_transformer")
 class AudioTransformer(Encoder):
     Config = AudioConfig
+    modality = "audio"
     input_ndim = 2
 
     def __init__(self, cfg: AudioConfig):

@@ -76,6 +76,9 @@ class Tokens(NamedTuple):
 
 
 class Encoder(nn.Module):
+    # The kind of raw value its input is made from (a world modality: image, text, audio, points,
+    # tabular); the registry tests feed it what that modality's transforms produce.
+    modality: str = ""
     width: int  # D, the token width
     input_ndim: int  # dimensions of one batch of inputs: 4 for (B, 3, H, W) images, 2 for (B, L) ids
     num_prefix_tokens: int = 0  # leading tokens that are not content (a ViT's CLS), timm's name

@@ -38,7 +38,7 @@ class PointsConfig(EncoderConfig):
     pool: Literal["cls", "mean"] = "cls"  # cls adds a CLS token; mean averages the patch tokens
 
     @classmethod
-    def smoke_options(cls) -> dict:
+    def tiny(cls) -> dict:
         return {"width": 32, "depth": 1, "heads": 2, "groups": 16, "group_size": 16}
 
     @pydantic.field_validator("groups", "group_size")
@@ -132,6 +132,7 @@ class PatchPointNet(nn.Module):
 @ENCODERS.register("point_transformer")
 class PointTransformer(Encoder):
     Config = PointsConfig
+    modality = "points"
     input_ndim = 3
 
     def __init__(self, cfg: PointsConfig):

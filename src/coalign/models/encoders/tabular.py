@@ -37,7 +37,7 @@ class FTTransformerConfig(TabularFields):
     pool: Literal["cls", "mean"] = "cls"  # cls adds a CLS token; mean averages the feature tokens
 
     @classmethod
-    def smoke_options(cls) -> dict:
+    def tiny(cls) -> dict:
         return {"width": 32, "depth": 1, "heads": 2}
 
 
@@ -48,7 +48,7 @@ class TabularMLPConfig(TabularFields):
     dropout: Dropout = 0.0
 
     @classmethod
-    def smoke_options(cls) -> dict:
+    def tiny(cls) -> dict:
         return {"width": 32, "depth": 1, "feature_dim": 4}
 
 
@@ -137,6 +137,7 @@ def example_table(numeric: int, categories: list[int], batch: int) -> torch.Tens
 @ENCODERS.register("tabular_transformer")
 class TabularTransformer(Encoder):
     Config = FTTransformerConfig
+    modality = "tabular"
     input_ndim = 2
 
     def __init__(self, cfg: FTTransformerConfig):
@@ -170,6 +171,7 @@ class TabularMLP(Encoder):
     """Feature vectors concatenated -> MLP -> one token: the baseline a transformer must beat."""
 
     Config = TabularMLPConfig
+    modality = "tabular"
     input_ndim = 2
 
     def __init__(self, cfg: TabularMLPConfig):

@@ -37,7 +37,7 @@ class TextConfig(EncoderConfig):
     pool: Literal["eos", "mean", "first"] = "eos"  # eos: the last real token, as CLIP
 
     @classmethod
-    def smoke_options(cls) -> dict:
+    def tiny(cls) -> dict:
         return {"width": 32, "depth": 1, "heads": 2}
 
     @pydantic.field_validator("pad_id")
@@ -52,6 +52,7 @@ class TextConfig(EncoderConfig):
 @ENCODERS.register("text_transformer")
 class TextTransformer(Encoder):
     Config = TextConfig
+    modality = "text"
     input_ndim = 2
 
     def valid_items(self, ids: torch.Tensor) -> torch.Tensor:

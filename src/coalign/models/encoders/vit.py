@@ -31,7 +31,7 @@ class ViTConfig(EncoderConfig):
     mask_ratio: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
 
     @classmethod
-    def smoke_options(cls) -> dict:
+    def tiny(cls) -> dict:
         return {"width": 32, "depth": 1, "heads": 2}
 
     @pydantic.field_validator("patch_size")
@@ -73,6 +73,7 @@ def random_keep(batch: int, patches: int, mask_ratio: float, device: torch.devic
 @ENCODERS.register("vit")
 class ViT(Encoder):
     Config = ViTConfig
+    modality = "image"
     input_ndim = 4
     num_prefix_tokens = 1  # the CLS token
 
