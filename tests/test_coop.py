@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import coalign.models.heads  # noqa: F401  (register the heads)
 from coalign.data.sources.base import ZeroShotTask
 from coalign.data.transforms.text import EOS, PAD, BPETextTransform, train_bpe
 from coalign.evaluate.base import EvalContext, metric_dict
