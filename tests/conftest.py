@@ -46,3 +46,14 @@ def real_index(tmp_path_factory, tiny_run):
     embed_source(tiny_run, spec, root / "emb", batch_size=16, shard_size=16, progress=False)
     build_index(root / "emb", sample_queries=10)
     return SearchIndex.load(root / "emb")
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    """A tiny trained run, for objectives that distil from a teacher (a Config field `teacher`)."""
+    from coalign.train.loop import train
+
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    sizes = ["data.train.size=32", "data.eval={}", "eval.evaluators=[]", "train.steps=1"]
+    train(load_recipe("demo", sizes, smoke=True), out, progress=False)
+    return out

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from coalign.build import load_run
-from coalign.config import load_recipe
 from coalign.data.sample import base_modality
 from coalign.data.sources.base import Source, ZeroShotTask
 from coalign.evaluate.base import EvalContext, Metric
@@ -145,24 +144,19 @@ def test_source(name, tmp_path):
 # --------------------------------------------------------------------------------------- objectives
 
 
-@pytest.fixture(scope="session")
-def teacher(tmp_path_factory):
-    """A tiny trained run, for objectives that distil from a teacher (a Config field `teacher`)."""
-    from coalign.train.loop import train
-
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    sizes = ["data.train.size=32", "data.eval={}", "eval.evaluators=[]", "train.steps=1"]
-    train(load_recipe("demo", sizes, smoke=True), out, progress=False)
-    return out
+def needs_teacher(name: str) -> bool:
+    return "teacher" in getattr(OBJECTIVES.config_class(name), "model_fields", {})
 
 
-def objective_setup(name: str, tmp_path, request) -> tuple[Objective, torch.nn.Module, dict]:
+def objective_setup(
+    name: str, tmp_path, request=None, teacher=None
+) -> tuple[Objective, torch.nn.Module, dict]:
     """The objective at its tiny settings, bound to a tiny model with a tower for each modality it
     names (image and text when it names none), and a batch where every other sample lacks the last
-    of them."""
+    of them. A teacher run comes from `teacher` (a path) or the session fixture."""
     options = OBJECTIVES.tiny(name)
-    if "teacher" in getattr(OBJECTIVES.config_class(name), "model_fields", {}):
-        run = load_run(request.getfixturevalue("teacher"))
+    if needs_teacher(name):
+        run = load_run(teacher or request.getfixturevalue("teacher"))
         options["teacher"] = str(run.run_dir)
     cfg = OBJECTIVES.validate(name, options)
     keys = [k for named in getattr(cfg, "batch_keys", dict)().values() for k in named]

@@ -96,6 +96,8 @@ class TrainConfig(StrictModel):
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = pydantic.Field(1e-6, gt=0)  # AdamW divides by sqrt(v) + eps; v is 0 for an unused weight
     grad_clip: float | None = 1.0  # max gradient norm; null: no clipping
+    # GradCache: encode the batch in this many micro-batches (memory of one), losses on the whole batch
+    accumulate: int = pydantic.Field(1, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     log_every: int = pydantic.Field(10, gt=0)
     eval_every: int = pydantic.Field(0, ge=0)  # 0: only at the end
@@ -337,6 +339,11 @@ def _validate_parts(recipe: Recipe) -> None:
         for m in recipe.data.drop_modalities
         if m not in recipe.model.towers
     ]
+    if recipe.train.accumulate > recipe.data.batch_size:
+        errors.append(
+            f"train.accumulate: {recipe.train.accumulate} micro-batches cannot be cut from a batch of "
+            f"{recipe.data.batch_size} (data.batch_size); use at most that many"
+        )
     if errors:
         raise recipe_error([line for e in errors for line in e.splitlines()])
 

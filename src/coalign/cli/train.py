@@ -20,23 +20,52 @@ def add_train(sub) -> None:
         "--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train with N processes on this machine (runs torchrun; data.batch_size is the global batch)",
+    )
     p.set_defaults(func=cmd_train, takes_overrides=True)
 
 
 def cmd_train(args) -> int:
+    import os
+
     from coalign.config import load_recipe
+    from coalign.train.distributed import launch
     from coalign.train.loop import train
 
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+    recipe = None
+    if not args.resume:
+        if not args.recipe:
+            raise ConfigError("coalign train needs a recipe (or --resume RUN_DIR)")
+        recipe = load_recipe(args.recipe, args.overrides, smoke=args.smoke)  # errors before any launch
+        if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("under torchrun, name the run folder with --out (every rank must agree on it)")
+        args.out = args.out or Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.nproc > 1:
+        return launch(args.nproc, _argv(args))
     if args.resume:
         result = train(None, args.resume, resume=True, progress=not args.no_progress)
     else:
-        if not args.recipe:
-            raise ConfigError("coalign train needs a recipe (or --resume RUN_DIR)")
-        recipe = load_recipe(args.recipe, args.overrides, smoke=args.smoke)
-        out = args.out or Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        result = train(recipe, out, progress=not args.no_progress)
-    print(f"run folder: {result.run_dir}")
+        result = train(recipe, args.out, progress=not args.no_progress)
+    if result.step and int(os.environ.get("RANK", "0")) == 0:
+        print(f"run folder: {result.run_dir}")
     return 0
+
+
+def _argv(args) -> list[str]:
+    """The same `train` command for each process that torchrun starts (without --nproc)."""
+    if args.resume:
+        argv = ["train", "--resume", str(args.resume)]
+    else:
+        argv = ["train", args.recipe, *args.overrides, "--out", str(args.out)]
+        argv += ["--smoke"] if args.smoke else []
+    return argv + (["--no-progress"] if args.no_progress else [])
 
 
 def add_list(sub) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from coalign.data.sample import Sample
+from coalign.data.sample import META_KEYS, Sample
 from coalign.data.sources.base import SkipCounter
 
 
@@ -42,3 +42,34 @@ def collate(
 
 def batch_size(batch: dict[str, Any]) -> int:
     return len(batch["id"])
+
+
+def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    """Cut a collated batch into `parts` contiguous micro-batches of (nearly) equal size, in order.
+
+    A key's tensor covers only the rows that have it, so the rows of micro-batch [s, e) are, for
+    each key, those of its present samples among s..e-1 (a prefix count of the mask). Concatenating
+    the micro-batches' rows key by key gives back the batch's rows: GradCache relies on it."""
+    n = batch_size(batch)
+    if not 1 <= parts <= n:
+        raise ValueError(f"cannot split a batch of {n} samples into {parts} parts")
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    present = batch.get("present", {})
+    out = []
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        part: dict[str, Any] = {"id": batch["id"][s:e], "present": {}, "label": {}}
+        for key, value in batch.items():
+            if key in META_KEYS or not isinstance(value, torch.Tensor):
+                continue
+            mask = present.get(key)
+            if mask is None:
+                part[key] = value[s:e]
+            else:
+                before, upto = int(mask[:s].sum()), int(mask[:e].sum())
+                if upto > before:
+                    part[key] = value[before:upto]
+                    part["present"][key] = mask[s:e]
+        part["label"] = {k: v[s:e] for k, v in batch.get("label", {}).items()}
+        part["skipped"], part["skipped_rows"] = {}, {}
+        out.append(part)
+    return out

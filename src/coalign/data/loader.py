@@ -41,12 +41,23 @@ def load_sample(
 
 
 class BatchDataset(torch.utils.data.Dataset):
-    """Item `step` is the collated training batch for that step."""
+    """Item `step` is the collated training batch for that step: with `shard=(rank, world)`, this
+    rank's contiguous slice of the global batch of `batch_size` samples. The slices of all ranks, in
+    rank order, are exactly the single-process batch, so the order does not depend on the world size
+    (resume is exact at any world size that divides the batch)."""
 
-    def __init__(self, source: Source, pipeline: Pipeline, batch_size: int, seed: int):
+    def __init__(
+        self, source: Source, pipeline: Pipeline, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)
+    ):
         if len(source) == 0:
             raise ValueError("the training source is empty")
+        rank, world = shard
+        if batch_size % world or not 0 <= rank < world:
+            raise ValueError(
+                f"a global batch of {batch_size} does not split into {world} ranks (rank {rank})"
+            )
         self.source, self.pipeline, self.batch_size, self.seed = source, pipeline, batch_size, seed
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:  # endless in principle; the loop stops at its step budget
         return 2**62
@@ -54,8 +65,10 @@ class BatchDataset(torch.utils.data.Dataset):
     def positions(self, step: int) -> list[tuple[int, int]]:
         """(epoch, index) of each sample in batch `step`."""
         n = len(self.source)
+        share = self.batch_size // self.world
+        first = step * self.batch_size + self.rank * share
         out = []
-        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+        for pos in range(first, first + share):
             epoch, offset = divmod(pos, n)
             out.append((epoch, int(_permutation(self.seed, epoch, n)[offset])))
         return out
@@ -72,10 +85,16 @@ class BatchDataset(torch.utils.data.Dataset):
 
 
 def train_batches(
-    source: Source, pipeline: Pipeline, batch_size: int, seed: int, start_step: int, num_workers: int = 0
+    source: Source,
+    pipeline: Pipeline,
+    batch_size: int,
+    seed: int,
+    start_step: int,
+    num_workers: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[dict[str, Any]]:
-    """Batches for steps start_step, start_step + 1, ... (endless)."""
-    dataset = BatchDataset(source, pipeline, batch_size, seed)
+    """Batches for steps start_step, start_step + 1, ... (endless); this rank's slice with `shard`."""
+    dataset = BatchDataset(source, pipeline, batch_size, seed, shard)
     steps = range(start_step, len(dataset))
     loader = torch.utils.data.DataLoader(
         dataset,

@@ -28,6 +28,29 @@ class Features:
     embedding: torch.Tensor  # (B, E), L2-normalised; (B, k, E) for groups
     group_mask: torch.Tensor | None = None  # (B, k) for groups
 
+    def differentiable(self) -> list[torch.Tensor]:
+        """The tensors a loss can send a gradient into: tokens, pooled, embedding."""
+        return [self.tokens.tokens, self.pooled, self.embedding]
+
+    def as_leaves(self) -> Features:
+        """The same values, detached, as leaves that collect the loss's gradient (GradCache)."""
+        tokens, pooled, embedding = (t.detach().requires_grad_() for t in self.differentiable())
+        return Features(Tokens(tokens, self.tokens.mask), pooled, embedding, self.group_mask)
+
+    @staticmethod
+    def cat(parts: list[Features]) -> Features:
+        """Micro-batches' features, concatenated row-wise in order (as one batch would have them)."""
+
+        def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if ts[0] is None else torch.cat(ts)  # type: ignore[arg-type]
+
+        return Features(
+            Tokens(cat([p.tokens.tokens for p in parts]), cat([p.tokens.mask for p in parts])),
+            cat([p.pooled for p in parts]),
+            cat([p.embedding for p in parts]),
+            cat([p.group_mask for p in parts]),
+        )
+
 
 class MultimodalModel(nn.Module):
     def __init__(self, towers: dict[str, Encoder], heads: dict[str, nn.Module], embed_dim: int):

@@ -69,6 +69,7 @@ class LearnedScale:
 class Objective(nn.Module):
     name: str = "objective"
     Config: type[StrictModel] | None = None
+    needs_inputs: bool = False  # reads batch tensors beside the features (a teacher re-encodes them)
 
     def __init__(self, cfg: StrictModel | None = None, **kwargs: Any):
         """Objectives take their validated Config (from the registry) or its fields as keywords."""

@@ -93,6 +93,7 @@ def check_compatible(
 class Distill(Objective):
     Config = DistillConfig
     name = "distill"
+    needs_inputs = True  # the teacher re-encodes the batch's inputs (gathered too under several ranks)
 
     def __init__(self, cfg: DistillConfig | None = None, **kwargs: Any):
         super().__init__(cfg, **kwargs)

@@ -1,4 +1,8 @@
-"""Task: model + weighted objectives -> named losses. The training loop only ever sums `loss`."""
+"""Task: model + weighted objectives -> named losses. The training loop only ever sums `loss`.
+
+Under torch.distributed (more than one rank) the objectives see the global batch: `loss` gathers
+every rank's features first (`objectives/distributed.py`), so no objective has a distributed case.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ import torch
 from torch import nn
 
 from coalign.config import ObjectiveSpec
-from coalign.models.model import MultimodalModel
+from coalign.models.model import Features, MultimodalModel
 from coalign.objectives.base import Objective
+from coalign.objectives.distributed import gather_global, world_size
 from coalign.registry import OBJECTIVES
 
 
@@ -40,7 +45,14 @@ class Task(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """{"loss": weighted sum, "<name>_loss": each loss, "<name>/<metric>": each metric}."""
-        features = self.model(batch)
+        return self.loss(self.model(batch), batch)
+
+    def loss(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The objectives on features already computed (GradCache computes them in pieces); with
+        several ranks, on the global batch."""
+        if world_size() > 1:
+            inputs = any(getattr(o, "needs_inputs", False) for o in self.objectives)
+            features, batch = gather_global(features, batch, inputs=inputs)
         out: dict[str, torch.Tensor] = {}
         total = None
         for objective, weight in zip(self.objectives, self.weights, strict=True):

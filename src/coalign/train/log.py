@@ -39,7 +39,24 @@ def drop_rows_after(path: Path, step: int, final: bool = False) -> int:
 
 
 class MetricLogger:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool = True):
+    """`enabled=False` (ranks other than 0 under torchrun) writes and prints nothing."""
+
+    def __init__(
+        self, run_dir: Path, total_steps: int, start_step: int, progress: bool = True, enabled: bool = True
+    ):
+        self.enabled = enabled
+        self.samples_since = 0
+        self.t_since = time.perf_counter()
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            disable=not (progress and enabled),
+            dynamic_ncols=True,
+            unit="step",
+        )
+        if not enabled:
+            self.file, self.tb = None, None
+            return
         self.path = run_dir / "metrics.jsonl"
         drop_rows_after(self.path, start_step, final=start_step >= total_steps)
         self.file = self.path.open("a")
@@ -52,11 +69,6 @@ class MetricLogger:
             )
         except ImportError:  # tensorboard is a dependency, but a stripped install still trains
             self.tb = None
-        self.bar = tqdm(
-            total=total_steps, initial=start_step, disable=not progress, dynamic_ncols=True, unit="step"
-        )
-        self.samples_since = 0
-        self.t_since = time.perf_counter()
 
     def count(self, samples: int) -> None:
         self.samples_since += samples
@@ -70,6 +82,8 @@ class MetricLogger:
         return rate
 
     def log(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+        if not self.enabled:
+            return
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
         self.file.write(json.dumps({"step": step, "kind": kind, **clean}) + "\n")
         self.file.flush()
@@ -83,10 +97,12 @@ class MetricLogger:
             self.bar.set_postfix(shown)
 
     def write(self, text: str) -> None:
-        self.bar.write(text)
+        if self.enabled:
+            self.bar.write(text)
 
     def close(self) -> None:
         self.bar.close()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()

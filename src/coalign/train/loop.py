@@ -25,18 +25,27 @@ import torch
 from coalign.build import RECIPE_FILE, build_model, build_source, build_transforms, prepare_transforms
 from coalign.checkpoint import checkpoint_step, clean_partial, latest_checkpoint
 from coalign.config import Recipe, load_recipe, save_resolved
-from coalign.data.collate import batch_size
+from coalign.data.collate import batch_size, split_batch
 from coalign.data.loader import train_batches
 from coalign.data.sources.base import SkipCounter, Source
 from coalign.data.transforms.base import Pipeline, Transform
 from coalign.evaluate.results import RUN_RESULTS, Results, format_table, step_results_path, write_results
 from coalign.evaluate.run import evaluate
 from coalign.io import atomic_write_json
+from coalign.models.model import Features
 from coalign.objectives.task import Task
 from coalign.runtime import Runtime
+from coalign.train.distributed import (
+    Dist,
+    average_gradients,
+    broadcast_state,
+    init_from_env,
+    reduce_skips,
+    sync_batch_norm,
+)
 from coalign.train.log import MetricLogger
 from coalign.train.optim import build_optimizer, build_scheduler
-from coalign.train.state import TrainState
+from coalign.train.state import TrainState, rng_state, set_rng_state
 
 log = logging.getLogger("coalign")
 DEMO_MARKER = ".coalign-demo"  # `coalign demo` may replace a folder that holds this file, and no other
@@ -65,6 +74,7 @@ class Session:
     eval_transforms: dict[str, Transform]
     resumed_from: Path | None = None
     notes: list[str] = field(default_factory=list)  # said once the logger is up
+    dist: Dist = field(default_factory=Dist)
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -88,10 +98,18 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def setup(
-    recipe: Recipe | None, run_dir: Path, resume: bool = False, runtime: Runtime | None = None
+    recipe: Recipe | None,
+    run_dir: Path,
+    resume: bool = False,
+    runtime: Runtime | None = None,
+    dist: Dist | None = None,
 ) -> Session:
+    """Everything the loop needs. Under torchrun every rank builds the same task; rank 0 alone
+    writes (the recipe, the tokenizer, leftovers' cleanup) and the others wait for it, then read."""
     run_dir = Path(run_dir)
+    d = dist or Dist()
     check_run_dir(run_dir, resume)
+    d.barrier()  # every rank has looked at the folder before rank 0 writes into it
     if resume:
         recipe = load_recipe(run_dir / RECIPE_FILE)
     elif recipe is None:
@@ -100,27 +118,42 @@ def setup(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(recipe.seed)
-    runtime = runtime or Runtime.create(cfg.precision)
+    if recipe.data.batch_size % d.world:
+        raise ValueError(
+            f"data.batch_size {recipe.data.batch_size} is the global batch and must divide among "
+            f"{d.world} processes"
+        )
+    runtime = runtime or Runtime.create(cfg.precision, d.device())
     notes = []
     checkpoint = None
-    if resume:
+    if resume and d.main:
         leftovers = clean_partial(run_dir)
         if leftovers:
             notes.append(f"removed {len(leftovers)} unfinished checkpoint write(s) left by a crash")
+    d.barrier()
+    if resume:
         checkpoint = latest_checkpoint(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     source = build_source(recipe.data.train, "data.train")
     eval_sources = {k: build_source(s, f"data.eval.{k}") for k, s in recipe.data.eval.items()}
     transforms = build_transforms(recipe)
-    prepare_transforms(transforms, source, run_dir, resume)
-    if not resume:
-        save_resolved(recipe, run_dir / RECIPE_FILE)
+    if d.main:
+        prepare_transforms(transforms, source, run_dir, resume)
+        if not resume:
+            save_resolved(recipe, run_dir / RECIPE_FILE)
+    d.barrier()
+    if not d.main:  # what rank 0 fitted and saved
+        prepare_transforms(transforms, source, run_dir, resume=True)
     eval_transforms = build_transforms(recipe, views=False)
     for t in eval_transforms.values():
         t.load(run_dir)
         t.eval()
-    task = Task.from_specs(build_model(recipe, transforms), recipe.objectives, transforms).to(runtime.device)
+    task = Task.from_specs(build_model(recipe, transforms), recipe.objectives, transforms)
+    task, note = sync_batch_norm(task, d, runtime.device)
+    notes += [note] if note else []
+    task = task.to(runtime.device)
     optimizer = build_optimizer(task, cfg, task.lr_scales(recipe.objectives))
     state = TrainState(task, optimizer, build_scheduler(optimizer, cfg))
     if checkpoint is not None:
@@ -128,9 +161,10 @@ def setup(
         notes.append(f"resuming from step {checkpoint_step(checkpoint)} ({checkpoint})")
     elif resume:
         notes.append(f"'{run_dir}' has no checkpoint left: starting again from step 0")
+    broadcast_state(task, d)
     pipeline = Pipeline(transforms, recipe.data.drop_modalities)
     return Session(
-        recipe, run_dir, runtime, state, source, pipeline, eval_sources, eval_transforms, checkpoint, notes
+        recipe, run_dir, runtime, state, source, pipeline, eval_sources, eval_transforms, checkpoint, notes, d
     )
 
 
@@ -142,29 +176,88 @@ class StepOutput:
 
 
 def train_step(
-    state: TrainState, batch: dict[str, Any], recipe: Recipe, runtime: Runtime
+    state: TrainState, batch: dict[str, Any], recipe: Recipe, runtime: Runtime, dist: Dist | None = None
 ) -> StepOutput | None:
-    """One optimisation step on `batch`. A batch with fewer than two usable samples has nothing to
-    contrast: its samples are counted as skipped and the optimizer does not step, but the step and
-    the schedule advance as usual, so the data position, the learning rate and the checkpoints stay
-    those of an uninterrupted run."""
+    """One optimisation step on `batch` (this rank's slice of the global batch under torchrun).
+
+    A global batch with fewer than two usable samples has nothing to contrast: its samples are
+    counted as skipped and the optimizer does not step, but the step and the schedule advance as
+    usual, so the data position, the learning rate and the checkpoints stay those of an
+    uninterrupted run."""
+    d = dist or Dist()
     cfg = recipe.train
     n = batch_size(batch)
     state.skipped.update(SkipCounter.from_batch(batch))
-    if n < 2:
+    total = n
+    if d.active:  # every rank must take the same branch: decide on the global count
+        count = torch.tensor([n], device=runtime.device)
+        torch.distributed.all_reduce(count)
+        total = int(count.item())
+    if total < 2:
         state.skipped["small_batch"] += n
         state.scheduler.step()
         state.step += 1
         return None
-    with runtime.autocast():
-        out = state.task(runtime.to_device(batch))
     state.optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
+    out = forward_backward(state.task, batch, cfg.accumulate, runtime)
+    average_gradients(state.task, d)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.task.parameters(), cfg.grad_clip or math.inf)
     state.optimizer.step()
     state.scheduler.step()
     state.step += 1
-    return StepOutput(out, grad_norm, n)
+    return StepOutput(out, grad_norm, total)
+
+
+def forward_backward(task: Task, batch: dict[str, Any], accumulate: int, runtime: Runtime) -> dict:
+    """The task's losses on `batch`, with the gradient of their sum in every parameter.
+
+    `accumulate` K > 1 is GradCache (Gao et al., 2021): the batch's features are computed in K
+    micro-batches without graphs; the loss and its gradient with respect to the features are computed
+    on the whole batch (so the objectives see every negative); then each micro-batch is encoded again,
+    with its graph, and backpropagated from its slice of the cached feature gradients. The gradient
+    equals the whole batch's (to float tolerance) while activation memory is one micro-batch's. The
+    RNG is replayed per micro-batch, so random encoders (patch dropping) draw the same twice."""
+    if accumulate == 1 or batch_size(batch) < accumulate:
+        with runtime.autocast():
+            out = task(runtime.to_device(batch))
+        out["loss"].backward()
+        return out
+    parts = [runtime.to_device(p) for p in split_batch(batch, accumulate)]
+    states, cached = [], []
+    with torch.no_grad():
+        for part in parts:
+            states.append(rng_state())
+            with runtime.autocast():
+                cached.append(task.model(part))
+    keys = list(dict.fromkeys(k for c in cached for k in c))
+    leaves = {k: Features.cat([c[k] for c in cached if k in c]).as_leaves() for k in keys}
+    with runtime.autocast():
+        out = task.loss(leaves, runtime.to_device(batch))
+    out["loss"].backward()
+    after = rng_state()
+    offsets = {k: [0, 0, 0] for k in keys}  # rows of tokens, pooled, embedding handed out so far
+    for part, before in zip(parts, states, strict=True):
+        set_rng_state(before)
+        with runtime.autocast():
+            features = task.model(part)
+        tensors, grads = [], []
+        for key, f in features.items():
+            for i, (t, leaf) in enumerate(zip(f.differentiable(), leaves[key].differentiable(), strict=True)):
+                start, offsets[key][i] = offsets[key][i], offsets[key][i] + t.shape[0]
+                if leaf.grad is not None and t.requires_grad:
+                    tensors.append(t)
+                    grads.append(leaf.grad[start : start + t.shape[0]])
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+    set_rng_state(after)
+    return out
+
+
+def _since(now: SkipCounter, before: SkipCounter) -> SkipCounter:
+    """The skips counted in `now` but not yet in `before` (this rank's, since the last merge)."""
+    counts = {k: n - before.get(k, 0) for k, n in now.items() if n > before.get(k, 0)}
+    rows = {k: [r for r in v if r not in before.rows.get(k, [])] for k, v in now.rows.items()}
+    return SkipCounter(counts, rows)
 
 
 def run_eval(session: Session, logger: MetricLogger) -> Results:
@@ -212,9 +305,10 @@ def train(
     `stop_after` ends the process-level loop early (after that many steps in total) while keeping
     the schedule of the full run: that is how tests simulate a run that was killed.
     """
-    session = setup(recipe, run_dir, resume, runtime)
+    d = init_from_env()
+    session = setup(recipe, run_dir, resume, runtime, d)
     recipe, state, cfg = session.recipe, session.state, session.recipe.train
-    logger = MetricLogger(session.run_dir, cfg.steps, state.step, progress)
+    logger = MetricLogger(session.run_dir, cfg.steps, state.step, progress and d.main, enabled=d.main)
     logger.write(f"coalign: training '{recipe.name}' on {session.runtime} into {session.run_dir}")
     for note in session.notes:
         logger.write(f"coalign: {note}")
@@ -225,37 +319,60 @@ def train(
         recipe.seed,
         state.step,
         recipe.data.num_workers,
+        shard=(d.rank, d.world),
     )
     end = min(cfg.steps, stop_after or cfg.steps)
+    counted = SkipCounter(state.skipped, state.skipped.rows)  # every rank's, as of the last save
+
+    def save() -> None:
+        """All ranks: merge every rank's skips since the last save; rank 0 writes the checkpoint."""
+        nonlocal counted
+        if d.active:
+            merged = SkipCounter(counted, counted.rows)
+            merged.update(reduce_skips(_since(state.skipped, counted), d))
+            state.skipped = counted = merged
+        if d.main:
+            state.save(session.run_dir, cfg.keep_checkpoints)
+        d.barrier()
+
     results: Results | None = None
     started = time.perf_counter()
     state.task.train()
     try:
         while state.step < end:
-            done = train_step(state, next(batches), recipe, session.runtime)
+            done = train_step(state, next(batches), recipe, session.runtime, d)
             if done is not None:
                 logger.count(done.samples)
-                if state.step % cfg.log_every == 0 or state.step == end:
+                if d.main and (state.step % cfg.log_every == 0 or state.step == end):
                     _log_step(logger, state, done, started)
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-                run_eval(session, logger)
+                if d.main:  # evaluation runs once, not once per rank
+                    run_eval(session, logger)
+                d.barrier()
             if state.step % cfg.checkpoint_every == 0 or state.step == end:
-                state.save(session.run_dir, cfg.keep_checkpoints)
+                save()
     except KeyboardInterrupt:
         logger.write(
             f"interrupted at step {state.step}: saving a checkpoint; continue with --resume {run_dir}"
         )
-        state.save(session.run_dir, cfg.keep_checkpoints)
+        if d.main:
+            state.save(session.run_dir, cfg.keep_checkpoints)
         logger.close()
         raise
     seconds = time.perf_counter() - started
-    if state.step >= cfg.steps:
+    if state.step >= cfg.steps and d.main:
         results = run_eval(session, logger)
         write_results(session.run_dir / RUN_RESULTS, results)
-    atomic_write_json(
-        session.run_dir / "data_report.json",
-        {"skipped": dict(state.skipped), "skipped_rows": state.skipped.record()["rows"], "step": state.step},
-    )
+    if d.main:
+        atomic_write_json(
+            session.run_dir / "data_report.json",
+            {
+                "skipped": dict(state.skipped),
+                "skipped_rows": state.skipped.record()["rows"],
+                "step": state.step,
+            },
+        )
+    d.barrier()
     logger.write(f"data: {state.skipped.report()}")
     if results is not None:
         logger.write(format_table(results))

@@ -1,0 +1,148 @@
+"""Every objective sees the global batch: features gathered across ranks, with a gradient that is
+summed back to the rank that computed them.
+
+Why summed: after the gather every rank computes the same loss L over the global batch. The rows a
+rank encoded reach L on every rank, so their true gradient is the sum over ranks of what each
+rank's copy of L sends back; the backward of the gather below all-reduces (sums) the gradient of the
+gathered tensor and keeps the local rows. The trainer then averages parameter gradients over the
+ranks, and the two factors cancel: each parameter gets exactly dL/dθ of the single-process run on
+the same global batch. A plain `all_gather` carries no gradient to the other ranks' rows, and one
+whose backward does not sum scales the gradient by 1/world (the bug lightly and TorchMultimodal
+shipped); the two-process tests check the gradients of every objective against one process.
+
+Rows: a rank's batch may be smaller than its share (skipped samples), and a modality covers only the
+rows that have it, so every gathered tensor may have a different number of rows per rank. One
+`all_gather_object` per step exchanges the row counts and shapes; tensors are padded to the largest
+count, gathered, and cut back, concatenated in rank order, which is the order of the global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from coalign.models.encoders.base import Tokens
+from coalign.models.model import Features
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _AllGather(torch.autograd.Function):
+    """(R, ...) padded local rows -> (world, R, ...) from every rank; backward: sum, keep the local."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # reduce_scatter would do, but gloo lacks it
+        return grad[dist.get_rank()]
+
+
+def _gather(x: torch.Tensor, rows: list[int], grad: bool) -> torch.Tensor:
+    """Concatenate every rank's `x` (rows[r] rows on rank r) in rank order."""
+    most = max(rows)
+    padded = x.new_zeros((most, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    if grad and x.requires_grad:
+        stacked = _AllGather.apply(padded)
+    else:
+        with torch.no_grad():
+            out = [torch.empty_like(padded) for _ in rows]
+            dist.all_gather(out, padded.contiguous())
+            stacked = torch.stack(out)
+    return torch.cat([stacked[r, :n] for r, n in enumerate(rows)])
+
+
+def _describe(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (tuple(t.shape), t.dtype)
+
+
+def _fields(f: Features) -> dict[str, torch.Tensor | None]:
+    return {
+        "tokens": f.tokens.tokens,
+        "mask": f.tokens.mask,
+        "pooled": f.pooled,
+        "embedding": f.embedding,
+        "group_mask": f.group_mask,
+    }
+
+
+GRAD_FIELDS = ("tokens", "pooled", "embedding")
+
+
+def gather_global(
+    features: dict[str, Features], batch: dict[str, Any], inputs: bool = False
+) -> tuple[dict[str, Features], dict[str, Any]]:
+    """The global batch's features (with gradients to the local rows) and its batch dict (`present`
+    masks; with `inputs`, the batch tensors too, without gradients: an objective such as distillation
+    re-encodes them with a teacher). Call it on every rank, in step."""
+    n_local = len(batch["id"])
+    local = {
+        "n": n_local,
+        "features": {k: {name: _describe(t) for name, t in _fields(f).items()} for k, f in features.items()},
+        "present": sorted(batch.get("present", {})),
+        "inputs": {k: _describe(v) for k, v in batch.items() if inputs and isinstance(v, torch.Tensor)},
+    }
+    metas: list[Any] = [None] * world_size()
+    dist.all_gather_object(metas, local)
+    counts = [m["n"] for m in metas]
+
+    def rows_of(key: str, name: str, section: str = "features") -> tuple[list[int], tuple, torch.dtype]:
+        found = [m[section].get(key, {}) if section == "features" else m[section].get(key) for m in metas]
+        if section == "features":
+            found = [f.get(name) if f else None for f in found]
+        shapes = [d for d in found if d is not None]
+        shape, dtype = shapes[0]
+        tails = {s[1:] for s, _ in shapes}
+        if len(tails) > 1:
+            raise ValueError(f"'{key}' {name} has shapes {sorted(tails)} on different ranks; they must agree")
+        return [d[0][0] if d is not None else 0 for d in found], shape[1:], dtype
+
+    device = next(iter(features.values())).embedding.device if features else torch.device("cpu")
+    out: dict[str, Features] = {}
+    keys = sorted({k for m in metas for k in m["features"]})
+    for key in keys:
+        mine = _fields(features[key]) if key in features else {}
+        gathered: dict[str, torch.Tensor | None] = {}
+        for name in ("tokens", "mask", "pooled", "embedding", "group_mask"):
+            if all(m["features"].get(key, {}).get(name) is None for m in metas):
+                gathered[name] = None
+                continue
+            rows, tail, dtype = rows_of(key, name)
+            x = mine.get(name)
+            if x is None:
+                x = torch.zeros((0, *tail), dtype=dtype, device=device)
+            gathered[name] = _gather(x, rows, grad=name in GRAD_FIELDS)
+        out[key] = Features(
+            Tokens(gathered["tokens"], gathered["mask"]),
+            gathered["pooled"],
+            gathered["embedding"],
+            gathered["group_mask"],
+        )
+
+    global_batch: dict[str, Any] = {"id": [None] * sum(counts), "present": {}}
+    for key in sorted({k for m in metas for k in m["present"]} | set(keys)):
+        mask = batch.get("present", {}).get(key)
+        if mask is None:
+            mask = torch.full((n_local,), key in batch, dtype=torch.bool, device=device)
+        global_batch["present"][key] = _gather(mask.to(device), counts, grad=False)
+    for key in sorted({k for m in metas for k in m["inputs"]}):
+        rows, tail, dtype = rows_of(key, "", "inputs")
+        x = batch.get(key)
+        if not isinstance(x, torch.Tensor):
+            x = torch.zeros((0, *tail), dtype=dtype, device=device)
+        global_batch[key] = _gather(x, rows, grad=False)
+    return out, global_batch
