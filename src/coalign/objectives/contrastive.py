@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from coalign.models.model import Features
 from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions, paired
+from coalign.objectives.tiled import tiled_info_nce
 from coalign.registry import OBJECTIVES
 
 
@@ -38,6 +39,15 @@ class InfoNCEConfig(TemperatureOptions):
     modalities: tuple[str, str] = ("image", "text")
     label_smoothing: float = pydantic.Field(0.0, ge=0.0, lt=1.0)  # eps of the uniform part of the target
     self_distill: float = pydantic.Field(0.0, ge=0.0, lt=1.0)  # alpha of the self-similarity part
+    # Never hold the (B, B) logits: tiles of this size, recomputed in the backward (objectives/tiled.py).
+    # For batches of tens of thousands; only with hard targets (no smoothing, no self-distillation).
+    tile: int | None = pydantic.Field(None, ge=1)
+
+    @pydantic.model_validator(mode="after")
+    def _tile_with_hard_targets(self):
+        if self.tile is not None and (self.label_smoothing or self.self_distill):
+            raise ValueError("tile works with hard targets only: set label_smoothing and self_distill to 0")
+        return self
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -89,5 +99,8 @@ class InfoNCE(LearnedScale, Objective):
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         a, b = paired(features, batch, *self.cfg.modalities)
         scale = self.scale()
-        loss = soft_info_nce(a, b, scale, self.cfg.label_smoothing, self.cfg.self_distill)
+        if self.cfg.tile is not None:
+            loss = tiled_info_nce(a, b, scale, self.cfg.tile)
+        else:
+            loss = soft_info_nce(a, b, scale, self.cfg.label_smoothing, self.cfg.self_distill)
         return {"clip_loss": loss, "logit_scale": scale.detach()}
