@@ -93,6 +93,8 @@ def _files(path: Path, suffix: str) -> list[str]:
 
 def detect_format(path: Path) -> str:
     """The format of what lies at `path` (for `format: auto`)."""
+    if not _files(path, "") and not path.exists():
+        raise ConfigError(f"hf source: path '{path}' does not exist (nor matches any file, as a glob)")
     if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         return "disk"
     for fmt in ("parquet", "arrow"):
