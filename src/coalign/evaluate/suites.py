@@ -12,6 +12,13 @@ A suite is a YAML file:
         source: {source: digits, split: test}
         train: {source: digits, split: train}
         tasks: [zero_shot, linear_probe]     # this dataset only; default: the suite's tasks
+      coco_test:                             # Karpathy's COCO test split: retrieval over all captions
+        source: {source: karpathy, path: dataset_coco.json, split: test, image_root: coco/}
+        tasks: [retrieval]
+      pets:                                  # any labelled manifest: class names per dataset
+        source: {source: csv, path: pets.csv, label_keys: [breed], classnames: en_classnames.json,
+                 templates: en_zeroshot_classification_templates.json, dataset_name: pets}
+        tasks: [zero_shot]
     tasks:
       - zero_shot
       - retrieval
