@@ -12,6 +12,13 @@ A suite is a YAML file:
         source: {source: digits, split: test}
         train: {source: digits, split: train}
         tasks: [zero_shot, linear_probe]     # this dataset only; default: the suite's tasks
+      coco_test:                             # Karpathy's COCO test split: retrieval over all captions
+        source: {source: karpathy, path: dataset_coco.json, split: test, image_root: coco/}
+        tasks: [retrieval]
+      pets:                                  # any labelled manifest: class names per dataset
+        source: {source: csv, path: pets.csv, label_keys: [breed], classnames: en_classnames.json,
+                 templates: en_zeroshot_classification_templates.json, dataset_name: pets}
+        tasks: [zero_shot]
     tasks:
       - zero_shot
       - retrieval
@@ -43,7 +50,7 @@ from coalign.evaluate.run import evaluate
 from coalign.registry import EVALUATORS, SOURCES, ConfigError, StrictModel, format_validation_error
 from coalign.runtime import Runtime
 
-CACHE_VERSION = 2  # 2: the key holds the precision
+CACHE_VERSION = 3  # 2: the key holds the precision; 3: and the class names
 RESULTS_FILE = "results.json"
 BENCHMARK_FOLDER = "clip_benchmark"
 
@@ -100,7 +107,8 @@ def _needs_train(name: str) -> bool:
 
 
 class EmbeddingCache:
-    """Embedded splits on disk under `folder`, keyed by (checkpoint, source options, limit, precision)."""
+    """Embedded splits on disk under `folder`, keyed by (checkpoint, source options, limit, precision,
+    class names)."""
 
     def __init__(
         self, run: LoadedRun, folder: Path, runtime: Runtime, batch_size: int, progress: bool = True
@@ -109,7 +117,7 @@ class EmbeddingCache:
         self.batch_size, self.progress = batch_size, progress
         self.hits = self.misses = 0
 
-    def key(self, spec: SourceSpec, limit: int | None) -> str:
+    def key(self, spec: SourceSpec, limit: int | None, source: Source) -> str:
         identity = {
             "v": CACHE_VERSION,
             "checkpoint": str(self.run.checkpoint.resolve()),
@@ -117,11 +125,13 @@ class EmbeddingCache:
             "source": spec.model_dump(mode="json"),
             "limit": limit,
             "precision": self.runtime.precision,
+            # Cached labels are class indices: a classnames file reordered since must not reuse them.
+            "classes": {k: t.classnames for k, t in sorted(source.zero_shot_tasks().items())},
         }
         return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
     def get(self, name: str, spec: SourceSpec, source: Source, limit: int | None) -> EmbeddedSet:
-        path = self.folder / f"{name}-{self.key(spec, limit)}.pt"
+        path = self.folder / f"{name}-{self.key(spec, limit, source)}.pt"
         if path.is_file():
             self.hits += 1
             data = torch.load(path, weights_only=False)

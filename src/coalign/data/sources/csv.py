@@ -36,8 +36,15 @@ import numpy as np
 import pydantic
 
 from coalign.data.sample import META_KEYS, Sample
-from coalign.data.sources.base import SampleError, Source, write_example_images
-from coalign.registry import SOURCES, ConfigError, StrictModel, suggest
+from coalign.data.sources.base import (
+    EXAMPLE_COLOURS,
+    SampleError,
+    Source,
+    ZeroShotTask,
+    write_example_images,
+)
+from coalign.data.sources.labels import ClassLabels, ZeroShotOptions
+from coalign.registry import SOURCES, ConfigError, suggest
 
 SEPARATOR_ALIASES = {"tab": "\t", "\\t": "\t", "comma": ",", "pipe": "|"}
 # Modalities with an option of their own, and sample keys that are not modalities at all.
@@ -46,14 +53,15 @@ _NUMBER = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf|infinity
 _INTEGER = re.compile(r"[+-]?\d+")
 
 
-class ManifestConfig(StrictModel):
-    """Options shared by the csv and jsonl sources: which column/key holds which modality."""
+class ManifestConfig(ZeroShotOptions):
+    """Options shared by the csv and jsonl sources: which column/key holds which modality, and the
+    class names of the label columns (`classnames`, `templates`, `dataset_name`: see labels.py)."""
 
     path: str
     image_key: str | None = "image"  # None: the manifest has no images
     caption_key: str | None = "caption"  # None: the manifest has no captions
     root: str | None = None  # relative paths resolve against this; default: the manifest's folder
-    label_keys: list[str] = []  # integer columns copied into sample["label"]
+    label_keys: list[str] = []  # label columns copied into sample["label"]: indices, or names with classnames
     modality_keys: dict[str, str] = {}  # modality -> column holding a file path, e.g. {audio: wav_path}
     tabular_keys: list[str] = []  # columns that together form sample["tabular"] = {column: value}
     required: list[str] | None = None  # modalities a row must have; default: image (if set) and text (if set)
@@ -91,6 +99,9 @@ class ManifestConfig(StrictModel):
                     f"configured: {', '.join(configured)}{hint}"
                 )
         return self
+
+    def label_key_names(self) -> list[str]:
+        return list(self.label_keys)
 
     def has_tabular(self) -> bool:
         return bool(self.tabular_keys)
@@ -190,18 +201,10 @@ def parse_cell(text: str) -> int | float | str:
     return float(s) if _NUMBER.fullmatch(s) else s
 
 
-def parse_labels(values: dict[str, Any], keys: list[str], where: str) -> dict[str, int]:
-    """Integer labels from `values`; a missing or non-integer one makes the sample unusable."""
-    out: dict[str, int] = {}
-    for k in keys:
-        v = values.get(k)
-        try:
-            if isinstance(v, bool) or v is None or (isinstance(v, float) and not v.is_integer()):
-                raise ValueError
-            out[k] = int(str(v).strip()) if isinstance(v, str) else int(v)
-        except (TypeError, ValueError):
-            raise SampleError("bad_label", f"{where}: label '{k}' is {v!r}, not an integer") from None
-    return out
+def parse_labels(values: dict[str, Any], keys: list[str], where: str, classes: ClassLabels) -> dict[str, int]:
+    """Class indices from `values` (integers, or class names of keys with classnames); a missing or
+    unusable one makes the sample unusable (SampleError "bad_label")."""
+    return {k: classes.label(k, values.get(k), where) for k in keys}
 
 
 def manifest_modalities(cfg: ManifestConfig, root: Path, raw: dict[str, Any], where: str) -> Sample:
@@ -249,6 +252,10 @@ class CSVSource(Source):
                 self._read(csv.reader(f, delimiter=self.cfg.resolved_separator()))
         except OSError as err:
             raise ConfigError(f"csv source: cannot read '{self.path}': {err.strerror or err}") from None
+        self.classes = self.cfg.class_labels()
+        for key in self.cfg.label_keys:  # a label the class list lacks fails now, not mid-evaluation
+            cells = ((f"row {i}", v) for i, v in enumerate(self.columns[key]) if i not in self.bad)
+            self.classes.check(key, cells, f"csv source '{self.path}'")
 
     def _read(self, reader: Any) -> None:
         try:
@@ -298,9 +305,12 @@ class CSVSource(Source):
 
     @classmethod
     def example(cls, folder: Path) -> dict[str, Any]:
+        # String labels, mapped to indices by an inline class list.
+        rows = [(path, text, EXAMPLE_COLOURS[y][0]) for path, text, y in write_example_images(folder)]
         with open(folder / "manifest.csv", "w", newline="") as f:
-            csv.writer(f).writerows([("filepath", "title", "label"), *write_example_images(folder)])
-        return {"path": str(folder / "manifest.csv"), "label_keys": ["label"]}
+            csv.writer(f).writerows([("filepath", "title", "label"), *rows])
+        names = [name for name, _ in EXAMPLE_COLOURS]
+        return {"path": str(folder / "manifest.csv"), "label_keys": ["label"], "classnames": names}
 
     def __len__(self) -> int:
         return self.rows
@@ -325,5 +335,8 @@ class CSVSource(Source):
         return {
             "id": str(ids[index]) if ids and ids[index] not in (None, "") else str(index),
             **manifest_modalities(cfg, self.root, raw, where),
-            "label": parse_labels(row, cfg.label_keys, where),
+            "label": parse_labels(row, cfg.label_keys, where, self.classes),
         }
+
+    def zero_shot_tasks(self) -> dict[str, ZeroShotTask]:
+        return self.classes.tasks()

@@ -14,10 +14,10 @@ import pydantic
 
 from coalign.data.sample import Sample
 from coalign.data.sources.base import Source, ZeroShotTask, write_example_images
+from coalign.data.sources.labels import DEFAULT_TEMPLATES
 from coalign.registry import SOURCES, ConfigError, StrictModel
 
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"]
-CLASS_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
 
 
 class FolderConfig(StrictModel):
@@ -92,4 +92,4 @@ class ImageFolderSource(Source):
         if not self.classes:
             return {}
         names = [c.replace("_", " ") for c in self.classes]
-        return {"class": ZeroShotTask("class", names, CLASS_TEMPLATES)}
+        return {"class": ZeroShotTask("class", names, list(DEFAULT_TEMPLATES))}

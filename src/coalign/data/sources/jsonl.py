@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 
 from coalign.data.sample import Sample, clean_text
-from coalign.data.sources.base import SampleError, Source, write_example_images
+from coalign.data.sources.base import (
+    EXAMPLE_COLOURS,
+    SampleError,
+    Source,
+    ZeroShotTask,
+    write_example_images,
+)
 from coalign.data.sources.csv import (
     ManifestConfig,
     blank,
@@ -151,13 +157,27 @@ class JSONLSource(Source):
             )
         if any(isinstance(r, dict) for r in self.records):  # a wrong key name fails at start
             check_keys(wanted, sorted(seen), "jsonl", self.path)
+        self.classes = self.cfg.class_labels()
+        for key in self.cfg.label_keys:  # a label the class list lacks fails now, not mid-evaluation
+            values = ((f"line {r['_line']}", r.get(key)) for r in self.records if isinstance(r, dict))
+            self.classes.check(key, values, f"jsonl source '{self.path}'")
 
     @classmethod
     def example(cls, folder: Path) -> dict[str, Any]:
         rows = write_example_images(folder)
         lines = [json.dumps({"image": path, "caption": text, "label": label}) for path, text, label in rows]
         (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-        return {"path": str(folder / "manifest.jsonl"), "label_keys": ["label"]}
+        # Integer labels named by class and template files in CLIP_benchmark's layout.
+        names = {"colours": [name for name, _ in EXAMPLE_COLOURS], "other": ["x"]}
+        (folder / "classnames.json").write_text(json.dumps(names))
+        (folder / "templates.json").write_text(json.dumps({"colours": ["a {c} square."]}))
+        return {
+            "path": str(folder / "manifest.jsonl"),
+            "label_keys": ["label"],
+            "classnames": str(folder / "classnames.json"),
+            "templates": str(folder / "templates.json"),
+            "dataset_name": "colours",
+        }
 
     def __len__(self) -> int:
         return len(self.records)
@@ -182,5 +202,8 @@ class JSONLSource(Source):
         return {
             "id": clean_text(str(rid)) if rid not in (None, "") else str(index),
             **manifest_modalities(cfg, self.root, raw, where),
-            "label": parse_labels(rec, cfg.label_keys, where),
+            "label": parse_labels(rec, cfg.label_keys, where, self.classes),
         }
+
+    def zero_shot_tasks(self) -> dict[str, ZeroShotTask]:
+        return self.classes.tasks()
