@@ -10,7 +10,7 @@ score matrix would take `dense_matrix_gb`; the chunked evaluation never holds mo
 (chunk, chunk) blocks. Memory (CPU): the kernel's peak resident
 set size during each evaluation minus the resident size right before it (high-water mark reset through
 /proc/self/clear_refs; `hwm_reset` says whether that worked), with glibc's mmap threshold fixed at
-1 MiB so freed blocks go back to the OS and the peak tracks live tensors (see siglip_memory.py).
+1 MiB so freed blocks go back to the OS and the peak tracks live tensors (see loss_memory.py).
 On CUDA: torch.cuda.max_memory_allocated over the same interval.
 """
 

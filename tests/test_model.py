@@ -43,3 +43,31 @@ def test_group_inputs_encode_real_items_and_zero_the_rest():
     torch.testing.assert_close(feats.embedding[1, 0], single[1], rtol=1e-5, atol=1e-6)
     assert feats.embedding[1, 1].abs().sum() == 0
     assert torch.isfinite(feats.embedding).all()
+
+
+def test_grad_checkpointing_is_a_recipe_option_and_changes_no_gradient(tiny_recipe):
+    """model.towers.<m>.grad_checkpointing: recomputed activations, the same gradients."""
+    from coalign.build import build_model, build_source, build_transforms, prepare_transforms
+    from coalign.data.loader import BatchDataset
+    from coalign.data.transforms.base import Pipeline
+    from coalign.models.layers import Transformer
+
+    grads = []
+    for flag in (False, True):
+        recipe = tiny_recipe(
+            f"model.towers.image.grad_checkpointing={flag}", f"model.towers.text.grad_checkpointing={flag}"
+        )
+        source = build_source(recipe.data.train, "data.train")
+        transforms = build_transforms(recipe)
+        prepare_transforms(transforms, source, None, resume=False)
+        torch.manual_seed(0)
+        model = build_model(recipe, transforms).train()
+        blocks = [m for m in model.modules() if isinstance(m, Transformer)]
+        assert blocks and all(b.grad_checkpointing == flag for b in blocks)
+        batch = BatchDataset(source, Pipeline(transforms), 8, 0)[0]
+        feats = model(batch)
+        (feats["image"].embedding @ feats["text"].embedding.T).logsumexp(1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], msg=key)

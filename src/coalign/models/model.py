@@ -68,6 +68,8 @@ class MultimodalModel(nn.Module):
             config_cls = ENCODERS.config_class(spec.encoder)
             options = fill_inputs(config_cls, spec.options(), inputs.get(modality, {}))
             towers[modality] = ENCODERS.create(spec.encoder, where=f"model.towers.{modality}", **options)
+            tower_cfg = getattr(towers[modality], "cfg", None)
+            towers[modality].set_grad_checkpointing(bool(getattr(tower_cfg, "grad_checkpointing", False)))
             heads[modality] = HEADS.get(cfg.head)(towers[modality].width, cfg.embed_dim)
         return cls(towers, heads, cfg.embed_dim)
 

@@ -1,7 +1,9 @@
-"""Peak memory and time of SigLIP's plain and chunked losses (forward + backward), as JSON.
+"""Peak memory and time of contrastive losses at large batch (forward + backward), as JSON: SigLIP
+plain vs chunked, and InfoNCE plain vs tiled (`--loss infonce`).
 
-    python benchmarks/siglip_memory.py [--batch-sizes 1024 4096 16384] [--dim 512] [--chunk 1024]
-                                       [--repeats 3] [--device auto|cpu|cuda] [--mmap-threshold 1048576]
+    python benchmarks/loss_memory.py [--loss siglip|infonce] [--batch-sizes 1024 4096 16384] [--dim 512]
+                                     [--chunk 1024] [--repeats 3] [--device auto|cpu|cuda]
+                                     [--mmap-threshold 1048576]
 
 Each (batch size, variant) runs in a fresh subprocess of this script (`--one`), so that neither the
 allocator's cache nor the high-water mark of one configuration can hide another's peak. The driver
@@ -40,7 +42,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("plain", "chunked")
+VARIANTS = {"siglip": ("plain", "chunked"), "infonce": ("plain", "tiled")}
 
 
 def _rss_mb() -> float | None:
@@ -69,14 +71,32 @@ def _reset_rss_high_water_mark() -> bool:
         return False
 
 
-def run_one(batch_size: int, dim: int, variant: str, chunk: int, repeats: int, device_name: str) -> dict:
+def run_one(
+    batch_size: int,
+    dim: int,
+    variant: str,
+    chunk: int,
+    repeats: int,
+    device_name: str,
+    loss_name: str = "siglip",
+) -> dict:
     """Measure one configuration in this (fresh) process; see the module docstring for the method."""
     import gc
 
     import torch
     import torch.nn.functional as F
 
+    from coalign.objectives.contrastive import info_nce
     from coalign.objectives.siglip import chunked_siglip_loss, siglip_loss
+    from coalign.objectives.tiled import tiled_info_nce
+
+    losses = {
+        ("siglip", "plain"): lambda a, b, t, bias, c: siglip_loss(a, b, t, bias),
+        ("siglip", "chunked"): lambda a, b, t, bias, c: chunked_siglip_loss(a, b, t, bias, chunk=c),
+        ("infonce", "plain"): lambda a, b, t, bias, c: info_nce(a, b, t),
+        ("infonce", "tiled"): lambda a, b, t, bias, c: tiled_info_nce(a, b, t, tile=c),
+    }
+    loss_fn = losses[(loss_name, variant)]
 
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,8 +111,8 @@ def run_one(batch_size: int, dim: int, variant: str, chunk: int, repeats: int, d
 
     def step(leaves: list[torch.Tensor], c: int) -> float:
         start = time.perf_counter()
-        loss = siglip_loss(*leaves) if variant == "plain" else chunked_siglip_loss(*leaves, chunk=c)
-        grads = torch.autograd.grad(loss, leaves)
+        loss = loss_fn(*leaves, c)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         del loss, grads
@@ -117,7 +137,7 @@ def run_one(batch_size: int, dim: int, variant: str, chunk: int, repeats: int, d
     out = {
         "batch_size": batch_size,
         "variant": variant,
-        "chunk": chunk if variant == "chunked" else None,
+        "chunk": chunk if variant != "plain" else None,
         "peak_mb": round(peak, 1),
         "time_ms": round(1000 * statistics.median(times), 1),
         # One (B, B) or (B, chunk) float32 block of logits, for scale.
@@ -132,7 +152,7 @@ def run_one(batch_size: int, dim: int, variant: str, chunk: int, repeats: int, d
 
 
 def spawn(args: argparse.Namespace, batch_size: int, variant: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", str(batch_size), variant]
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", str(batch_size), variant, "--loss", args.loss]
     cmd += ["--dim", str(args.dim), "--chunk", str(args.chunk), "--repeats", str(args.repeats)]
     cmd += ["--device", args.device]
     env = dict(os.environ)
@@ -147,6 +167,10 @@ def spawn(args: argparse.Namespace, batch_size: int, variant: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loss", default="siglip", choices=sorted(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", help="only these variants (the plain loss at B = 65,536 needs ~34 GB)"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=1024)
@@ -159,15 +183,21 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:  # child: measure one configuration and print one JSON line
         batch_size, variant = int(args.one[0]), args.one[1]
-        print(json.dumps(run_one(batch_size, args.dim, variant, args.chunk, args.repeats, args.device)))
+        print(
+            json.dumps(
+                run_one(batch_size, args.dim, variant, args.chunk, args.repeats, args.device, args.loss)
+            )
+        )
         return
-    results = [spawn(args, B, v) for B in args.batch_sizes for v in VARIANTS]
+    variants = args.variants or VARIANTS[args.loss]
+    results = [spawn(args, B, v) for B in args.batch_sizes for v in variants]
     common = {k: v for k, v in results[0].items() if k in ("device", "threads", "torch")}
     for r in results:
         for k in ("device", "threads", "torch"):
             r.pop(k, None)
     report = {
-        "benchmark": "siglip_memory",
+        "benchmark": "loss_memory",
+        "loss": args.loss,
         **common,
         "dim": args.dim,
         "chunk": args.chunk,
