@@ -245,7 +245,7 @@ class WebDatasetSource(Source):
     def example(cls, folder: Path) -> dict[str, Any]:
         """Two shards of plain-colour squares with captions and a label, and their manifest."""
         shards = folder / "shards"
-        shards.mkdir()
+        shards.mkdir(parents=True)
         writer = ShardWriter(shards, shard_size=4)
         for i, (rel, text, label) in enumerate(write_example_images(folder)):
             meta = json_bytes({"id": rel, "label": {"label": label}})
