@@ -1,7 +1,8 @@
 """Deterministic, resumable batches.
 
 The order of samples is a fixed function of (seed, step): epoch e visits the source in the
-permutation drawn from (seed, e), and batch `step` covers global positions
+order `source.epoch_order(seed, e)` (a uniform permutation drawn from (seed, e), unless the source
+orders its samples for locality, as tar shards do), and batch `step` covers global positions
 [step * B, (step + 1) * B) of that endless sequence. Resuming at step s therefore yields exactly
 the batches an uninterrupted run would have seen, whatever the number of workers, and each
 sample's augmentation randomness is seeded from (seed, epoch, index) for the same reason.
@@ -12,7 +13,6 @@ each batch (as plain dicts, see collate.py) and are merged in the main process.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,11 +22,6 @@ import torch
 from coalign.data.collate import collate
 from coalign.data.sources.base import SampleError, SkipCounter, Source
 from coalign.data.transforms.base import Pipeline
-
-
-@functools.lru_cache(maxsize=4)
-def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
 
 
 def load_sample(
@@ -70,7 +65,7 @@ class BatchDataset(torch.utils.data.Dataset):
         out = []
         for pos in range(first, first + share):
             epoch, offset = divmod(pos, n)
-            out.append((epoch, int(_permutation(self.seed, epoch, n)[offset])))
+            out.append((epoch, int(self.source.epoch_order(self.seed, epoch)[offset])))
         return out
 
     def __getitem__(self, step: int) -> dict[str, Any]:

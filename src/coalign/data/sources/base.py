@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from coalign.data.sample import Sample, captions
 
@@ -21,6 +24,11 @@ class SampleError(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
 
 
 class Source:
@@ -51,6 +59,13 @@ class Source:
 
     def zero_shot_tasks(self) -> dict[str, ZeroShotTask]:
         return {}
+
+    def epoch_order(self, seed: int, epoch: int) -> Sequence[int]:
+        """The indices training visits in `epoch`, in order: len(self) of them, a pure function of
+        (seed, epoch) (that is what makes resume exact, see `data/loader.py`). Default: a uniform
+        permutation. A source that reads from files where locality matters (tar shards) orders its
+        samples so that consecutive positions read nearby data."""
+        return _permutation(seed, epoch, len(self))
 
     @classmethod
     def example(cls, folder: Path) -> dict[str, Any]:

@@ -1,0 +1,286 @@
+"""Pack any source into WebDataset tar shards (`coalign data pack`), and describe shards (`data stat`).
+
+Each usable sample of the source becomes one key (its source index, `%06d`) with one member per
+modality (the format is in `data/shards.py`). Every sample is checked before it is packed, with the
+same decoders training uses: an image, audio clip or point cloud that does not decode, a missing
+file, a sample without a usable caption, a row the source cannot read, are skipped and counted by
+reason with their source index (in the manifest and in the summary), never packed. Files that
+decode are packed as they are (a JPEG stays byte-for-byte the same JPEG); in-memory arrays are
+encoded losslessly (images as PNG, waveforms as 32-bit float WAV, point clouds as .npy).
+
+Checking decodes every image, so packing runs on `workers` processes (a DataLoader over source
+indices, in order); the main process only writes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from coalign.data.sample import captions
+from coalign.data.shards import (
+    AUDIO_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    KEY,
+    MANIFEST,
+    POINTS_EXTENSIONS,
+    ShardWriter,
+    json_bytes,
+    read_manifest,
+    to_buffer,
+)
+from coalign.data.sources.base import SampleError, SkipCounter, Source
+from coalign.data.sources.webdataset import WebDatasetSource
+from coalign.data.transforms.audio import decode_audio, read_audio_file
+from coalign.data.transforms.image import decode_image
+from coalign.data.transforms.points import decode_points
+
+EXTENSION_ALIASES = {"jpeg": "jpg"}
+META = ("id", "label")
+
+
+def _suffix(path: str) -> str:
+    ext = Path(path).suffix.lower().lstrip(".")
+    return EXTENSION_ALIASES.get(ext, ext)
+
+
+def _image(value: Any) -> tuple[str, bytes]:
+    image = decode_image(value)  # SampleError when it does not decode: never packed
+    if isinstance(value, str | Path) and _suffix(str(value)) in IMAGE_EXTENSIONS:
+        return _suffix(str(value)), Path(value).read_bytes()
+    if isinstance(value, bytes | bytearray):
+        with Image.open(io.BytesIO(value)) as im:
+            ext = EXTENSION_ALIASES.get((im.format or "").lower(), (im.format or "").lower())
+        if ext in IMAGE_EXTENSIONS:
+            return ext, bytes(value)
+    return "png", to_buffer(lambda buf: image.save(buf, format="PNG"))
+
+
+def _audio(value: Any, rate: int) -> tuple[str, bytes]:
+    import soundfile
+
+    if isinstance(value, str | Path | bytes | bytearray):
+        read_audio_file(value)  # SampleError when it does not decode
+        if isinstance(value, bytes | bytearray):
+            return "wav", bytes(value)  # soundfile sniffs the container; the extension is nominal
+        ext = _suffix(str(value))
+        if ext in AUDIO_EXTENSIONS:
+            return ext, Path(value).read_bytes()
+        value = read_audio_file(value)[0]
+    wave = decode_audio(value, rate)  # (T,) float32: an array is taken to be at `rate`
+    return "wav", to_buffer(lambda buf: soundfile.write(buf, wave, rate, format="WAV", subtype="FLOAT"))
+
+
+def _points(value: Any) -> tuple[str, bytes]:
+    cloud = decode_points(value)  # SampleError when it does not decode
+    if isinstance(value, str | Path) and _suffix(str(value)) in POINTS_EXTENSIONS:
+        return _suffix(str(value)), Path(value).read_bytes()
+    return "npy", to_buffer(lambda buf: np.save(buf, cloud, allow_pickle=False))
+
+
+def _other(modality: str, value: Any) -> tuple[str, bytes]:
+    """A modality without a decoder of its own: a file's bytes, raw bytes, or an array as .npy."""
+    if isinstance(value, str | Path):
+        if not Path(value).is_file():
+            raise SampleError(f"missing_{modality}", str(value))
+        return f"{modality}.{_suffix(str(value)) or 'bin'}", Path(value).read_bytes()
+    if isinstance(value, bytes | bytearray):
+        return f"{modality}.bin", bytes(value)
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):
+        array = np.asarray(None)
+    if array.dtype == object:
+        raise SampleError(f"corrupt_{modality}", f"cannot pack a {type(value).__name__}")
+    return f"{modality}.npy", to_buffer(lambda buf: np.save(buf, array, allow_pickle=False))
+
+
+def encode_sample(sample: dict[str, Any], audio_rate: int = 16000) -> dict[str, bytes]:
+    """The members of one sample, {extension: bytes}; SampleError when a modality does not decode."""
+    members: dict[str, bytes] = {}
+    meta: dict[str, Any] = {"id": str(sample.get("id", "")), "label": dict(sample.get("label") or {})}
+    for key, value in sample.items():
+        if key in META or value is None:
+            continue
+        if key == "text":
+            found = captions(value)
+            if not found:
+                raise SampleError("empty_caption", "no usable caption")
+            members["txt"] = found[0].encode("utf-8")
+            if len(found) > 1:
+                meta["captions"] = found
+        elif key == "tabular":
+            meta["tabular"] = value
+        elif key == "image":
+            ext, data = _image(value)
+            members[ext] = data
+        elif key == "audio":
+            ext, data = _audio(value, audio_rate)
+            members[ext] = data
+        elif key == "points":
+            ext, data = _points(value)
+            members[ext] = data
+        else:
+            ext, data = _other(key, value)
+            members[ext] = data
+    members["json"] = json_bytes(meta)
+    return members
+
+
+class _Encoded(torch.utils.data.Dataset):
+    """Item i: (i, members, its modalities) for a usable sample, (i, (reason, detail), []) for one
+    that is skipped."""
+
+    def __init__(self, source: Source, audio_rate: int):
+        self.source, self.audio_rate = source, audio_rate
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[int, Any, list[str]]:
+        try:
+            sample = self.source[index]
+            members = encode_sample(sample, self.audio_rate)
+        except SampleError as err:
+            return index, (err.reason, err.detail), []
+        return index, members, [k for k, v in sample.items() if k not in META and v is not None]
+
+
+def pack(
+    source: Source,
+    out: Path,
+    shard_size: int | None = 10_000,
+    max_shard_bytes: int | None = None,
+    workers: int = 0,
+    audio_rate: int = 16000,
+    progress: bool = True,
+    spec: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `source` as shards into the new or empty folder `out`; return the manifest written."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"'{out}' exists and is not an empty folder; shards go into a new or empty one")
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out, shard_size, max_shard_bytes)
+    skipped = SkipCounter()
+    coverage: Counter[str] = Counter()
+    started = time.perf_counter()
+    loader = torch.utils.data.DataLoader(
+        _Encoded(source, audio_rate), batch_size=None, num_workers=workers, collate_fn=_identity
+    )
+    bar = tqdm(total=len(source), desc="packing", unit="sample", disable=not progress, dynamic_ncols=True)
+    try:
+        for index, members, modalities in loader:
+            if isinstance(members, tuple):
+                skipped.skip(members[0], index)
+            else:
+                writer.write(KEY.format(index), members)
+                coverage.update(modalities)
+            bar.update(1)
+            bar.set_postfix(shards=len(writer.shards) + 1, skipped=sum(skipped.values()), refresh=False)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    tasks = source.zero_shot_tasks()
+    zero_shot = {k: {"classnames": t.classnames, "templates": t.templates} for k, t in tasks.items()}
+    return writer.close(
+        {
+            "source": spec or {},
+            "source_samples": len(source),
+            "modalities": dict(sorted(coverage.items())),
+            "skipped": skipped.record(),
+            "zero_shot": zero_shot,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    )
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def parse_bytes(text: str) -> int:
+    """'500000', '64K', '256M', '1.5G' (powers of 1024) -> bytes."""
+    units = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    s = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = s[-1] if s and s[-1] in units else ""
+    try:
+        value = float(s[: len(s) - len(unit)])
+    except ValueError:
+        raise ValueError(f"'{text}' is not a size in bytes (e.g. 500000, 64K, 256M, 1G)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"'{text}' is not a positive size")
+    return int(value * units[unit])
+
+
+# ---------------------------------------------------------------------------------------------- stat
+
+
+def _summary(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    return {
+        "min": ordered[0],
+        "mean": round(statistics.fmean(ordered), 2),
+        "median": statistics.median(ordered),
+        "p95": ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)],
+        "max": ordered[-1],
+    }
+
+
+def stat(path: str | list[str], on_sample: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Counts, modality coverage and caption lengths of shards, read through the webdataset source
+    (so what it counts as unreadable is what training would skip)."""
+    source = WebDatasetSource(path=path, required=[])
+    coverage: Counter[str] = Counter()
+    labels: set[str] = set()
+    unreadable = SkipCounter()
+    words: list[int] = []
+    chars: list[int] = []
+    per_caption: list[int] = []
+    for index in range(len(source)):
+        try:
+            sample = source[index]
+        except SampleError as err:
+            unreadable.skip(err.reason, index)
+            continue
+        finally:
+            if on_sample is not None:
+                on_sample()
+        coverage.update(k for k, v in sample.items() if k not in META and v is not None)
+        labels |= set(sample["label"])
+        texts = captions(sample.get("text"))
+        per_caption.append(len(texts))
+        for t in texts:
+            words.append(len(t.split()))
+            chars.append(len(t))
+    readable = len(source) - sum(unreadable.values())
+    manifest = read_manifest(source.paths[0].parent) or {}
+    return {
+        "shards": len(source.paths),
+        "samples": len(source),
+        "readable": readable,
+        "unreadable": unreadable.record(),
+        "modalities": {
+            m: {"samples": n, "fraction": round(n / max(readable, 1), 4)} for m, n in sorted(coverage.items())
+        },
+        "captions": {"per_sample": _summary(per_caption), "words": _summary(words), "chars": _summary(chars)},
+        "bytes": sum(p.stat().st_size for p in source.paths),
+        "manifest": str(source.paths[0].parent / MANIFEST) if manifest else None,
+        "skipped_when_packed": (manifest.get("skipped") or {}).get("counts", {}),
+        "labels": sorted(labels),
+    }
