@@ -222,3 +222,20 @@ def _descends_from(pid: int, ancestor: int) -> bool:
         except OSError:
             return False
     return False
+
+
+def test_compiled_towers_train_and_keep_their_checkpoint_keys(tmp_path, tiny_recipe):
+    from coalign.train.loop import train
+
+    plain = train(tiny_recipe("train.steps=1", "eval.evaluators=[]"), tmp_path / "plain", progress=False)
+    compiled = train(
+        tiny_recipe("train.steps=1", "eval.evaluators=[]", "train.compile=true"),
+        tmp_path / "compiled",
+        progress=False,
+    )
+    assert compiled.step == plain.step == 1
+    a, b = (
+        load_weights(latest_checkpoint(tmp_path / "plain")),
+        load_weights(latest_checkpoint(tmp_path / "compiled")),
+    )
+    assert a.keys() == b.keys()

@@ -98,6 +98,8 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = 1.0  # max gradient norm; null: no clipping
     # GradCache: encode the batch in this many micro-batches (memory of one), losses on the whole batch
     accumulate: int = pydantic.Field(1, ge=1)
+    # torch.compile each tower (inductor; on the CPU it builds C++ with gcc, a minute or so at start)
+    compile: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     log_every: int = pydantic.Field(10, gt=0)
     eval_every: int = pydantic.Field(0, ge=0)  # 0: only at the end

@@ -154,6 +154,9 @@ def setup(
     task, note = sync_batch_norm(task, d, runtime.device)
     notes += [note] if note else []
     task = task.to(runtime.device)
+    if cfg.compile:  # in place, per tower: state_dict keys (checkpoints) stay those of the plain model
+        for tower in task.model.towers.values():
+            tower.compile()
     optimizer = build_optimizer(task, cfg, task.lr_scales(recipe.objectives))
     state = TrainState(task, optimizer, build_scheduler(optimizer, cfg))
     if checkpoint is not None:
