@@ -53,6 +53,7 @@ from coalign.data.shards import (
 )
 from coalign.data.sources.base import SampleError, Source, ZeroShotTask, write_example_images
 from coalign.data.sources.csv import parse_labels
+from coalign.data.sources.labels import ClassLabels
 from coalign.registry import SOURCES, ConfigError, StrictModel
 
 
@@ -256,6 +257,10 @@ class WebDatasetSource(Source):
         return {"path": str(shards / "{000000..000001}.tar"), "manifest": str(shards / MANIFEST)}
 
 
+# Shards store class indices (packing mapped names already); the manifest carries the class names.
+INTEGER_LABELS = ClassLabels({}, [])
+
+
 def decode_members(key: str, data: dict[str, bytes], where: str, required: list[str]) -> Sample:
     """One sample from its members: metadata parsed, text decoded, other modalities left as bytes."""
     sample: Sample = {"id": key}
@@ -265,7 +270,7 @@ def decode_members(key: str, data: dict[str, bytes], where: str, required: list[
         if ext == "json":
             meta = _json(raw, where)
         elif ext == "cls":
-            label |= parse_labels({"class": raw.decode("utf-8", "replace")}, ["class"], where)
+            label |= parse_labels({"class": raw.decode("utf-8", "replace")}, ["class"], where, INTEGER_LABELS)
         elif (modality := modality_of(ext)) == "text":
             try:
                 sample["text"] = raw.decode("utf-8")
@@ -278,7 +283,7 @@ def decode_members(key: str, data: dict[str, bytes], where: str, required: list[
     labels = meta.get("label") or {}
     if not isinstance(labels, dict):
         raise SampleError("bad_label", f"{where}: 'label' is a {type(labels).__name__}, not an object")
-    label |= parse_labels(labels, list(labels), where)
+    label |= parse_labels(labels, list(labels), where, INTEGER_LABELS)
     if isinstance(meta.get("captions"), list) and "text" in sample:
         sample["text"] = meta["captions"]
     if isinstance(meta.get("tabular"), dict):
