@@ -88,7 +88,12 @@ class ViT(Encoder):
             if cfg.stem == "conv"
             else nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size)
         )
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        # Not zeros: the CLS row (token + its zero position) goes through norm_pre, and a LayerNorm
+        # of a constant row has gradient 1 / sqrt(eps) ~ 300x; a zero CLS token carried >70% of the
+        # whole model's gradient norm for the first ~40 steps (benchmarks/vs_openclip.py), so a
+        # clipped run barely moved the rest. CLIP's scale, width ** -0.5, keeps the row at the
+        # patch tokens' order of magnitude.
+        self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.width) * cfg.width**-0.5)
         # Learnable, initialised to 2-D sin-cos (as MAE fixes it): position is usable from step one.
         pos = torch.cat(
             [torch.zeros(1, cfg.width), sincos_grid(self.grid, self.grid, cfg.width).flatten(0, 1)]
