@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from coalign.models.encoders.base import Dropout, Encoder, EncoderConfig, MlpRatio, Positive, Tokens
-from coalign.models.layers import Transformer, init_weights, sincos_grid
+from coalign.models.layers import Transformer, init_scaled, sincos_grid
 from coalign.registry import ENCODERS
 
 
@@ -101,7 +101,7 @@ class ViT(Encoder):
         self.pos_embed = nn.Parameter(pos.unsqueeze(0))  # (1, 1 + P, D)
         self.norm_pre = nn.LayerNorm(cfg.width)
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout)
-        init_weights(self.transformer)
+        init_scaled(self.transformer)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
         """x: (B, 3, H, W); keep: optional (B, K) indices of patches to keep (FLIP-style masking)."""
