@@ -9,7 +9,10 @@ from coalign.registry import HEADS
 
 @HEADS.register("linear")
 def linear_head(width: int, embed_dim: int) -> nn.Module:
-    return nn.Linear(width, embed_dim, bias=False)
+    # CLIP's projection std, width**-0.5 (torch's default for a Linear is 1/sqrt(3 width), ~0.58x)
+    head = nn.Linear(width, embed_dim, bias=False)
+    nn.init.normal_(head.weight, std=width**-0.5)
+    return head
 
 
 @HEADS.register("mlp")

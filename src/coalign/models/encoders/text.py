@@ -17,7 +17,7 @@ from coalign.models.encoders.base import (
     Tokens,
     masked_mean,
 )
-from coalign.models.layers import Transformer, init_weights, padding_attn_mask
+from coalign.models.layers import Transformer, init_scaled, padding_attn_mask
 from coalign.registry import ENCODERS
 
 
@@ -69,7 +69,7 @@ class TextTransformer(Encoder):
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.context_length, cfg.width) * 0.01)
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout)
         nn.init.normal_(self.token_embed.weight, std=0.02)
-        init_weights(self.transformer)
+        init_scaled(self.transformer)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> (B, L, D) input token embeddings, before positions are added."""

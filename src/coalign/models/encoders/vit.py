@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from coalign.models.encoders.base import Dropout, Encoder, EncoderConfig, MlpRatio, Positive, Tokens
-from coalign.models.layers import Transformer, init_weights, sincos_grid
+from coalign.models.layers import Transformer, init_scaled, sincos_grid
 from coalign.registry import ENCODERS
 
 
@@ -89,7 +89,12 @@ class ViT(Encoder):
             if cfg.stem == "conv"
             else nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size)
         )
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        # Not zeros: the CLS row (token + its zero position) goes through norm_pre, and a LayerNorm
+        # of a constant row has gradient 1 / sqrt(eps) ~ 300x; a zero CLS token carried >70% of the
+        # whole model's gradient norm for the first ~40 steps (benchmarks/vs_openclip.py), so a
+        # clipped run barely moved the rest. CLIP's scale, width ** -0.5, keeps the row at the
+        # patch tokens' order of magnitude.
+        self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.width) * cfg.width**-0.5)
         # Learnable, initialised to 2-D sin-cos (as MAE fixes it): position is usable from step one.
         pos = torch.cat(
             [torch.zeros(1, cfg.width), sincos_grid(self.grid, self.grid, cfg.width).flatten(0, 1)]
@@ -97,7 +102,7 @@ class ViT(Encoder):
         self.pos_embed = nn.Parameter(pos.unsqueeze(0))  # (1, 1 + P, D)
         self.norm_pre = nn.LayerNorm(cfg.width)
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout)
-        init_weights(self.transformer)
+        init_scaled(self.transformer)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
         """x: (B, 3, H, W); keep: optional (B, K) indices of patches to keep (FLIP-style masking)."""

@@ -1,0 +1,63 @@
+"""The plumbing of benchmarks/vs_openclip.py: tiny sizes, 2 steps per side, every figure finite.
+
+No figure is asserted: the benchmark's numbers are for people to read, not for tests to pin."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("open_clip_train")
+pytest.importorskip("pandas")  # OpenCLIP's csv loader
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_openclip.py"
+TINY = [
+    "--train-size", "16", "--test-size", "12", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+    "--width", "32", "--depth", "1", "--heads", "2", "--embed-dim", "16", "--context-length", "16",
+    "--precision", "fp32",
+]  # fmt: skip
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("vs_openclip", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def finite(values: dict) -> bool:
+    return all(isinstance(v, float | int) and math.isfinite(v) for v in values.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["scenes", "world"])
+def test_both_sides_train_two_steps_and_report_finite_figures(tmp_path, dataset):
+    report = load_benchmark().main([*TINY, "--dataset", dataset, "--seeds", "0", "--out", str(tmp_path)])
+    assert set(report["sides"]) == {"coalign", "openclip"}
+    for side in report["sides"].values():
+        (run,) = side["runs"]
+        assert set(run["zero_shot"]) == {"shape", "color", "size", "position"}
+        assert {"text_to_image_r@1", "text_to_image_r@5"} <= set(run["retrieval"])
+        assert run["samples_per_s"] > 0 and run["wall_s"] > 0
+        assert finite(side["mean"]) and finite(side["std"])
+    assert set(report["coalign_at_least_openclip"]) == {"shape", "color", "size", "position"}
+    assert (tmp_path / f"data-{dataset}" / "train.csv").read_text().startswith("filepath,title,")
+
+
+def test_the_two_sides_get_the_same_architecture():
+    bench = load_benchmark()
+    a = bench.parse_args(["--width", "96", "--depth", "3", "--heads", "3", "--patch-size", "16"])
+    oc = bench.openclip_config(a)
+    recipe = bench.coalign_recipe(a, Path("train.csv"), ["shape"], seed=0)
+    image, text = recipe["model"]["towers"]["image"], recipe["model"]["towers"]["text"]
+    vision = oc["vision_cfg"]
+    assert (vision["width"], vision["layers"], vision["patch_size"]) == (96, 3, 16)
+    assert vision["width"] // vision["head_width"] == image["heads"] == 3
+    assert (image["width"], image["depth"], image["patch_size"]) == (96, 3, 16)
+    assert (oc["text_cfg"]["width"], oc["text_cfg"]["layers"], oc["text_cfg"]["heads"]) == (96, 3, 3)
+    assert (text["width"], text["depth"], text["heads"]) == (96, 3, 3)
+    assert oc["embed_dim"] == recipe["model"]["embed_dim"]
+    assert oc["text_cfg"]["context_length"] == recipe["data"]["transforms"]["text"]["context_length"]
