@@ -29,29 +29,10 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__":
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from memory import peak_mb, reset_hwm, rss_mb  # noqa: E402  (benchmarks/memory.py)
 
 from coalign.evaluate.classification import chunked_classification_metrics  # noqa: E402
 from coalign.evaluate.retrieval import chunked_retrieval_metrics  # noqa: E402
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 def measure(fn, device: torch.device) -> tuple[dict, float, float]:

@@ -42,33 +42,9 @@ import subprocess
 import sys
 import time
 
+from memory import peak_mb, reset_hwm, rss_mb  # benchmarks/memory.py
+
 VARIANTS = {"siglip": ("plain", "chunked"), "infonce": ("plain", "tiled")}
-
-
-def _rss_mb() -> float | None:
-    """Current resident set size (Linux), or None where /proc is missing."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except OSError:
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _maxrss_mb() -> float:
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
-
-
-def _reset_rss_high_water_mark() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_one(
@@ -127,13 +103,13 @@ def run_one(
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
-        hwm_reset = _reset_rss_high_water_mark()
-        base = _rss_mb()
+        hwm_reset = reset_hwm()
+        base = rss_mb()
     times = [step(leaves, chunk) for _ in range(repeats)]
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20 - base
     else:
-        peak = _maxrss_mb() - base if base is not None else float("nan")
+        peak = peak_mb() - base if base is not None else float("nan")
     out = {
         "batch_size": batch_size,
         "variant": variant,

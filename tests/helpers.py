@@ -45,3 +45,17 @@ def descend(
             for p, g in zip(params, grads, strict=True):
                 p -= lr * g
     return first, loss().item()
+
+
+def suite_error(folder, text: str) -> str:
+    """The one ConfigError message that loading the suite `text` (YAML) must raise."""
+    import pytest
+
+    from coalign.evaluate.suites import load_suite
+    from coalign.registry import ConfigError
+
+    path = folder / "suite.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_suite(path)
+    return str(err.value)

@@ -25,6 +25,7 @@ from coalign.evaluate.results import (
 from coalign.evaluate.run import evaluate
 from coalign.registry import EVALUATORS, ConfigError, StrictModel
 from coalign.runtime import Runtime
+from helpers import suite_error
 
 N, C, E = 12, 3, 8
 
@@ -138,19 +139,14 @@ def test_train_split_evaluators_in_a_recipe_fail_at_load(name):
 
 
 def test_suite_dataset_without_train_split_fails_at_load(tmp_path):
-    from coalign.evaluate.suites import load_suite
-
-    suite = tmp_path / "s.yaml"
-    suite.write_text(
+    text = suite_error(
+        tmp_path,
         "datasets:\n"
         "  with_train:\n    source: {source: world, split: test}\n    train: {source: world, split: train}\n"
         "  no_train:\n    source: {source: world, split: test}\n"
         "  own_tasks:\n    source: {source: world, split: test}\n    tasks: [zero_shot, knn]\n"
-        "tasks: [zero_shot, linear_probe]\n"
+        "tasks: [zero_shot, linear_probe]\n",
     )
-    with pytest.raises(ConfigError) as err:
-        load_suite(suite)
-    text = str(err.value)
     assert "datasets.no_train: the suite's tasks linear_probe fit on a labelled training split" in text
     assert "datasets.own_tasks.tasks.1: evaluator 'knn' fits on a labelled training split" in text
     assert "with_train" not in text

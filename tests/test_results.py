@@ -24,7 +24,7 @@ from coalign.evaluate.results import (
     write_benchmark_files,
     write_results,
 )
-from coalign.registry import ConfigError
+from helpers import suite_error
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -140,16 +140,11 @@ def test_load_scores_rejects_other_json(tmp_path):
 
 
 def test_suite_errors_name_the_field(tmp_path):
-    from coalign.evaluate.suites import load_suite
-
-    bad = tmp_path / "s.yaml"
-    bad.write_text(
+    text = suite_error(
+        tmp_path,
         "datasets:\n  d:\n    source: {source: world, split: test, sise: 10}\n"
-        "tasks: [zero_shot, {name: zero_shot_fused, combine: sum}, retrival, zero_shot]\n"
+        "tasks: [zero_shot, {name: zero_shot_fused, combine: sum}, retrival, zero_shot]\n",
     )
-    with pytest.raises(ConfigError) as err:
-        load_suite(bad)
-    text = str(err.value)
     assert "tasks.2: unknown evaluator 'retrival' (did you mean 'retrieval'?)" in text
     assert "tasks.1.combine" in text
     assert "tasks.3: evaluator 'zero_shot' is listed twice" in text

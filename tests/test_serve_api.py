@@ -9,7 +9,6 @@ import base64
 import hashlib
 import io
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from PIL import Image
 
 from coalign.data.transforms.image import decode_image
 from coalign.registry import ConfigError
+from coalign.search.query import Hit
 from coalign.serve.app import Limits, create_app
 
 DIM = 16
@@ -38,14 +38,7 @@ def _png(rgb: tuple[int, int, int], size: int = 8) -> bytes:
     return buf.getvalue()
 
 
-@dataclass
-class FakeHit:
-    id: str
-    score: float
-    row: int
-    caption: str | None
-    path: str | None
-    labels: dict[str, int]
+FakeHit = Hit  # the fake index returns the real hit record
 
 
 class FakeIndex:

@@ -11,6 +11,8 @@ Memory stays bounded on large splits: test rows are taken `chunk` at a time and 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pydantic
 import torch
 import torch.nn.functional as F
@@ -92,20 +94,15 @@ def knn_classify(
     test_x: torch.Tensor,
     test_y: torch.Tensor,
     num_classes: int,
-    *,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk: int = 4096,
-    train_chunk: int = 65536,
+    **options: Any,
 ) -> dict[str, float]:
-    """Temperature-weighted kNN accuracy of `test_x` against the labelled `train_x`.
+    """Temperature-weighted kNN accuracy of `test_x` against the labelled `train_x`; `options` are
+    `KnnOptions` fields (k=20, temperature=0.07, chunk, train_chunk), checked by name and value.
 
     Returns ``knn_acc1``, ``knn_acc5`` (only when C > 5) and ``knn_mean_per_class_recall``.
     """
-    options = {"k": k, "temperature": temperature, "chunk": chunk, "train_chunk": train_chunk}
-    return knn_metrics(
-        train_x, train_y, test_x, test_y, num_classes, parse_options(KnnOptions, options, "knn")
-    )
+    opts = parse_options(KnnOptions, options, "knn")
+    return knn_metrics(train_x, train_y, test_x, test_y, num_classes, opts)
 
 
 def knn_metrics(
