@@ -22,7 +22,7 @@ from coalign.data.sources.base import Source
 from coalign.data.transforms.base import Pipeline, Transform
 from coalign.models.encoders.base import Encoder, fill_inputs
 from coalign.models.model import MultimodalModel
-from coalign.registry import ENCODERS, SOURCES, TRANSFORMS
+from coalign.registry import ENCODERS, FUSION, SOURCES, TRANSFORMS
 
 EMBED_DIM = 16
 # The world's settings for raw values: few samples, short clips, small clouds and images. Captions:
@@ -77,16 +77,31 @@ def tiny_encoder(name: str, **overrides: Any) -> Encoder:
     return ENCODERS.create(name, **tiny_encoder_options(name, **overrides))
 
 
+def tiny_fusion(context: str, query: str, name: str | None = None) -> dict[str, Any]:
+    """The `model.fusion` spec of a tiny fusion part (the first registered one, or `name`)."""
+    name = name or FUSION.names()[0]
+    return {"fusion": name, **FUSION.tiny(name), "query": query, "context": context}
+
+
+def needs_fusion(cfg: Any) -> bool:
+    """Whether an objective's Config reads fused tokens (then its tiny model gets a fusion part)."""
+    return bool(getattr(cfg, "needs_fusion", False))
+
+
 def tiny_model(
-    transforms: dict[str, Transform], towers: dict[str, str] | None = None, head: str = "linear"
+    transforms: dict[str, Transform],
+    towers: dict[str, str] | None = None,
+    head: str = "linear",
+    fusion: dict[str, Any] | None = None,
 ) -> MultimodalModel:
-    """A model with one tower per modality key of `transforms` (its first encoder, or `towers[m]`)."""
+    """A model with one tower per modality key of `transforms` (its first encoder, or `towers[m]`),
+    and the fusion part `fusion` (a `model.fusion` spec, e.g. from `tiny_fusion`) when given."""
     modalities = [k for k in transforms if "@" not in k]
     specs = {}
     for m in modalities:
         encoder = (towers or {}).get(m) or encoder_for(transforms[m].modality)
         specs[m] = {"encoder": encoder, **ENCODERS.tiny(encoder)}
-    cfg = ModelConfig(embed_dim=EMBED_DIM, towers=specs, head=head)
+    cfg = ModelConfig(embed_dim=EMBED_DIM, towers=specs, head=head, fusion=fusion)
     return MultimodalModel.from_config(cfg, {m: transforms[m].describe() for m in modalities})
 
 

@@ -16,14 +16,16 @@ from coalign.data.sample import base_modality
 from coalign.data.sources.base import Source, ZeroShotTask
 from coalign.evaluate.base import EvalContext, Metric
 from coalign.evaluate.embed import embed_eval_set, text_encoder
-from coalign.models.encoders.base import Encoder
+from coalign.models.encoders.base import Encoder, Tokens
 from coalign.objectives.base import Objective
-from coalign.registry import ENCODERS, EVALUATORS, HEADS, OBJECTIVES, SOURCES, TRANSFORMS
+from coalign.registry import ENCODERS, EVALUATORS, FUSION, HEADS, OBJECTIVES, SOURCES, TRANSFORMS
 from coalign.runtime import Runtime
 from parts import (
     bad_grads,
+    needs_fusion,
     tiny_batch,
     tiny_encoder_options,
+    tiny_fusion,
     tiny_model,
     tiny_transform,
     transform_for,
@@ -141,6 +143,45 @@ def test_source(name, tmp_path):
     check_source(SOURCES.create(name, **options))
 
 
+# ------------------------------------------------------------------------------------------- fusion
+
+
+def padded_tokens(B: int, N: int, D: int, real: list[int] | None) -> Tokens:
+    """Random (B, N, D) tokens; with `real`, row b has real[b] real tokens and the rest padding."""
+    tokens = torch.randn(B, N, D)
+    if real is None:
+        return Tokens(tokens, None)
+    return Tokens(tokens, torch.arange(N)[None, :] < torch.tensor(real)[:, None])
+
+
+def check_fusion(fusion: torch.nn.Module) -> None:
+    """Built for query width 24 and context width 40. Fused tokens (B, N, D) start with the query's
+    rows; padded tokens of either side, whatever their values, change no real fused token; every
+    parameter gets a finite gradient."""
+    query, context = padded_tokens(2, 6, 24, [3, 6]), padded_tokens(2, 5, 40, [5, 2])
+    out = fusion.train()(query, context)
+    assert out.tokens.ndim == 3 and out.tokens.shape[0] == 2 and out.tokens.shape[2] == fusion.width
+    assert out.tokens.shape[1] >= query.tokens.shape[1], "the query's rows come first"
+    assert out.mask is not None and out.mask.shape == out.tokens.shape[:2]
+    assert torch.equal(out.mask[:, :6], query.mask), "the query's rows keep the query's mask"
+    out.tokens[out.mask].square().sum().backward()
+    assert not (bad := bad_grads(fusion, every=True)), bad
+    fusion.eval()
+    with torch.no_grad():
+        ref = fusion(query, context)
+        noisy_q = torch.where(query.mask[..., None], query.tokens, torch.randn_like(query.tokens) * 9)
+        noisy_c = torch.where(context.mask[..., None], context.tokens, torch.randn_like(context.tokens) * 9)
+        out = fusion(Tokens(noisy_q, query.mask), Tokens(noisy_c, context.mask))
+        torch.testing.assert_close(out.tokens[ref.mask], ref.tokens[ref.mask], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FUSION.names())
+def test_fusion(name):
+    torch.manual_seed(0)
+    cfg = FUSION.validate(name, FUSION.tiny(name))
+    check_fusion(FUSION.get(name)(cfg, {cfg.query: 24, cfg.context: 40}))
+
+
 # --------------------------------------------------------------------------------------- objectives
 
 
@@ -169,7 +210,9 @@ def objective_setup(
             t.train = True
     else:
         transforms = transforms_for(list(dict.fromkeys([*bases, *keys])), source, tmp_path)
-    model = tiny_model(transforms)
+    # an objective that reads fused tokens gets a fusion part over the modalities it pairs
+    fusion = tiny_fusion(*cfg.modalities) if needs_fusion(cfg) else None
+    model = tiny_model(transforms, fusion=fusion)
     objective = OBJECTIVES.create(name, **options)
     objective.bind(model, transforms)
     batch = tiny_batch(source, transforms, size=6, missing=bases[-1])
@@ -282,4 +325,4 @@ def test_every_registry_is_covered():
     """Each registry has a parametrized test above; a new registry needs one too."""
     from coalign.registry import ALL
 
-    assert set(ALL) == {"sources", "transforms", "encoders", "heads", "objectives", "evaluators"}
+    assert set(ALL) == {"sources", "transforms", "encoders", "heads", "fusion", "objectives", "evaluators"}

@@ -17,6 +17,7 @@ import yaml
 from coalign.registry import (
     ENCODERS,
     EVALUATORS,
+    FUSION,
     HEADS,
     OBJECTIVES,
     SOURCES,
@@ -47,6 +48,12 @@ class TransformSpec(Part):
 
 class TowerSpec(Part):
     encoder: str
+
+
+class FusionSpec(Part):
+    """`{fusion: cross, query: text, context: image, width: 256, ...}` (see models/fusion.py)."""
+
+    fusion: str
 
 
 class ObjectiveSpec(Part):
@@ -85,6 +92,9 @@ class ModelConfig(StrictModel):
     embed_dim: int = pydantic.Field(128, gt=0)
     towers: dict[str, TowerSpec] = pydantic.Field(min_length=1)
     head: str = "linear"
+    # A part that mixes two towers' tokens, for objectives that read fused tokens (itm, mlm);
+    # None: dual encoders only. The checkpoint then holds no fusion weights.
+    fusion: FusionSpec | None = None
 
 
 class TrainConfig(StrictModel):
@@ -317,6 +327,8 @@ def _validate_parts(recipe: Recipe) -> None:
         (ENCODERS, t.encoder, t.options(), f"model.towers.{m}") for m, t in recipe.model.towers.items()
     ]
     checks += [(OBJECTIVES, o.name, o.options(), f"objectives.{i}") for i, o in enumerate(recipe.objectives)]
+    if recipe.model.fusion is not None:
+        checks.append((FUSION, recipe.model.fusion.fusion, recipe.model.fusion.options(), "model.fusion"))
     errors = []
     parsed: dict[str, Any] = {}  # where -> the part's validated Config (None: the part has no Config)
     for registry, name, options, where in checks:
@@ -327,6 +339,7 @@ def _validate_parts(recipe: Recipe) -> None:
             errors.append(_at(where, err))
     errors += _tower_input_errors(recipe, parsed)
     errors += _batch_key_errors(recipe, parsed)
+    errors += _fusion_errors(recipe, parsed)
     try:
         HEADS.get(recipe.model.head)
     except ConfigError as err:
@@ -403,6 +416,35 @@ def _batch_key_errors(recipe: Recipe, parsed: dict[str, Any]) -> list[str]:
     return errors
 
 
+def _fusion_errors(recipe: Recipe, parsed: dict[str, Any]) -> list[str]:
+    """The fusion part names towers the model has, and every objective that reads fused tokens (its
+    Config says `needs_fusion`) has a fusion part over the modalities it pairs."""
+    errors = []
+    fusion = parsed.get("model.fusion")
+    for field, tower in (fusion.towers() if fusion is not None else {}).items():
+        if tower not in recipe.model.towers:
+            errors.append(
+                f"model.fusion.{field}: the model has no '{tower}' tower; "
+                f"towers: {', '.join(recipe.model.towers)}"
+            )
+    for i, spec in enumerate(recipe.objectives):
+        cfg = parsed.get(f"objectives.{i}")
+        if not getattr(cfg, "needs_fusion", False):
+            continue
+        if recipe.model.fusion is None:
+            errors.append(
+                f"objectives.{i}: '{spec.name}' reads fused tokens; add a fusion part under model.fusion, "
+                f"e.g. {{fusion: cross, query: text, context: image}} "
+                f"(fusion parts: {', '.join(FUSION.names())})"
+            )
+        elif fusion is not None and set(cfg.modalities) != set(fusion.towers().values()):
+            errors.append(
+                f"objectives.{i}.modalities: {list(cfg.modalities)} are not the towers model.fusion mixes "
+                f"({fusion.query}, {fusion.context})"
+            )
+    return errors
+
+
 def _view_errors(recipe: Recipe) -> list[str]:
     """A transform key is a tower's modality or a view `<modality>@<view>` of one; a view uses its
     modality's transform with the same shared options (same tower input, same tokenizer)."""
@@ -452,10 +494,12 @@ def shrink(recipe: Recipe) -> Recipe:
     r.data.batch_size = min(r.data.batch_size, 32)
     r.data.num_workers = 0
     r.eval.max_samples = min(r.eval.max_samples or 10**9, 128)
-    # The tiny settings of the sources and encoders (each Config's `tiny()`); a transform's are left
-    # out: they fix the tower inputs (image size, tokenizer) that the recipe's data and model agree on.
+    # The tiny settings of the sources, encoders and fusion part (each Config's `tiny()`); a
+    # transform's are left out: they fix the tower inputs (image size, tokenizer) that the recipe's
+    # data and model agree on.
     parts = [(SOURCES, s.source, s) for s in [r.data.train, *r.data.eval.values()]]
     parts += [(ENCODERS, t.encoder, t) for t in r.model.towers.values()]
+    parts += [(FUSION, r.model.fusion.fusion, r.model.fusion)] if r.model.fusion is not None else []
     for registry, name, spec in parts:
         for key, small in registry.tiny(name).items():
             current = spec.options().get(key)

@@ -1,8 +1,9 @@
 """One registry type for everything a recipe can name.
 
-Sources, transforms, encoders, objectives and evaluators all live in a `Registry`. A registered
-entry may carry a pydantic `Config` class (as a class attribute); `create(name, **cfg)` validates
-the keyword arguments against it before building, so a recipe with a misspelt key fails at start.
+Sources, transforms, encoders, heads, fusion parts, objectives and evaluators all live in a
+`Registry`. A registered entry may carry a pydantic `Config` class (as a class attribute);
+`create(name, **cfg)` validates the keyword arguments against it before building, so a recipe with a
+misspelt key fails at start.
 
 Every part's Config may offer its tiny settings, a classmethod `tiny() -> dict` of options: the
 smallest instance worth running. `--smoke` applies them to a recipe's sources and encoders
@@ -88,7 +89,7 @@ PACKAGES = (
     "coalign.data.transforms",
     "coalign.data",  # world.py
     "coalign.models.encoders",
-    "coalign.models",  # heads.py
+    "coalign.models",  # heads.py, fusion.py
     "coalign.objectives",
     "coalign.evaluate",
 )
@@ -188,6 +189,7 @@ SOURCES: Registry = Registry("source")
 TRANSFORMS: Registry = Registry("transform")
 ENCODERS: Registry = Registry("encoder")
 HEADS: Registry = Registry("head")
+FUSION: Registry = Registry("fusion")  # parts that mix two towers' tokens (models/fusion.py)
 OBJECTIVES: Registry = Registry("objective")
 EVALUATORS: Registry = Registry("evaluator")
 
@@ -196,6 +198,7 @@ ALL = {
     "transforms": TRANSFORMS,
     "encoders": ENCODERS,
     "heads": HEADS,
+    "fusion": FUSION,
     "objectives": OBJECTIVES,
     "evaluators": EVALUATORS,
 }

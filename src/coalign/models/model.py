@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,8 @@ from torch import nn
 from coalign.config import ModelConfig
 from coalign.data.sample import base_modality
 from coalign.models.encoders.base import Encoder, Tokens, fill_inputs
-from coalign.registry import ENCODERS, HEADS
+from coalign.models.fusion import Fusion
+from coalign.registry import ENCODERS, FUSION, HEADS
 
 
 @dataclass
@@ -53,11 +55,19 @@ class Features:
 
 
 class MultimodalModel(nn.Module):
-    def __init__(self, towers: dict[str, Encoder], heads: dict[str, nn.Module], embed_dim: int):
+    def __init__(
+        self,
+        towers: dict[str, Encoder],
+        heads: dict[str, nn.Module],
+        embed_dim: int,
+        fusion: Fusion | None = None,
+    ):
         super().__init__()
         self.towers = nn.ModuleDict(towers)
         self.heads = nn.ModuleDict(heads)
         self.embed_dim = embed_dim
+        # A submodule, so checkpoints and the optimizer hold it; absent (no state-dict keys) without one.
+        self.fusion = fusion
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, inputs: dict[str, dict[str, Any]]) -> MultimodalModel:
@@ -71,7 +81,12 @@ class MultimodalModel(nn.Module):
             tower_cfg = getattr(towers[modality], "cfg", None)
             towers[modality].set_grad_checkpointing(bool(getattr(tower_cfg, "grad_checkpointing", False)))
             heads[modality] = HEADS.get(cfg.head)(towers[modality].width, cfg.embed_dim)
-        return cls(towers, heads, cfg.embed_dim)
+        fusion = None
+        if cfg.fusion is not None:
+            parsed = FUSION.validate(cfg.fusion.fusion, cfg.fusion.options(), "model.fusion")
+            widths = {m: t.width for m, t in towers.items()}
+            fusion = FUSION.get(cfg.fusion.fusion)(parsed, widths)
+        return cls(towers, heads, cfg.embed_dim, fusion)
 
     @property
     def modalities(self) -> list[str]:
@@ -115,6 +130,21 @@ class MultimodalModel(nn.Module):
         skip = 0 if prefix else int(self._tower(modality).num_prefix_tokens)
         x, mask = tokens.tokens[:, skip:], None if tokens.mask is None else tokens.mask[:, skip:]
         return F.normalize(self.heads[modality](x).float(), dim=-1), mask
+
+    def fuse(self, tokens_by_key: Mapping[str, Tokens | Features]) -> Tokens:
+        """Fused tokens (B, N, D) of row-aligned token features of the fusion part's two towers (keyed
+        by modality; the same B rows on both sides). Rows 0..N_query - 1 are the query's tokens, row
+        0 the fused [CLS] (`models/fusion.py`)."""
+        if self.fusion is None:
+            raise RuntimeError("this model has no fusion part; add one under model.fusion in the recipe")
+
+        def tokens(m: str) -> Tokens:
+            if m not in tokens_by_key:
+                raise KeyError(f"fusion needs the tokens of '{m}'; got {sorted(tokens_by_key)}")
+            t = tokens_by_key[m]
+            return t.tokens if isinstance(t, Features) else t
+
+        return self.fusion(tokens(self.fusion.query), tokens(self.fusion.context))
 
     def encode(self, modality: str, x: Any) -> torch.Tensor:
         """(B, E) L2-normalised embeddings: the one function evaluation, search and serving use."""

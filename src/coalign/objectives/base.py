@@ -14,9 +14,10 @@ import pydantic
 import torch
 from torch import nn
 
-from coalign.data.sample import select_present
-from coalign.models.model import Features
-from coalign.registry import StrictModel
+from coalign.data.sample import present_rows, select_present
+from coalign.models.encoders.base import Tokens
+from coalign.models.model import Features, MultimodalModel
+from coalign.registry import ConfigError, StrictModel
 
 
 class ObjectiveConfig(StrictModel):
@@ -107,3 +108,57 @@ def aligned(
         if m not in features:
             raise KeyError(f"objective needs modality '{m}', but the batch has {sorted(features)}")
     return select_present(batch, keys, [getattr(features[m], field) for m in keys])
+
+
+def paired_tokens(
+    features: dict[str, Features], batch: dict[str, Any], a: str, b: str
+) -> tuple[Tokens, Tokens]:
+    """The token rows of the samples that have both keys, row-aligned (as `paired` does for
+    embeddings: each key's features cover only the rows where it is present)."""
+    for m in (a, b):
+        if m not in features:
+            raise KeyError(f"objective needs modality '{m}', but the batch has {sorted(features)}")
+    rows_a, rows_b = present_rows(batch, (a, b))
+    return take_rows(features[a].tokens, rows_a), take_rows(features[b].tokens, rows_b)
+
+
+def take_rows(t: Tokens, rows: torch.Tensor | None) -> Tokens:
+    """Tokens of the given rows (None: all of them)."""
+    if rows is None:
+        return t
+    rows = rows.to(t.tokens.device)
+    return Tokens(t.tokens[rows], None if t.mask is None else t.mask[rows])
+
+
+class FusedOptions(ObjectiveConfig):
+    """Base of the Configs of objectives that read fused tokens (`MultimodalModel.fuse`): the recipe
+    loader then requires a `model.fusion` part over exactly these two modalities."""
+
+    needs_fusion: ClassVar[bool] = True
+    modalities: tuple[str, str] = ("image", "text")
+
+
+class FusedObjective(Objective):
+    """An objective that calls the model's fusion part; `bind` checks it and keeps the model."""
+
+    def bind(self, model: nn.Module, transforms: dict[str, Any] | None = None) -> None:
+        fusion = getattr(model, "fusion", None)
+        if fusion is None:
+            raise ConfigError(f"{self.name}: the model has no fusion part; add one under model.fusion")
+        if set(self.cfg.modalities) != {fusion.query, fusion.context}:
+            raise ConfigError(
+                f"{self.name}: modalities {list(self.cfg.modalities)} are not the towers the fusion part "
+                f"mixes ({fusion.query}, {fusion.context})"
+            )
+        # The model belongs to the Task; object.__setattr__ keeps nn.Module from registering it a
+        # second time here (its weights would appear twice in the Task's parameters and state_dict).
+        object.__setattr__(self, "_model", model)
+
+    @property
+    def model(self) -> MultimodalModel:
+        model = self.__dict__.get("_model")
+        if model is None:
+            raise RuntimeError(
+                f"{self.name}: call bind(model) before using the objective (Task.from_specs does)"
+            )
+        return model

@@ -22,11 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coalign.data.sample import present_rows
-from coalign.models.encoders.base import Tokens
 from coalign.models.late_interaction import late_interaction_scores
 from coalign.models.model import Features, MultimodalModel
-from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions, paired
+from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions, paired, paired_tokens
 from coalign.objectives.contrastive import info_nce
 from coalign.registry import OBJECTIVES, ConfigError
 
@@ -57,20 +55,6 @@ def filip_loss(
     return 0.5 * (F.cross_entropy(logit_scale * s_i2t, target) + F.cross_entropy(logit_scale * s_t2i, target))
 
 
-def _paired_tokens(ta: Tokens, tb: Tokens, batch: dict[str, Any], a: str, b: str) -> tuple[Tokens, Tokens]:
-    """The token rows of the samples that have both modalities, row-aligned (as `paired` does for
-    embeddings: each modality's features cover only the rows where it is present)."""
-
-    def pick(t: Tokens, rows: torch.Tensor | None) -> Tokens:
-        if rows is None:
-            return t
-        rows = rows.to(t.tokens.device)
-        return Tokens(t.tokens[rows], None if t.mask is None else t.mask[rows])
-
-    rows_a, rows_b = present_rows(batch, (a, b))
-    return pick(ta, rows_a), pick(tb, rows_b)
-
-
 @OBJECTIVES.register("filip")
 class FILIP(LearnedScale, Objective):
     Config = FILIPConfig
@@ -99,7 +83,7 @@ class FILIP(LearnedScale, Objective):
         for m in (a, b):
             if m not in features:
                 raise KeyError(f"objective 'filip' needs modality '{m}'; the batch has {sorted(features)}")
-        ta, tb = _paired_tokens(features[a].tokens, features[b].tokens, batch, a, b)
+        ta, tb = paired_tokens(features, batch, a, b)
         # FILIP scores content tokens: the image side drops its CLS unless `image_cls`; the text side
         # keeps every token it has.
         xa, ma = model.project_tokens(a, ta, prefix=self.cfg.image_cls)  # (M, Na, E)

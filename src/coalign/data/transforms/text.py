@@ -151,6 +151,11 @@ class BPETextTransform(Transform):
         # all-<pad> rows mark "no caption": the model skips them and reports them in group_mask
         return torch.cat([ids, ids.new_full((k - ids.shape[0], ids.shape[1]), PAD)])  # (k, L)
 
+    def special_ids(self) -> list[int]:
+        """The ids that are no word (<pad>, <bos>, <eos>): masked language modelling never masks,
+        draws or predicts them."""
+        return list(range(len(SPECIALS)))
+
     def describe(self) -> dict[str, Any]:
         size = self.tokenizer.get_vocab_size() if self.tokenizer is not None else self.cfg.vocab_size
         return {"vocab_size": size, "context_length": self.cfg.context_length, "pad_id": PAD}

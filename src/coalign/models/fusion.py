@@ -1,0 +1,174 @@
+"""Fusion parts: transformer layers that mix the tokens of two towers (ALBEF, BLIP, UNITER).
+
+A fusion part reads the token features of a *query* tower and a *context* tower (each `Tokens`:
+(B, N, D_tower) plus a padding mask) and returns fused tokens `Tokens((B, N, D), mask)` whose first
+`N_query` rows are the query's tokens, in order. Row 0 is the query's first token (the text tower's
+`<bos>`), the fused [CLS] that an ITM head reads; MLM reads rows 1..N_query - 1.
+
+- `cross` (ALBEF, BLIP): per layer, self-attention over the query tokens, cross-attention from the
+  query to the context tokens, an MLP. The output has the query's N and mask.
+- `single` (UNITER): the two sequences, each plus a learnt type embedding, concatenated and run
+  through one transformer. The output is (B, N_query + N_context, D) with both masks concatenated.
+
+Each side is projected from its tower's width to the fusion width first (towers rarely share one).
+Padding is honoured on both sides: a padded key is never attended to (the SDPA mask), so neither
+the values of padded tokens nor the amount of padding change the fused real tokens.
+"""
+
+from __future__ import annotations
+
+import pydantic
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from coalign.models.encoders.base import Dropout, EncoderConfig, MlpRatio, Positive, Tokens
+from coalign.models.layers import MLP, Attention, Transformer, init_weights, padding_attn_mask
+from coalign.registry import FUSION
+
+
+class FusionConfig(EncoderConfig):
+    """Shared by every fusion part (EncoderConfig for its heads-divide-width check)."""
+
+    query: str = "text"  # the tower whose tokens come out first (row 0: the fused [CLS])
+    context: str = "image"  # the tower they attend to (cross) or are concatenated with (single)
+    width: Positive = 256
+    depth: Positive = 2
+    heads: Positive = 4
+    mlp_ratio: MlpRatio = 4.0
+    dropout: Dropout = 0.0
+
+    @classmethod
+    def tiny(cls) -> dict:
+        return {"width": 32, "depth": 1, "heads": 2}
+
+    @pydantic.model_validator(mode="after")
+    def _two_towers(self):
+        if self.query == self.context:
+            raise ValueError(f"query and context must be two different towers, got '{self.query}' twice")
+        return self
+
+    def towers(self) -> dict[str, str]:
+        """field -> the tower it names (the recipe loader checks that the model has each)."""
+        return {"query": self.query, "context": self.context}
+
+
+def _valid(tokens: Tokens) -> torch.Tensor:
+    """(B, N) bool: True for real tokens (a tower without a mask has only real ones)."""
+    t = tokens.tokens
+    return (
+        tokens.mask if tokens.mask is not None else torch.ones(t.shape[:2], dtype=torch.bool, device=t.device)
+    )
+
+
+class Fusion(nn.Module):
+    Config = FusionConfig
+
+    def __init__(self, cfg: FusionConfig, widths: dict[str, int]):
+        """`widths`: tower name -> token width D of that tower (at least the query and the context)."""
+        super().__init__()
+        missing = [m for m in (cfg.query, cfg.context) if m not in widths]
+        if missing:
+            raise ValueError(f"fusion needs towers {missing}; the model has {sorted(widths)}")
+        self.cfg, self.width = cfg, cfg.width
+        self.query, self.context = cfg.query, cfg.context
+        self.proj_query = nn.Linear(widths[cfg.query], cfg.width)
+        self.proj_context = nn.Linear(widths[cfg.context], cfg.width)
+
+    def forward(self, query: Tokens, context: Tokens) -> Tokens:
+        raise NotImplementedError
+
+    @staticmethod
+    def cls(fused: Tokens) -> torch.Tensor:
+        """(B, D) the fused [CLS]: row 0, the query's first token."""
+        return fused.tokens[:, 0]
+
+
+class CrossAttention(nn.Module):
+    """Queries from x (B, Nq, D), keys and values from the context (B, Nc, D)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        B, Nq, D = x.shape
+        Nc, h = ctx.shape[1], self.heads
+        q = self.q(x).view(B, Nq, h, D // h).transpose(1, 2)  # (B, h, Nq, d)
+        k, v = self.kv(ctx).view(B, Nc, 2, h, D // h).permute(2, 0, 3, 1, 4)  # (B, h, Nc, d) each
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, h, Nq, d)
+        return self.proj(y.transpose(1, 2).reshape(B, Nq, D))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm: self-attention over the query, cross-attention to the context, MLP (BERT + ALBEF)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.cross = CrossAttention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(
+        self, x: torch.Tensor, self_mask: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), self_mask)
+        x = x + self.cross(self.norm_cross(x), ctx, ctx_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+@FUSION.register("cross")
+class CrossFusion(Fusion):
+    def __init__(self, cfg: FusionConfig, widths: dict[str, int]):
+        super().__init__(cfg, widths)
+        self.norm_context = nn.LayerNorm(cfg.width)
+        self.blocks = nn.ModuleList(
+            CrossBlock(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(cfg.width)
+        init_weights(self)
+
+    def forward(self, query: Tokens, context: Tokens) -> Tokens:
+        q_valid, c_valid = _valid(query), _valid(context)  # (B, Nq), (B, Nc)
+        x = self.proj_query(query.tokens)  # (B, Nq, D)
+        ctx = self.norm_context(self.proj_context(context.tokens))  # (B, Nc, D)
+        self_mask = padding_attn_mask(q_valid)  # (B, 1, 1, Nq): no query attends to a padded query
+        ctx_mask = c_valid[:, None, None, :]  # (B, 1, 1, Nc): nor to a padded context token
+        for block in self.blocks:
+            if self.cfg.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, self_mask, ctx, ctx_mask, use_reentrant=False)
+            else:
+                x = block(x, self_mask, ctx, ctx_mask)
+        return Tokens(self.norm(x), query.mask)
+
+
+@FUSION.register("single")
+class SingleStreamFusion(Fusion):
+    def __init__(self, cfg: FusionConfig, widths: dict[str, int]):
+        super().__init__(cfg, widths)
+        # Which stream a token came from: each tower adds its own positions, but nothing else tells
+        # the shared layers where text ends and image begins (UNITER's modality embedding).
+        self.type_embed = nn.Parameter(torch.zeros(2, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+        self.transformer.grad_checkpointing = cfg.grad_checkpointing
+        init_weights(self)
+        nn.init.normal_(self.type_embed, std=0.02)
+
+    def forward(self, query: Tokens, context: Tokens) -> Tokens:
+        x = torch.cat(
+            [
+                self.proj_query(query.tokens) + self.type_embed[0],
+                self.proj_context(context.tokens) + self.type_embed[1],
+            ],
+            dim=1,
+        )  # (B, Nq + Nc, D)
+        valid = torch.cat([_valid(query), _valid(context)], dim=1)  # (B, Nq + Nc)
+        return Tokens(self.transformer(x, padding_attn_mask(valid)), valid)

@@ -1,0 +1,173 @@
+"""Masked language modelling conditioned on the image (UNITER's conditional masking, Chen et al.
+2020, arXiv:1909.11740; BERT's 15 % with 80/10/10, Devlin et al. 2019).
+
+Of the caption's word tokens (never `<pad>`, `<bos>`, `<eos>`: the text transform's `special_ids`),
+each is chosen with probability `mask_prob`. A chosen token is replaced by a learnt mask vector with
+probability 0.8, by a random word token with 0.1, and left as it is with 0.1. The masked caption goes
+through the text tower again, is fused with the *unmasked* image tokens (only one side is masked at a
+time, so the image can tell what is hidden), and a head predicts the original ids of the chosen
+positions over the tokenizer's vocabulary. Loss: the mean cross-entropy over chosen positions.
+
+Why the objective masks and not the transform: the batch already holds the caption ids, and the
+labels are those ids, so masking here needs no second view, no label tensor threaded through
+collate and no new key the loader must know; the draw uses torch's global RNG, which the run
+checkpoints, so resume masks the same tokens. Why a learnt vector and not a `[MASK]` token id: the
+byte-level BPE has no such token, and adding one would shift or break the tokenizers of existing
+runs; the text tower already takes input embeddings in place of ids (`token_embeds`, as for
+prompt learning), and the padding mask still comes from the ids, which keep their original values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coalign.data.sample import present_rows
+from coalign.models.model import Features
+from coalign.objectives.base import FusedObjective, FusedOptions, paired_tokens
+from coalign.registry import OBJECTIVES, ConfigError
+
+IGNORE = -100  # the label of a position that is not predicted (F.cross_entropy's ignore_index)
+
+
+class MLMConfig(FusedOptions):
+    masked: str = "text"  # the modality whose ids are masked: the fusion part's query tower
+    mask_prob: float = pydantic.Field(0.15, gt=0, lt=1)  # chance that a word token is chosen
+    mask_token: float = pydantic.Field(0.8, ge=0, le=1)  # of the chosen: replaced by the mask vector
+    random_token: float = pydantic.Field(0.1, ge=0, le=1)  # of the chosen: replaced by a random word
+
+    @classmethod
+    def tiny(cls) -> dict:
+        return {"mask_prob": 0.3}  # the tiny batch has few words; 15 % of them might be none
+
+    @pydantic.model_validator(mode="after")
+    def _fractions(self):
+        if self.masked not in self.modalities:
+            raise ValueError(f"masked '{self.masked}' must be one of modalities {list(self.modalities)}")
+        if self.mask_token + self.random_token > 1:
+            raise ValueError(
+                f"mask_token + random_token must be at most 1 (the rest stays unchanged), got "
+                f"{self.mask_token} + {self.random_token}"
+            )
+        return self
+
+
+@dataclass
+class Masked:
+    ids: torch.Tensor  # (M, L) the input ids: originals, with the random replacements
+    use_mask: torch.Tensor  # (M, L) bool: positions whose input is the mask vector
+    labels: torch.Tensor  # (M, L) the original id at chosen positions, IGNORE elsewhere
+
+
+def mask_tokens(
+    ids: torch.Tensor,
+    words: torch.Tensor,
+    prob: float = 0.15,
+    mask_token: float = 0.8,
+    random_token: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> Masked:
+    """BERT's masking of (M, L) ids. `words` (V,) bool marks the ids that may be chosen and drawn as
+    random replacements (the vocabulary without its special tokens)."""
+    V = words.shape[0]
+    eligible = words[ids.clamp(0, V - 1)] & (ids < V)  # (M, L)
+    chosen = (torch.rand(ids.shape, generator=generator, device=ids.device) < prob) & eligible
+    r = torch.rand(ids.shape, generator=generator, device=ids.device)
+    use_mask = chosen & (r < mask_token)
+    use_random = chosen & (r >= mask_token) & (r < mask_token + random_token)
+    candidates = words.nonzero().squeeze(1)  # (W,) word ids
+    pick = torch.randint(candidates.shape[0], ids.shape, generator=generator, device=ids.device)
+    replaced = torch.where(use_random, candidates[pick], ids)
+    return Masked(replaced, use_mask, torch.where(chosen, ids, torch.full_like(ids, IGNORE)))
+
+
+def mlm_loss(
+    head: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, blocked: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, accuracy) over the positions with a label. tokens (M, L, D) fused query
+    tokens; labels (M, L); blocked (V,) bool: ids never predicted (their logits are -inf). Only the
+    chosen positions go through the head: (n, V) logits, not (M, L, V)."""
+    chosen = labels != IGNORE  # (M, L)
+    logits = head(tokens[chosen]).float().masked_fill(blocked, float("-inf"))  # (n, V)
+    target = labels[chosen]  # (n,)
+    n = target.shape[0]
+    # no chosen position (a batch of one-word captions): 0, still attached to the graph
+    loss = F.cross_entropy(logits, target, reduction="sum") / max(n, 1)
+    accuracy = (logits.argmax(-1) == target).float().sum() / max(n, 1)
+    return loss, accuracy.detach()
+
+
+@OBJECTIVES.register("mlm")
+class MLM(FusedObjective):
+    Config = MLMConfig
+    name = "mlm"
+    needs_inputs = True  # masks the batch's caption ids and encodes them again
+
+    def __init__(self, cfg: MLMConfig | None = None, **kwargs: Any):
+        super().__init__(cfg, **kwargs)
+        self.head: nn.Module | None = None
+        self.mask_vector: nn.Parameter | None = None
+        self.generator: torch.Generator | None = None  # None: torch's global RNG
+
+    def bind(self, model: nn.Module, transforms: dict[str, Any] | None = None) -> None:
+        super().bind(model, transforms)
+        text = self.cfg.masked
+        if model.fusion.query != text:
+            raise ConfigError(
+                f"mlm: masked '{text}' must be the fusion part's query tower (model.fusion.query is "
+                f"'{model.fusion.query}'): its predictions are read from the query's fused tokens"
+            )
+        tower = model.towers[text]
+        if not hasattr(tower, "embed"):
+            raise ConfigError(f"mlm: the '{text}' tower takes no input embeddings (embed + token_embeds)")
+        transform = (transforms or {}).get(text)
+        vocab = (transform.describe() if transform is not None else {}).get("vocab_size")
+        vocab = vocab or tower.cfg.vocab_size
+        specials = transform.special_ids() if hasattr(transform, "special_ids") else [tower.cfg.pad_id]
+        words = torch.ones(vocab, dtype=torch.bool)
+        words[[s for s in specials if s < vocab]] = False
+        # not persistent: derived from the tokenizer, which the run saves itself
+        self.register_buffer("words", words, persistent=False)
+        self.mask_vector = nn.Parameter(torch.randn(tower.width) * 0.02)  # as the token embeddings start
+        D = model.fusion.width
+        # BERT's prediction head: transform, then a decoder over the vocabulary
+        self.head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D), nn.Linear(D, vocab))
+
+    def predict(self, features: dict[str, Features], batch: dict[str, Any]) -> tuple[torch.Tensor, Masked]:
+        """Fused query tokens (M, L, D) of the masked captions with their image, and the masking."""
+        text = self.cfg.masked
+        other = next(m for m in self.cfg.modalities if m != text)
+        model = self.model
+        rows = dict(zip((text, other), present_rows(batch, (text, other)), strict=True))[text]
+        ids = batch[text]
+        if ids.ndim != 2:
+            raise ValueError(
+                f"mlm masks single captions (M, L); '{text}' holds {tuple(ids.shape)} (use captions: 1)"
+            )
+        ids = ids if rows is None else ids[rows.to(ids.device)]  # (M, L)
+        masked = mask_tokens(
+            ids,
+            self.words.to(ids.device),
+            self.cfg.mask_prob,
+            self.cfg.mask_token,
+            self.cfg.random_token,
+            self.generator,
+        )
+        tower = model.towers[text]
+        embeds = tower.embed(masked.ids)  # (M, L, D_text)
+        embeds = torch.where(masked.use_mask[..., None], self.mask_vector.to(embeds.dtype), embeds)
+        query = model.features(text, masked.ids, token_embeds=embeds).tokens
+        _, context = paired_tokens(features, batch, text, other)  # the unmasked image tokens
+        fused = model.fuse({text: query, other: context})
+        return fused.tokens[:, : ids.shape[1]], masked  # the query's rows
+
+    def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        tokens, masked = self.predict(features, batch)
+        loss, accuracy = mlm_loss(self.head, tokens, masked.labels, ~self.words)
+        chosen = (masked.labels != IGNORE).float().mean()
+        return {"mlm_loss": loss, "accuracy": accuracy, "chosen": chosen.detach()}
