@@ -66,7 +66,11 @@ def _reference(objective, model, batch) -> tuple[float, dict[str, torch.Tensor]]
 def _setup(name: str, folder: Path, teacher: str | None):
     torch.manual_seed(0)
     objective, model, batch = objective_setup(name, folder, teacher=teacher)
-    model.eval()  # BatchNorm (point encoders) with running statistics: per sample, so split-invariant
+    # BatchNorm (point encoders, SLIP's projection MLP) with running statistics: per sample, so
+    # independent of the split. In training mode it normalises per rank on the CPU (no SyncBatchNorm),
+    # the one documented difference from a single process.
+    model.eval()
+    objective.eval()
     return objective, model, batch
 
 
