@@ -1,6 +1,7 @@
 """OpenMoji as a source: rendering to PNG at any size, captions from the Unicode names, a seeded split
 stratified by subgroup, well-formed zero-shot tasks, a one-line error without the extra, and a
-recipe that trains. Every test renders into its own tmp folder, never into ~/.cache."""
+recipe that trains. Every test renders into its own tmp folder, never into ~/.cache (conftest points
+COALIGN_CACHE_DIR at a session folder for the tests of other files, test_recipes among them)."""
 
 from __future__ import annotations
 
@@ -163,10 +164,10 @@ def test_missing_packages_name_the_extra(monkeypatch):
 def test_recipe_trains_with_smoke(tmp_path, monkeypatch):
     from coalign.train.loop import train
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("COALIGN_CACHE_DIR", str(tmp_path / "cache"))
     recipe = load_recipe("emoji", ["train.steps=3"], smoke=True)
     result = train(recipe, tmp_path / "run", progress=False)
-    assert result.step == 3
+    assert result.step == 3 and any((tmp_path / "cache" / "emoji").rglob("*.png"))
     (metrics,) = result.results.flat().values()
     assert 0.0 <= metrics["zero_shot/image/group/acc1"] <= 1.0
     assert any(k.startswith("retrieval/") for k in metrics), sorted(metrics)

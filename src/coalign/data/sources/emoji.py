@@ -15,9 +15,9 @@ Unicode name) and emoji newer than the table.
 
 Images are rendered once per size, on first use, to PNGs on a white background under
 `cache_dir/openmoji-<version>/<size>px/` (default `~/.cache/coalign/emoji`, or under
-`$XDG_CACHE_HOME`); each file is written atomically, so an interrupted render is resumed, never
-half-read. Rendered images are CC BY-SA 4.0 like their SVGs: share them under that licence, with
-the attribution above.
+`$COALIGN_CACHE_DIR` or `$XDG_CACHE_HOME`); each file is written atomically, so an interrupted
+render is resumed, never half-read. Rendered images are CC BY-SA 4.0 like their SVGs: share them
+under that licence, with the attribution above.
 
 The split is stratified by subgroup and seeded: within each subgroup (in Unicode's order), a
 permutation drawn from (seed, subgroup) puts round(20%) of the emoji in `test`, the rest in
@@ -199,6 +199,9 @@ def render(code: str, size: int) -> bytes:
 
 
 def default_cache_dir() -> Path:
+    """`$COALIGN_CACHE_DIR/emoji`, else `$XDG_CACHE_HOME/coalign/emoji`, else ~/.cache/coalign/emoji."""
+    if root := os.environ.get("COALIGN_CACHE_DIR"):
+        return Path(root).expanduser() / "emoji"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "coalign" / "emoji"
 
