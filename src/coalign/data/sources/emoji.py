@@ -40,7 +40,7 @@ import pydantic
 from coalign.data.sample import Sample
 from coalign.data.sources.base import Source, ZeroShotTask
 from coalign.io import atomic_write_bytes
-from coalign.registry import SOURCES, StrictModel
+from coalign.registry import SOURCES, ConfigError, StrictModel
 
 SPLITS = ("train", "test", "all")
 TEST_FRACTION = 0.2
@@ -65,8 +65,9 @@ ALIAS_TEMPLATE = "the {alias} emoji"  # one more caption per short name that add
 ZERO_SHOT_TEMPLATES = ["a {} emoji", "an emoji from the {} group", "a drawing of {}", "{} emoji"]
 
 
-class MissingExtra(ImportError):
-    pass
+class MissingExtra(ConfigError, ImportError):
+    """A ConfigError (the command line prints it as one line, as for the `hf` source's extra) that
+    is also an ImportError, for code that guards imports."""
 
 
 def require_packages() -> None:
