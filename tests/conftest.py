@@ -9,6 +9,15 @@ def _threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Sources that cache derived files (the emoji source's rendered PNGs) write under a session
+    folder, never into the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COALIGN_CACHE_DIR", str(tmp_path_factory.mktemp("coalign-cache")))
+        yield
+
+
 @pytest.fixture
 def tiny_recipe():
     """The demo recipe shrunk to seconds: the same code path as a real run."""
