@@ -38,7 +38,7 @@ import numpy as np
 import pydantic
 
 from coalign.data.sample import Sample
-from coalign.data.sources.base import Source, ZeroShotTask
+from coalign.data.sources.base import Source, ZeroShotTask, check_split
 from coalign.data.world_modalities import render_audio, render_points, render_tabular
 from coalign.registry import SOURCES, StrictModel
 
@@ -247,9 +247,7 @@ class WorldConfig(StrictModel):
     @pydantic.field_validator("split")
     @classmethod
     def _known_split(cls, v: str) -> str:
-        if v not in SPLITS:
-            raise ValueError(f"split '{v}' is not valid; valid splits: {', '.join(SPLITS)}")
-        return v
+        return check_split(v, SPLITS)
 
 
 @SOURCES.register("world")

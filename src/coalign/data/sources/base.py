@@ -31,6 +31,13 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
 
 
+def check_split(value: str, splits) -> str:
+    """A source's `split` option: one of `splits`, else the message every source gives."""
+    if value not in splits:
+        raise ValueError(f"split '{value}' is not valid; valid splits: {', '.join(splits)}")
+    return value
+
+
 class Source:
     """A map-style collection of raw samples: `len(src)`, `src[i] -> dict`.
 

@@ -21,7 +21,7 @@ import pydantic
 from PIL import Image
 
 from coalign.data.sample import Sample
-from coalign.data.sources.base import Source, ZeroShotTask
+from coalign.data.sources.base import Source, ZeroShotTask, check_split
 from coalign.registry import SOURCES, StrictModel
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -102,9 +102,7 @@ class DigitsConfig(StrictModel):
     @pydantic.field_validator("split")
     @classmethod
     def _split(cls, value: str) -> str:
-        if value not in SPLITS:
-            raise ValueError(f"split '{value}' is not valid; valid splits: {', '.join(SPLITS)}")
-        return value
+        return check_split(value, SPLITS)
 
     @pydantic.field_validator("captions")
     @classmethod

@@ -38,7 +38,7 @@ import numpy as np
 import pydantic
 
 from coalign.data.sample import Sample
-from coalign.data.sources.base import Source, ZeroShotTask
+from coalign.data.sources.base import Source, ZeroShotTask, check_split
 from coalign.io import atomic_write_bytes
 from coalign.registry import SOURCES, ConfigError, StrictModel
 
@@ -236,9 +236,7 @@ class EmojiConfig(StrictModel):
     @pydantic.field_validator("split")
     @classmethod
     def _split(cls, value: str) -> str:
-        if value not in SPLITS:
-            raise ValueError(f"split '{value}' is not valid; valid splits: {', '.join(SPLITS)}")
-        return value
+        return check_split(value, SPLITS)
 
     @pydantic.field_validator("size")
     @classmethod
