@@ -42,11 +42,12 @@ import torch
 import yaml
 
 from coalign.build import LoadedRun, build_source
-from coalign.config import EvaluatorSpec, SourceSpec, evaluator_errors, evaluator_specs
+from coalign.config import EvaluatorSpec, SourceSpec, evaluator_specs
 from coalign.data.sources.base import Source
 from coalign.evaluate.embed import EmbeddedSet, embed_eval_set
 from coalign.evaluate.results import Results, merge_results, write_benchmark_files, write_results
 from coalign.evaluate.run import evaluate
+from coalign.recipe_checks import evaluator_errors
 from coalign.registry import EVALUATORS, SOURCES, ConfigError, StrictModel, format_validation_error
 from coalign.runtime import Runtime
 
