@@ -83,6 +83,21 @@ def _fields(f: Features) -> dict[str, torch.Tensor | None]:
 GRAD_FIELDS = ("tokens", "pooled", "embedding")
 
 
+def _device(features: dict[str, Features], batch: dict[str, Any]) -> torch.device:
+    """Where this rank's tensors live; a rank with none of a key still gathers on that device (NCCL
+    needs CUDA tensors even for an empty share)."""
+    for f in features.values():
+        return f.embedding.device
+    for v in batch.values():
+        if isinstance(v, torch.Tensor):
+            return v.device
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+
+
 def gather_global(
     features: dict[str, Features], batch: dict[str, Any], inputs: bool = False
 ) -> tuple[dict[str, Features], dict[str, Any]]:
@@ -100,18 +115,16 @@ def gather_global(
     dist.all_gather_object(metas, local)
     counts = [m["n"] for m in metas]
 
-    def rows_of(key: str, name: str, section: str = "features") -> tuple[list[int], tuple, torch.dtype]:
-        found = [m[section].get(key, {}) if section == "features" else m[section].get(key) for m in metas]
-        if section == "features":
-            found = [f.get(name) if f else None for f in found]
+    def layout(key: str, found: list[tuple | None]) -> tuple[list[int], tuple, torch.dtype]:
+        """Rows per rank, trailing shape and dtype of one tensor from every rank's description."""
         shapes = [d for d in found if d is not None]
         shape, dtype = shapes[0]
         tails = {s[1:] for s, _ in shapes}
         if len(tails) > 1:
-            raise ValueError(f"'{key}' {name} has shapes {sorted(tails)} on different ranks; they must agree")
+            raise ValueError(f"'{key}' has shapes {sorted(tails)} on different ranks; they must agree")
         return [d[0][0] if d is not None else 0 for d in found], shape[1:], dtype
 
-    device = next(iter(features.values())).embedding.device if features else torch.device("cpu")
+    device = _device(features, batch)
     out: dict[str, Features] = {}
     keys = sorted({k for m in metas for k in m["features"]})
     for key in keys:
@@ -121,7 +134,7 @@ def gather_global(
             if all(m["features"].get(key, {}).get(name) is None for m in metas):
                 gathered[name] = None
                 continue
-            rows, tail, dtype = rows_of(key, name)
+            rows, tail, dtype = layout(f"{key} {name}", [m["features"].get(key, {}).get(name) for m in metas])
             x = mine.get(name)
             if x is None:
                 x = torch.zeros((0, *tail), dtype=dtype, device=device)
@@ -140,7 +153,7 @@ def gather_global(
             mask = torch.full((n_local,), key in batch, dtype=torch.bool, device=device)
         global_batch["present"][key] = _gather(mask.to(device), counts, grad=False)
     for key in sorted({k for m in metas for k in m["inputs"]}):
-        rows, tail, dtype = rows_of(key, "", "inputs")
+        rows, tail, dtype = layout(key, [m["inputs"].get(key) for m in metas])
         x = batch.get(key)
         if not isinstance(x, torch.Tensor):
             x = torch.zeros((0, *tail), dtype=dtype, device=device)

@@ -72,7 +72,6 @@ class Session:
     pipeline: Pipeline
     eval_sources: dict[str, Source]
     eval_transforms: dict[str, Transform]
-    resumed_from: Path | None = None
     notes: list[str] = field(default_factory=list)  # said once the logger is up
     dist: Dist = field(default_factory=Dist)
 
@@ -166,9 +165,7 @@ def setup(
         notes.append(f"'{run_dir}' has no checkpoint left: starting again from step 0")
     broadcast_state(task, d)
     pipeline = Pipeline(transforms, recipe.data.drop_modalities)
-    return Session(
-        recipe, run_dir, runtime, state, source, pipeline, eval_sources, eval_transforms, checkpoint, notes, d
-    )
+    return Session(recipe, run_dir, runtime, state, source, pipeline, eval_sources, eval_transforms, notes, d)
 
 
 @dataclass
