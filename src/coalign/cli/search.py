@@ -65,7 +65,9 @@ def add_index(sub) -> None:
         "index",
         help="build FAISS indexes over embeddings",
         description="Build one FAISS index per embedded modality of OUT (Flat, HNSW32 or IVF-PQ, chosen by "
-        "size and memory budget) and report its recall@10 against exact search.",
+        "size and memory budget) and report its recall@10 against exact search. With --recall, build every "
+        "candidate that fits the budgets, tune its search parameters on held-out rows and keep the fastest "
+        "that reaches the target.",
     )
     p.add_argument("out", type=Path, help="the folder `coalign embed` wrote")
     p.add_argument("--max-memory", type=float, metavar="MB", help="memory budget of each index in MB")
@@ -73,18 +75,50 @@ def add_index(sub) -> None:
         "--factory", help="a FAISS index_factory string (e.g. 'IVF1024,PQ32'), instead of the rule"
     )
     p.add_argument("--sample-queries", type=int, default=1000, help="stored vectors used to measure recall")
+    p.add_argument(
+        "--recall", type=float, metavar="R", help="target recall@10 in (0, 1], e.g. 0.95: tune to it"
+    )
+    p.add_argument(
+        "--max-build-seconds",
+        type=float,
+        metavar="S",
+        help="with --recall: skip candidates that build slower",
+    )
+    p.add_argument(
+        "--candidates", nargs="+", metavar="KIND", help="with --recall: the index kinds to try (default: all)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)
 
 
 def cmd_index(args) -> int:
     from coalign.search.index import build_index
 
-    report = build_index(args.out, args.max_memory, args.factory, args.sample_queries)
+    if args.recall is None and (args.max_build_seconds is not None or args.candidates):
+        raise ConfigError("--max-build-seconds and --candidates tune to a target: give --recall too")
+    report = build_index(
+        args.out,
+        args.max_memory,
+        args.factory,
+        args.sample_queries,
+        target_recall=args.recall,
+        max_build_seconds=args.max_build_seconds,
+        kinds=tuple(args.candidates) if args.candidates else None,
+        progress=not args.no_progress,
+    )
     for modality, r in report["modalities"].items():
+        if "candidates" in r:
+            from coalign.search.tune import table_lines
+
+            print(
+                f"{modality}: {r['n']} vectors, target recall@10 {r['target_recall']:g}, "
+                f"{r['held_out_queries']} held-out queries"
+            )
+            print("\n".join(table_lines(r)))
         recall = next((v for k, v in r.items() if k.startswith("recall@")), None)
         print(
             f"{modality:>8}: {r['factory']:<18} n={r['n']:<9} build {r['build_seconds']:.1f} s  "
-            f"{r['file_mb']:.1f} MB  recall@10 {recall:.3f}"
+            f"{r['file_mb']:.1f} MB  recall@10 {recall:.3f}  {r['search_params']}"
         )
     print(f"report: {Path(args.out) / 'index' / 'report.json'}")
     return 0

@@ -160,23 +160,57 @@ def build_index(
     rule: IndexRule | None = None,
     modalities: list[str] | None = None,
     seed: int = 0,
+    target_recall: float | None = None,
+    max_build_seconds: float | None = None,
+    kinds: tuple[str, ...] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Build OUT/index/<modality>.faiss for each embedded modality and write OUT/index/report.json."""
+    """Build OUT/index/<modality>.faiss for each embedded modality and write OUT/index/report.json.
+    With `target_recall`, the index is the fastest one that reaches it (coalign.search.tune)."""
     out = Path(out_dir)
     manifest = finished_manifest(out)
     if max_memory_mb is not None and max_memory_mb <= 0:
         raise ConfigError(f"--max-memory must be a positive number of MB (got {max_memory_mb})")
+    if target_recall is not None:
+        from coalign.search.tune import KINDS, check_target
+
+        if factory:
+            raise ConfigError("give --recall or --factory, not both: --recall chooses the factory")
+        kinds = tuple(kinds or KINDS)
+        check_target(target_recall, max_memory_mb, max_build_seconds, kinds)
     todo = modalities or manifest["modalities"]
     report: dict[str, Any] = {
         "max_memory_mb": max_memory_mb,
         "rule": asdict(rule or IndexRule()),
         "modalities": {},
     }
+    if target_recall is not None:
+        report.update(target_recall=target_recall, max_build_seconds=max_build_seconds, rule=None)
     for modality in todo:
         x = load_embeddings(out, manifest, modality)
         n, d = x.shape
         if n == 0:
             raise ConfigError(f"'{out}' has no embedded rows to index (every sample was skipped?)")
+        if target_recall is not None:
+            from coalign.search.tune import tune
+
+            index, entry = tune(
+                x,
+                target_recall,
+                max_memory_mb,
+                max_build_seconds,
+                sample_queries,
+                kinds=kinds,
+                seed=seed,
+                progress=progress,
+            )
+            path = index_path(out, modality)
+            write_index_atomic(index, path)
+            entry = {"n": n, "dim": d, **entry, "file_mb": round(path.stat().st_size / 2**20, 2)}
+            entry["recall_queries"] = entry["held_out_queries"]
+            entry["build_seconds"] = entry["tuning_s"]
+            report["modalities"][modality] = entry
+            continue
         choice = choose_index(n, d, max_memory_mb, rule)
         if factory:
             choice = Choice("factory", factory, -1)
