@@ -239,6 +239,125 @@ def sweep(index: faiss.Index, cand: Candidate, hold: Holdout, target: float) -> 
     }
 
 
+class Tuner:
+    """Builds each candidate once over the kept rows and sweeps it for every target (the benchmark asks
+    for several), then builds a chosen one over every row."""
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        max_memory_mb: float | None = None,
+        max_build_seconds: float | None = None,
+        queries: int = 1000,
+        k: int = 10,
+        kinds: tuple[str, ...] = KINDS,
+        seed: int = 0,
+        progress: bool = False,
+    ):
+        n = len(x)
+        self.count = min(queries, max(1, n // 10))
+        self.k = min(k, n - self.count)
+        if n < 20 or self.k < 1:
+            raise ConfigError(f"--recall needs at least 20 vectors to hold out queries from (got {n})")
+        self.x, self.kinds, self.progress = x, kinds, progress
+        self.max_memory_mb, self.max_build_seconds = max_memory_mb, max_build_seconds
+        self.hold = Holdout(x, self.count, self.k, seed)
+        self.shared = SharedIVF(x, self.hold.kept, ivf_nlist(len(self.hold.kept)), seed, progress)
+        self.blobs: dict[str, bytes] = {}
+
+    def run(self, targets: list[float]) -> dict[float, list[dict]]:
+        """{target: the candidate table}; a row's status: reaches target | below target | over memory |
+        over build time."""
+        x, hold, shared = self.x, self.hold, self.shared
+        n, d = x.shape
+        budget = math.inf if self.max_memory_mb is None else self.max_memory_mb * 2**20
+        tables: dict[float, list[dict]] = {t: [] for t in targets}
+        started = time.perf_counter()
+        for cand in candidates(len(hold.kept), d):
+            if cand.name not in self.kinds:
+                continue
+            memory = cand.memory_bytes * n / len(hold.kept)  # over every row, as the final index holds
+            row = {"name": cand.name, "factory": cand.factory, "memory_mb": round(memory / 2**20, 2)}
+            rows = {t: tables[t].append(dict(row)) or tables[t][-1] for t in targets}
+            status = self._skip(cand, memory, budget)
+            if status is not None:
+                for r in rows.values():
+                    r.update(status)
+                continue
+            index = _new_index(cand, d)
+            t = time.perf_counter()
+            ivf = faiss.try_extract_index_ivf(index)
+            if ivf is not None:
+                shared.prepare()
+                ivf.quantizer.add(shared.centroids)  # a full quantizer is not trained again
+                t = time.perf_counter() - shared.train_s - shared.assign_s  # count the shared work in
+            if not index.is_trained:
+                index.train(shared.train_sample if ivf is not None else shared.sample())
+            self.blobs[cand.name] = faiss.serialize_index(
+                index
+            )  # trained, empty: the final build starts here
+            assign = shared.assign if ivf is not None else None
+            add_rows(index, x, hold.kept, assign, f"add {cand.name}", self.progress)
+            build_s = round(time.perf_counter() - t, 2)
+            for target, r in rows.items():
+                r["build_s"] = build_s
+                if self.max_build_seconds is not None and build_s > self.max_build_seconds:
+                    r["status"] = "over build time"
+                else:
+                    r.update(sweep(index, cand, hold, target))
+            del index
+        self.tuning_s = time.perf_counter() - started
+        return tables
+
+    def _skip(self, cand: Candidate, memory: float, budget: float) -> dict | None:
+        if memory > budget:
+            return {"status": "over memory"}
+        if self.max_build_seconds is not None and cand.axis == "efSearch":
+            estimate = _hnsw_estimate(cand, self.x, self.hold.kept)
+            if estimate > self.max_build_seconds:
+                return {"status": "over build time", "build_s_estimate": round(estimate, 1)}
+        return None
+
+    def choose(self, table: list[dict], target: float) -> dict:
+        """The fastest row reaching `target` (marked chosen), or the refusal naming the best recall."""
+        ok = [r for r in table if r.get("status") == "reaches target"]
+        if not ok:
+            limits = (self.max_memory_mb, self.max_build_seconds)
+            raise ConfigError(impossible_message(table, target, self.k, self.count, *limits))
+        chosen = min(ok, key=lambda r: (r["p50_ms"], r["memory_mb"]))
+        chosen["status"] = "chosen"
+        return chosen
+
+    def final(self, chosen: dict) -> tuple[faiss.Index, float]:
+        """The chosen candidate over every row (its trained state reused), parameters applied; seconds."""
+        t = time.perf_counter()
+        index = faiss.deserialize_index(self.blobs[chosen["name"]])
+        ivf = faiss.try_extract_index_ivf(index)
+        assign = self.shared.assign if ivf is not None else None
+        add_rows(index, self.x, np.arange(len(self.x)), assign, f"final {chosen['name']}", self.progress)
+        apply_search_params(index, chosen["params"])
+        return index, time.perf_counter() - t
+
+    def report(self, table: list[dict], chosen: dict, target: float, final_s: float) -> dict:
+        shared = self.shared
+        return {
+            "type": chosen["name"],
+            "factory": chosen["factory"],
+            "search_params": chosen["params"],
+            f"recall@{self.k}": chosen["recall"],
+            "target_recall": target,
+            "held_out_queries": self.count,
+            "p50_ms": chosen["p50_ms"],
+            "p99_ms": chosen["p99_ms"],
+            "final_add_s": round(final_s, 2),
+            "tuning_s": round(self.tuning_s + final_s, 2),
+            "ivf": None
+            if shared.centroids is None
+            else {"nlist": shared.nlist, "train_rows": len(shared.train_sample)},
+            "candidates": table,
+        }
+
+
 def tune(
     x: np.ndarray,
     target: float,
@@ -253,82 +372,11 @@ def tune(
     """The fastest index over x (float32, normalised rows) whose recall@k on held-out rows reaches
     `target`, built over every row with its search parameters applied, and the tuning table."""
     check_target(target, max_memory_mb, max_build_seconds, kinds)
-    n, d = x.shape
-    count = min(queries, max(1, n // 10))
-    k = min(k, n - count)
-    if n < 20 or k < 1:
-        raise ConfigError(f"--recall needs at least 20 vectors to hold out queries from (got {n})")
-    hold = Holdout(x, count, k, seed)
-    shared = SharedIVF(x, hold.kept, ivf_nlist(len(hold.kept)), seed, progress)
-    budget = math.inf if max_memory_mb is None else max_memory_mb * 2**20
-    table, blobs, started = [], {}, time.perf_counter()
-    for cand in candidates(len(hold.kept), d):
-        if cand.name not in kinds:
-            continue
-        memory = cand.memory_bytes * n / len(hold.kept)  # over every row, as the final index holds
-        row = {"name": cand.name, "factory": cand.factory, "memory_mb": round(memory / 2**20, 2)}
-        table.append(row)
-        if memory > budget:
-            row["status"] = "over memory"
-            continue
-        if max_build_seconds is not None and cand.axis == "efSearch":
-            estimate = _hnsw_estimate(cand, x, hold.kept)
-            if estimate > max_build_seconds:
-                row.update(status="over build time", build_s_estimate=round(estimate, 1))
-                continue
-        index = _new_index(cand, d)
-        t = time.perf_counter()
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None:
-            shared.prepare()
-            ivf.quantizer.add(shared.centroids)  # a full quantizer is not trained again
-            t = time.perf_counter() - shared.train_s - shared.assign_s  # count the shared work in
-        if not index.is_trained:
-            index.train(shared.train_sample if ivf is not None else shared.sample())
-        blobs[cand.name] = faiss.serialize_index(index)  # trained, empty: the final build starts here
-        add_rows(
-            index, x, hold.kept, shared.assign if ivf is not None else None, f"add {cand.name}", progress
-        )
-        row["build_s"] = round(time.perf_counter() - t, 2)
-        if max_build_seconds is not None and row["build_s"] > max_build_seconds:
-            row["status"] = "over build time"
-            continue
-        row.update(sweep(index, cand, hold, target))
-        del index
-    ok = [r for r in table if r.get("status") == "reaches target"]
-    if not ok:
-        raise ConfigError(impossible_message(table, target, k, count, max_memory_mb, max_build_seconds))
-    chosen = min(ok, key=lambda r: (r["p50_ms"], r["memory_mb"]))
-    chosen["status"] = "chosen"
-    t = time.perf_counter()
-    index = faiss.deserialize_index(blobs[chosen["name"]])
-    ivf = faiss.try_extract_index_ivf(index)
-    add_rows(
-        index,
-        x,
-        np.arange(n),
-        shared.assign if ivf is not None else None,
-        f"final {chosen['name']}",
-        progress,
-    )
-    apply_search_params(index, chosen["params"])
-    report = {
-        "type": chosen["name"],
-        "factory": chosen["factory"],
-        "search_params": chosen["params"],
-        f"recall@{k}": chosen["recall"],
-        "target_recall": target,
-        "held_out_queries": count,
-        "p50_ms": chosen["p50_ms"],
-        "p99_ms": chosen["p99_ms"],
-        "final_add_s": round(time.perf_counter() - t, 2),
-        "tuning_s": round(time.perf_counter() - started, 2),
-        "ivf": {"nlist": shared.nlist, "train_rows": len(shared.train_sample)}
-        if shared.centroids is not None
-        else None,
-        "candidates": table,
-    }
-    return index, report
+    tuner = Tuner(x, max_memory_mb, max_build_seconds, queries, k, kinds, seed, progress)
+    table = tuner.run([target])[target]
+    chosen = tuner.choose(table, target)
+    index, final_s = tuner.final(chosen)
+    return index, tuner.report(table, chosen, target, final_s)
 
 
 def check_target(target, max_memory_mb, max_build_seconds, kinds) -> None:
