@@ -87,13 +87,30 @@ def add_index(sub) -> None:
     p.add_argument(
         "--candidates", nargs="+", metavar="KIND", help="with --recall: the index kinds to try (default: all)"
     )
+    p.add_argument(
+        "--add", action="store_true", help="append the rows embedded since the last build, without a rebuild"
+    )
+    p.add_argument(
+        "--mmap", action="store_true", help="search and serve memory-map the index instead of loading it"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)
 
 
 def cmd_index(args) -> int:
-    from coalign.search.index import build_index
+    from coalign.search.index import add_to_index, build_index
 
+    if args.add:
+        given = [
+            f
+            for f in ("recall", "factory", "max_memory", "max_build_seconds", "candidates")
+            if getattr(args, f)
+        ]
+        if given:
+            raise ConfigError(f"--add keeps the index as built: drop --{given[0].replace('_', '-')}")
+        for modality, r in add_to_index(args.out, progress=not args.no_progress)["modalities"].items():
+            print(f"{modality:>8}: added {r['additions'][-1]['rows']} rows, now {r['n']}")
+        return 0
     if args.recall is None and (args.max_build_seconds is not None or args.candidates):
         raise ConfigError("--max-build-seconds and --candidates tune to a target: give --recall too")
     report = build_index(
@@ -105,6 +122,7 @@ def cmd_index(args) -> int:
         max_build_seconds=args.max_build_seconds,
         kinds=tuple(args.candidates) if args.candidates else None,
         progress=not args.no_progress,
+        mmap=args.mmap,
     )
     for modality, r in report["modalities"].items():
         if "candidates" in r:
@@ -142,6 +160,9 @@ def add_search(sub) -> None:
         "--checkpoint", type=Path, help="encode the query with this run (default: the embedding's)"
     )
     p.add_argument("--json", action="store_true", help="print the hits as JSON lines")
+    p.add_argument(
+        "--mmap", action="store_true", default=None, help="memory-map the index (default: as indexed)"
+    )
     p.set_defaults(func=cmd_search)
 
 
@@ -153,7 +174,7 @@ def cmd_search(args) -> int:
 
     if args.k <= 0:
         raise ConfigError(f"--k must be positive, got {args.k}")
-    index = SearchIndex.load(args.index, args.checkpoint)
+    index = SearchIndex.load(args.index, args.checkpoint, mmap=args.mmap)
     try:
         vectors = (
             index.encode_text([args.text]) if args.text is not None else index.encode_image([args.image])

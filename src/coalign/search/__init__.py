@@ -7,6 +7,8 @@
     OUT/metadata.parquet                       every part merged, once all shards are done
     OUT/thumbnails/<row>.png                   a small PNG per item, so a server never reads outside OUT
     OUT/index/<modality>.faiss, report.json    written by `coalign index`
+    OUT/index/metadata.arrow                   the metadata as an uncompressed Arrow file, written by
+                                               `coalign index`: memory-mapped, so a query reads only its rows
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from coalign.io import atomic_write_bytes, atomic_write_text
 
 MANIFEST = "manifest.json"
 METADATA = "metadata.parquet"
+METADATA_ARROW = "index/metadata.arrow"
 FORMAT = 1
 
 
@@ -100,3 +103,75 @@ def load_embeddings(out: Path, manifest: dict[str, Any], modality: str) -> np.nd
     x = x.astype(np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12))
+
+
+class ShardRows:
+    """The (n, E) rows of one modality's shards, memory-mapped: slicing a range reads only those rows
+    and returns them as float32, re-normalised. Exact search scans it in chunks, so the embeddings
+    never need to fit in memory."""
+
+    def __init__(self, parts: list[np.ndarray], dim: int):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.starts[-1]), dim)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(len(self))
+        if step != 1:
+            raise IndexError("ShardRows takes contiguous ranges only")
+        out = []
+        for i, part in enumerate(self.parts):
+            a, b = max(start, self.starts[i]), min(stop, self.starts[i + 1])
+            if a < b:
+                out.append(part[a - self.starts[i] : b - self.starts[i]])
+        x = np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.shape[1]), np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def open_embeddings(out: Path, manifest: dict[str, Any], modality: str) -> ShardRows:
+    """The rows `load_embeddings` returns, memory-mapped instead of loaded."""
+    if modality not in manifest["modalities"]:
+        raise ValueError(
+            f"no '{modality}' embeddings in '{out}'; embedded modalities: {', '.join(manifest['modalities'])}"
+        )
+    shards = sorted(manifest["shards"], key=lambda s: s["shard"])
+    parts = [np.load(shard_path(out, modality, s["shard"]), mmap_mode="r") for s in shards]
+    return ShardRows(parts, int(manifest["embed_dim"]))
+
+
+def write_metadata_arrow(out: Path) -> Path:
+    """OUT/index/metadata.arrow from OUT/metadata.parquet, one row group at a time (never the whole
+    table in memory), written to a temporary file and renamed."""
+    import os
+    import tempfile
+
+    source = pq.ParquetFile(out / METADATA)
+    path = out / METADATA_ARROW
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metadata.")
+    os.close(fd)
+    try:
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, source.schema_arrow) as writer:
+            for group in range(source.num_row_groups):
+                writer.write_table(source.read_row_group(group))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def open_metadata(out: Path) -> pa.Table:
+    """The metadata table: memory-mapped from index/metadata.arrow when that is as new as the Parquet
+    file and as long, else read from the Parquet file."""
+    arrow, parquet = out / METADATA_ARROW, out / METADATA
+    if arrow.is_file() and arrow.stat().st_mtime_ns >= parquet.stat().st_mtime_ns:
+        table = pa.ipc.open_file(pa.memory_map(str(arrow), "r")).read_all()
+        if table.num_rows == pq.ParquetFile(parquet).metadata.num_rows:
+            return table
+    return pq.read_table(parquet)

@@ -30,7 +30,13 @@ import numpy as np
 
 from coalign.io import atomic_write_text
 from coalign.registry import ConfigError
-from coalign.search import finished_manifest, index_path, load_embeddings
+from coalign.search import (
+    finished_manifest,
+    index_path,
+    load_embeddings,
+    open_embeddings,
+    write_metadata_arrow,
+)
 
 REPORT = "report.json"
 HNSW_M = 32
@@ -164,6 +170,7 @@ def build_index(
     max_build_seconds: float | None = None,
     kinds: tuple[str, ...] | None = None,
     progress: bool = False,
+    mmap: bool = False,
 ) -> dict[str, Any]:
     """Build OUT/index/<modality>.faiss for each embedded modality and write OUT/index/report.json.
     With `target_recall`, the index is the fastest one that reaches it (coalign.search.tune)."""
@@ -182,6 +189,7 @@ def build_index(
     report: dict[str, Any] = {
         "max_memory_mb": max_memory_mb,
         "rule": asdict(rule or IndexRule()),
+        "mmap": mmap,
         "modalities": {},
     }
     if target_recall is not None:
@@ -235,6 +243,45 @@ def build_index(
             f"recall@{k}": round(recall_at_k(index, x, queries, k), 4) if len(queries) else None,
             "recall_queries": int(len(queries)),
         }
+    write_metadata_arrow(out)
+    atomic_write_text(out / "index" / REPORT, json.dumps(report, indent=2))
+    return report
+
+
+def add_to_index(out_dir: str | Path, progress: bool = False, chunk: int = 65_536) -> dict[str, Any]:
+    """`coalign index OUT --add`: append the rows embedded since the index was built (rows ntotal..n-1
+    of each modality) to its FAISS index, without training or rebuilding anything. The IVF lists and
+    the quantizer stay as trained: after the corpus has grown several times over, rebuild."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    manifest = finished_manifest(out)
+    report = read_report(out)
+    if not report["modalities"]:
+        raise ConfigError(f"'{out}' has no index to add to; build one first with `coalign index {out}`")
+    for modality, entry in report["modalities"].items():
+        path = index_path(out, modality)
+        if not path.is_file():
+            raise ConfigError(f"'{path}' is missing; build the index again with `coalign index {out}`")
+        rows = open_embeddings(out, manifest, modality)
+        index = faiss.read_index(str(path))
+        start, n = index.ntotal, len(rows)
+        if n < start:
+            raise ConfigError(
+                f"'{out}' holds {n} '{modality}' rows but its index {start}: rows were removed, not "
+                f"appended; rebuild with `coalign index {out}`"
+            )
+        t0 = time.perf_counter()
+        for a in tqdm(range(start, n, chunk), desc=f"add {modality}", disable=not progress):
+            index.add(np.ascontiguousarray(rows[a : min(a + chunk, n)]))
+        if n > start:
+            write_index_atomic(index, path)
+        entry["n"] = n
+        entry.setdefault("additions", []).append(
+            {"rows": n - start, "seconds": round(time.perf_counter() - t0, 3)}
+        )
+        entry["file_mb"] = round(path.stat().st_size / 2**20, 2)
+    write_metadata_arrow(out)
     atomic_write_text(out / "index" / REPORT, json.dumps(report, indent=2))
     return report
 

@@ -14,13 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import torch
 
 from coalign.data.sources.base import SampleError
 from coalign.registry import ConfigError
 from coalign.runtime import Runtime
-from coalign.search import METADATA, finished_manifest, index_path, load_embeddings, thumbnail_file
+from coalign.search import (
+    METADATA,
+    ShardRows,
+    finished_manifest,
+    index_path,
+    load_embeddings,
+    open_embeddings,
+    open_metadata,
+    thumbnail_file,
+)
 from coalign.search.index import apply_search_params, read_report
 
 
@@ -53,7 +62,14 @@ def exact_search(x: np.ndarray, q: np.ndarray, k: int, chunk: int = 262_144) -> 
 
 
 class SearchIndex:
-    def __init__(self, index_dir: Path, manifest: dict[str, Any], checkpoint: Path, device: str):
+    def __init__(
+        self,
+        index_dir: Path,
+        manifest: dict[str, Any],
+        checkpoint: Path,
+        device: str,
+        mmap: bool | None = None,
+    ):
         self.index_dir = index_dir
         self.manifest = manifest
         self.checkpoint = checkpoint
@@ -61,33 +77,43 @@ class SearchIndex:
         self.modalities: list[str] = list(manifest["modalities"])
         self.embed_dim: int = int(manifest["embed_dim"])
         self.report = read_report(index_dir)
-        table = pq.read_table(index_dir / METADATA, columns=["row", "id", "path", "caption", "labels"])
-        self._ids: list[str] = table.column("id").to_pylist()
-        self._paths: list[str | None] = table.column("path").to_pylist()
-        self._captions: list[str | None] = table.column("caption").to_pylist()
-        self._labels: list[str] = table.column("labels").to_pylist()
-        if table.column("row").to_pylist() != list(range(len(self._ids))):
+        # Memory-mapped indexes and embeddings: `coalign index --mmap` stores the choice with the index.
+        self.mmap = bool(self.report.get("mmap", False)) if mmap is None else bool(mmap)
+        # An Arrow table, memory-mapped when `coalign index` wrote index/metadata.arrow: a hit reads its
+        # own row, never the whole table (nor a Python list per column).
+        self._meta = open_metadata(index_dir).select(["row", "id", "path", "caption", "labels"])
+        rows = self._meta.column("row").to_numpy()
+        if not np.array_equal(rows, np.arange(len(rows))):
             raise ValueError(f"'{index_dir / METADATA}' rows are not 0..n-1; re-run `coalign embed`")
-        # The first row of an id wins (a source may repeat ids); ids are only ever looked up here.
-        self._row_of: dict[str, int] = {}
-        for row, id_ in enumerate(self._ids):
-            self._row_of.setdefault(id_, row)
         self._lock = threading.Lock()
         self._run = None
         self._searchers: dict[str, Any] = {}
 
     @classmethod
     def load(
-        cls, index_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu"
+        cls,
+        index_dir: str | Path,
+        checkpoint: str | Path | None = None,
+        device: str = "cpu",
+        mmap: bool | None = None,
     ) -> SearchIndex:
         """index_dir is the folder `coalign embed` wrote (and `coalign index` added index/ to). The
-        checkpoint defaults to the one recorded in index_dir/manifest.json."""
+        checkpoint defaults to the one recorded in index_dir/manifest.json. `mmap`: memory-map the
+        FAISS index (or, without one, the embedding shards) instead of reading it into memory; None:
+        as `coalign index --mmap` recorded."""
         index_dir = Path(index_dir).resolve()
         manifest = finished_manifest(index_dir)
-        return cls(index_dir, manifest, Path(checkpoint or manifest["checkpoint"]), device)
+        return cls(index_dir, manifest, Path(checkpoint or manifest["checkpoint"]), device, mmap)
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return self._meta.num_rows
+
+    def _row_of(self, id: Any) -> int | None:
+        """The first row holding `id` (a source may repeat ids), or None."""
+        if not isinstance(id, str):
+            return None
+        row = pc.index(self._meta.column("id"), id).as_py()
+        return None if row < 0 else row
 
     # ------------------------------------------------------------------------------------- encoding
 
@@ -153,17 +179,21 @@ class SearchIndex:
                 if path.is_file():
                     import faiss
 
-                    index = faiss.read_index(str(path))
+                    # IO_FLAG_MMAP_IFC maps the codes of flat, IVF, HNSW and re-ranking indexes alike
+                    flags = faiss.IO_FLAG_MMAP_IFC if self.mmap else 0
+                    index = faiss.read_index(str(path), flags)
                     if index.ntotal != len(self):
                         raise ConfigError(
                             f"'{path}' holds {index.ntotal} vectors but '{self.index_dir}' has {len(self)} "
-                            f"items: the index is stale; run `coalign index {self.index_dir}` again"
+                            f"items: the index is stale; run `coalign index {self.index_dir}` again "
+                            "(with --add when rows were only appended)"
                         )
                     params = self.report.get("modalities", {}).get(modality, {}).get("search_params", "")
                     apply_search_params(index, params)
                     self._searchers[modality] = index
                 else:
-                    self._searchers[modality] = load_embeddings(self.index_dir, self.manifest, modality)
+                    load = open_embeddings if self.mmap else load_embeddings
+                    self._searchers[modality] = load(self.index_dir, self.manifest, modality)
             return self._searchers[modality]
 
     def search(self, vectors: np.ndarray, k: int, modality: str = "image") -> list[list[Hit]]:
@@ -180,34 +210,37 @@ class SearchIndex:
         k = min(k, len(self))
         if len(q) == 0 or k == 0:
             return [[] for _ in range(len(q))]
-        if isinstance(searcher, np.ndarray):
+        if isinstance(searcher, np.ndarray | ShardRows):
             scores, rows = exact_search(searcher, q, k)
         else:
             scores, rows = searcher.search(q, k)
-        return [
-            [self._hit(int(r), float(s)) for s, r in zip(srow, rrow, strict=True) if r >= 0]
-            for srow, rrow in zip(scores, rows, strict=True)
-        ]
+        return [self._hits(rrow, srow) for srow, rrow in zip(scores, rows, strict=True)]
 
-    def _hit(self, row: int, score: float) -> Hit:
-        return Hit(
-            id=self._ids[row],
-            score=score,
-            row=row,
-            caption=self._captions[row],
-            path=self._paths[row],
-            labels=json.loads(self._labels[row] or "{}"),
-        )
+    def _hits(self, rows, scores) -> list[Hit]:
+        """Hits of the given rows (-1: none), their metadata read in one take of just those rows."""
+        keep = [(int(r), float(s)) for r, s in zip(rows, scores, strict=True) if r >= 0]
+        meta = self._meta.take([r for r, _ in keep]).to_pylist() if keep else []
+        return [
+            Hit(
+                id=m["id"],
+                score=s,
+                row=r,
+                caption=m["caption"],
+                path=m["path"],
+                labels=json.loads(m["labels"] or "{}"),
+            )
+            for (r, s), m in zip(keep, meta, strict=True)
+        ]
 
     def item(self, id: str) -> Hit | None:
         """The metadata of item `id` (score 0), or None if no such item."""
-        row = self._row_of.get(id) if isinstance(id, str) else None
-        return None if row is None else self._hit(row, 0.0)
+        row = self._row_of(id)
+        return None if row is None else self._hits([row], [0.0])[0]
 
     def thumbnail_path(self, id: str) -> Path | None:
         """The item's thumbnail, a file inside index_dir, or None. The path is built from the row number
         found in the metadata, never from `id` itself, so no id can point outside the folder."""
-        row = self._row_of.get(id) if isinstance(id, str) else None
+        row = self._row_of(id)
         if row is None:
             return None
         path = thumbnail_file(self.index_dir, row).resolve()
