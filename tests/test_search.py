@@ -390,5 +390,6 @@ def test_commands(indexed, run_dir, tmp_path, capsys):
     args = parser.parse_args(["search", str(out), "--image", str(tmp_path / "missing.png")])
     with pytest.raises(ConfigError, match="--image"):
         args.func(args)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["search", str(out)])  # a query is required
+    args = parser.parse_args(["search", str(out)])
+    with pytest.raises(ConfigError, match="give a query"):  # a query is required
+        args.func(args)

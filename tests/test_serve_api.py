@@ -82,9 +82,20 @@ class FakeIndex:
     def encode_image(self, images: list) -> np.ndarray:
         return np.stack([self._color_vec(np.asarray(decode_image(im))[0, 0]) for im in images])
 
-    def search(self, vectors: np.ndarray, k: int, modality: str = "image") -> list[list[FakeHit]]:
+    def search(
+        self, vectors: np.ndarray, k: int, modality: str = "image", filter: dict | None = None
+    ) -> list[list[FakeHit]]:
         assert modality in self.modalities
         scores = vectors @ self.vectors.T
+        if filter is not None:  # as SearchIndex: every label must match, a list means any of its values
+            if set(filter) - {"color", "shape"}:
+                raise ConfigError(f"no label '{sorted(set(filter) - {'color', 'shape'})[0]}' in this index")
+            ok = [
+                all(h.labels[n] in (v if isinstance(v, list) else [v]) for n, v in filter.items())
+                for h in self.items
+            ]
+            scores = np.where(ok, scores, -np.inf)
+            k = min(k, sum(ok))
         out = []
         for row in scores:
             order = np.argsort(-row)[:k]

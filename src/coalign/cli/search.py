@@ -93,6 +93,9 @@ def add_index(sub) -> None:
     p.add_argument(
         "--mmap", action="store_true", help="search and serve memory-map the index instead of loading it"
     )
+    p.add_argument(
+        "--shards", type=int, metavar="N", help="N indexes over contiguous row ranges, searched in parallel"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)
 
@@ -123,6 +126,7 @@ def cmd_index(args) -> int:
         kinds=tuple(args.candidates) if args.candidates else None,
         progress=not args.no_progress,
         mmap=args.mmap,
+        shards=args.shards,
     )
     for modality, r in report["modalities"].items():
         if "candidates" in r:
@@ -151,9 +155,25 @@ def add_search(sub) -> None:
     p.add_argument(
         "index", type=Path, help="the folder `coalign embed` wrote (with or without `coalign index`)"
     )
-    query = p.add_mutually_exclusive_group(required=True)
-    query.add_argument("--text", help="a text query")
-    query.add_argument("--image", type=Path, help="an image file as the query")
+    p.add_argument("--text", help="a text query")
+    p.add_argument("--image", type=Path, help="an image file as the query (with --text: both, combined)")
+    p.add_argument(
+        "--weights",
+        type=float,
+        nargs=2,
+        default=(0.5, 0.5),
+        metavar=("TEXT", "IMAGE"),
+        help="with --text and --image: their weights in the combined query (default 0.5 0.5)",
+    )
+    p.add_argument(
+        "--combine",
+        choices=["sum", "product"],
+        default="sum",
+        help="with --text and --image: weighted sum, or product (Symile: retrieval given the rest)",
+    )
+    p.add_argument(
+        "--filter", help='only items whose labels match, as JSON: \'{"shape": 2, "color": [0, 3]}\''
+    )
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--modality", default="image", help="which stored embeddings to search (default: image)")
     p.add_argument(
@@ -170,19 +190,31 @@ def cmd_search(args) -> int:
     from dataclasses import asdict
 
     from coalign.data.sources.base import SampleError
+    from coalign.search.filters import parse_filter
     from coalign.search.query import SearchIndex
 
     if args.k <= 0:
         raise ConfigError(f"--k must be positive, got {args.k}")
-    index = SearchIndex.load(args.index, args.checkpoint, mmap=args.mmap)
+    if args.text is None and args.image is None:
+        raise ConfigError("give a query: --text, --image, or both")
+    flt = None
+    if args.filter is not None:
+        try:
+            flt = parse_filter(json.loads(args.filter))
+        except (json.JSONDecodeError, ConfigError) as err:
+            raise ConfigError(f"--filter '{args.filter}': {err}") from None
+    index = SearchIndex.load(args.index, args.checkpoint, mmap=args.mmap, shards=args.shards)
     try:
-        vectors = (
-            index.encode_text([args.text]) if args.text is not None else index.encode_image([args.image])
-        )
+        if args.text is not None and args.image is not None:
+            vectors = index.encode_query(args.text, args.image, tuple(args.weights), args.combine)
+        elif args.text is not None:
+            vectors = index.encode_text([args.text])
+        else:
+            vectors = index.encode_image([args.image])
     except SampleError as err:
-        what = "--text" if args.text is not None else f"--image '{args.image}'"
+        what = "--text" if args.image is None else f"--image '{args.image}'"
         raise ConfigError(f"{what}: cannot use this query ({err})") from None
-    hits = index.search(vectors, args.k, args.modality)[0]
+    hits = index.search(vectors, args.k, args.modality, filter=flt)[0]
     if args.json:
         for hit in hits:
             print(json.dumps(asdict(hit)))

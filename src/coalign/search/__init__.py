@@ -130,6 +130,16 @@ class ShardRows:
         x = np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.shape[1]), np.float32)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), E) float32, re-normalised: the given rows (sorted, int) from their shards."""
+        rows = np.asarray(rows, dtype=np.int64)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        x = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        for i in np.unique(part):
+            sel = part == i
+            x[sel] = self.parts[i][rows[sel] - self.starts[i]]
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
 
 def open_embeddings(out: Path, manifest: dict[str, Any], modality: str) -> ShardRows:
     """The rows `load_embeddings` returns, memory-mapped instead of loaded."""

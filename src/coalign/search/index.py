@@ -37,6 +37,7 @@ from coalign.search import (
     open_embeddings,
     write_metadata_arrow,
 )
+from coalign.search.shards import SHARDS, part_ranges, shard_dir, write_layout
 
 REPORT = "report.json"
 HNSW_M = 32
@@ -171,6 +172,7 @@ def build_index(
     kinds: tuple[str, ...] | None = None,
     progress: bool = False,
     mmap: bool = False,
+    shards: int | None = None,
 ) -> dict[str, Any]:
     """Build OUT/index/<modality>.faiss for each embedded modality and write OUT/index/report.json.
     With `target_recall`, the index is the fastest one that reaches it (coalign.search.tune)."""
@@ -185,6 +187,8 @@ def build_index(
             raise ConfigError("give --recall or --factory, not both: --recall chooses the factory")
         kinds = tuple(kinds or KINDS)
         check_target(target_recall, max_memory_mb, max_build_seconds, kinds)
+    if shards is not None and (not isinstance(shards, int) or shards < 1):
+        raise ConfigError(f"--shards must be a positive number of parts, got {shards}")
     todo = modalities or manifest["modalities"]
     report: dict[str, Any] = {
         "max_memory_mb": max_memory_mb,
@@ -194,58 +198,112 @@ def build_index(
     }
     if target_recall is not None:
         report.update(target_recall=target_recall, max_build_seconds=max_build_seconds, rule=None)
+    opts = dict(
+        max_memory_mb=max_memory_mb,
+        factory=factory,
+        sample_queries=sample_queries,
+        rule=rule,
+        seed=seed,
+        target_recall=target_recall,
+        max_build_seconds=max_build_seconds,
+        kinds=kinds,
+        progress=progress,
+    )
     for modality in todo:
         x = load_embeddings(out, manifest, modality)
         n, d = x.shape
         if n == 0:
             raise ConfigError(f"'{out}' has no embedded rows to index (every sample was skipped?)")
-        if target_recall is not None:
-            from coalign.search.tune import tune
-
-            index, entry = tune(
-                x,
-                target_recall,
-                max_memory_mb,
-                max_build_seconds,
-                sample_queries,
-                kinds=kinds,
-                seed=seed,
-                progress=progress,
-            )
+        if shards is None:
+            index, entry = _build_one(x, **opts)
             path = index_path(out, modality)
             write_index_atomic(index, path)
-            entry = {"n": n, "dim": d, **entry, "file_mb": round(path.stat().st_size / 2**20, 2)}
-            entry["recall_queries"] = entry["held_out_queries"]
-            entry["build_seconds"] = entry["tuning_s"]
+            entry["file_mb"] = round(path.stat().st_size / 2**20, 2)
+            (shard_dir(out, modality) / SHARDS).unlink(missing_ok=True)  # this file replaces a sharded build
             report["modalities"][modality] = entry
             continue
-        choice = choose_index(n, d, max_memory_mb, rule)
-        if factory:
-            choice = Choice("factory", factory, -1)
-        t0 = time.perf_counter()
-        index = build(x, choice.factory, seed)
-        seconds = time.perf_counter() - t0
-        params = search_params(index)
-        apply_search_params(index, params)
-        k = min(10, n)
-        queries = np.sort(np.random.default_rng(seed).permutation(n)[: min(sample_queries, n)])
-        path = index_path(out, modality)
-        write_index_atomic(index, path)
+        parts = []
+        for i, (a, b) in enumerate(part_ranges(n, shards)):
+            index, entry = _build_one(x[a:b], **opts)
+            path = shard_dir(out, modality) / f"part_{i:05d}.faiss"
+            write_index_atomic(index, path)
+            entry.update(start=a, stop=b, file=path.name, file_mb=round(path.stat().st_size / 2**20, 2))
+            entry.pop("candidates", None)
+            parts.append(entry)
+        write_layout(out, modality, parts)
+        index_path(out, modality).unlink(missing_ok=True)  # the parts replace a single-file index
         report["modalities"][modality] = {
-            "type": choice.kind,
-            "factory": choice.factory,
+            "type": "sharded",
+            "parts": len(parts),
+            "factory": parts[0]["factory"],
             "n": n,
             "dim": d,
-            "search_params": params,
-            "build_seconds": round(seconds, 3),
-            "memory_estimate_mb": round(choice.memory_bytes / 2**20, 2) if choice.memory_bytes >= 0 else None,
-            "file_mb": round(path.stat().st_size / 2**20, 2),
-            f"recall@{k}": round(recall_at_k(index, x, queries, k), 4) if len(queries) else None,
-            "recall_queries": int(len(queries)),
+            "search_params": "",
+            "build_seconds": round(sum(p["build_seconds"] for p in parts), 3),
+            "file_mb": round(sum(p["file_mb"] for p in parts), 2),
+            "recall@10": min(
+                p.get("recall@10") or 0.0 for p in parts
+            ),  # the worst part, each on its own rows
+            "recall_queries": sum(p["recall_queries"] for p in parts),
+            "part_reports": parts,
         }
     write_metadata_arrow(out)
     atomic_write_text(out / "index" / REPORT, json.dumps(report, indent=2))
     return report
+
+
+def _build_one(
+    x: np.ndarray,
+    max_memory_mb: float | None,
+    factory: str | None,
+    sample_queries: int,
+    rule: IndexRule | None,
+    seed: int,
+    target_recall: float | None,
+    max_build_seconds: float | None,
+    kinds: tuple[str, ...] | None,
+    progress: bool,
+) -> tuple[faiss.Index, dict[str, Any]]:
+    """One index over the rows of x (all of a modality, or one part), and its report entry."""
+    n, d = x.shape
+    if target_recall is not None:
+        from coalign.search.tune import tune
+
+        index, entry = tune(
+            x,
+            target_recall,
+            max_memory_mb,
+            max_build_seconds,
+            sample_queries,
+            kinds=kinds,
+            seed=seed,
+            progress=progress,
+        )
+        entry = {"n": n, "dim": d, **entry}
+        entry["recall_queries"] = entry["held_out_queries"]
+        entry["build_seconds"] = entry["tuning_s"]
+        return index, entry
+    choice = choose_index(n, d, max_memory_mb, rule)
+    if factory:
+        choice = Choice("factory", factory, -1)
+    t0 = time.perf_counter()
+    index = build(x, choice.factory, seed)
+    seconds = time.perf_counter() - t0
+    params = search_params(index)
+    apply_search_params(index, params)
+    k = min(10, n)
+    queries = np.sort(np.random.default_rng(seed).permutation(n)[: min(sample_queries, n)])
+    return index, {
+        "type": choice.kind,
+        "factory": choice.factory,
+        "n": n,
+        "dim": d,
+        "search_params": params,
+        "build_seconds": round(seconds, 3),
+        "memory_estimate_mb": round(choice.memory_bytes / 2**20, 2) if choice.memory_bytes >= 0 else None,
+        f"recall@{k}": round(recall_at_k(index, x, queries, k), 4) if len(queries) else None,
+        "recall_queries": int(len(queries)),
+    }
 
 
 def add_to_index(out_dir: str | Path, progress: bool = False, chunk: int = 65_536) -> dict[str, Any]:

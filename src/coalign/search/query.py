@@ -30,7 +30,9 @@ from coalign.search import (
     open_metadata,
     thumbnail_file,
 )
+from coalign.search.filters import PREFILTER_MAX, LabelIndex, selector_search
 from coalign.search.index import apply_search_params, read_report
+from coalign.search.shards import ShardedIndex, open_sharded, read_layout
 
 
 @dataclass
@@ -43,14 +45,20 @@ class Hit:
     labels: dict[str, int]
 
 
-def exact_search(x: np.ndarray, q: np.ndarray, k: int, chunk: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(
+    x: np.ndarray, q: np.ndarray, k: int, chunk: int = 262_144, allowed: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(scores, rows), each (nq, k), best first (equal scores: lower row first); x is scanned in chunks
-    so that a million rows never need an (nq, n) score matrix."""
+    so that a million rows never need an (nq, n) score matrix. `allowed`: a boolean mask of the rows
+    that may be returned (fewer than k allowed: the rest of the answer is row -1)."""
     best_s = np.zeros((len(q), 0), dtype=np.float32)
     best_i = np.zeros((len(q), 0), dtype=np.int64)
     for start in range(0, len(x), chunk):
         block = x[start : start + chunk]
-        s = np.concatenate([best_s, q @ block.T], axis=1)  # (nq, k + chunk)
+        scores = q @ block.T
+        if allowed is not None:
+            scores[:, ~allowed[start : start + len(block)]] = -np.inf
+        s = np.concatenate([best_s, scores], axis=1)  # (nq, k + chunk)
         i = np.concatenate(
             [best_i, np.broadcast_to(np.arange(start, start + len(block)), (len(q), len(block)))], 1
         )
@@ -58,7 +66,10 @@ def exact_search(x: np.ndarray, q: np.ndarray, k: int, chunk: int = 262_144) -> 
         top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
         best_s, best_i = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
     order = np.lexsort((best_i, -best_s), axis=1)
-    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+    best_s, best_i = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+    if allowed is not None:
+        best_i[~np.isfinite(best_s)] = -1
+    return best_s, best_i
 
 
 class SearchIndex:
@@ -69,6 +80,7 @@ class SearchIndex:
         checkpoint: Path,
         device: str,
         mmap: bool | None = None,
+        shards: list[int] | None = None,
     ):
         self.index_dir = index_dir
         self.manifest = manifest
@@ -85,7 +97,9 @@ class SearchIndex:
         rows = self._meta.column("row").to_numpy()
         if not np.array_equal(rows, np.arange(len(rows))):
             raise ValueError(f"'{index_dir / METADATA}' rows are not 0..n-1; re-run `coalign embed`")
+        self.shards = shards  # of a sharded index, the parts this process searches (None: all)
         self._lock = threading.Lock()
+        self._labels: LabelIndex | None = None
         self._run = None
         self._searchers: dict[str, Any] = {}
 
@@ -96,14 +110,16 @@ class SearchIndex:
         checkpoint: str | Path | None = None,
         device: str = "cpu",
         mmap: bool | None = None,
+        shards: list[int] | None = None,
     ) -> SearchIndex:
         """index_dir is the folder `coalign embed` wrote (and `coalign index` added index/ to). The
         checkpoint defaults to the one recorded in index_dir/manifest.json. `mmap`: memory-map the
         FAISS index (or, without one, the embedding shards) instead of reading it into memory; None:
-        as `coalign index --mmap` recorded."""
+        as `coalign index --mmap` recorded. `shards`: of an index built with --shards, the parts to
+        search (a worker serving part of the corpus; default all)."""
         index_dir = Path(index_dir).resolve()
         manifest = finished_manifest(index_dir)
-        return cls(index_dir, manifest, Path(checkpoint or manifest["checkpoint"]), device, mmap)
+        return cls(index_dir, manifest, Path(checkpoint or manifest["checkpoint"]), device, mmap, shards)
 
     def __len__(self) -> int:
         return self._meta.num_rows
@@ -176,7 +192,16 @@ class SearchIndex:
         with self._lock:
             if modality not in self._searchers:
                 path = index_path(self.index_dir, modality)
-                if path.is_file():
+                layout = read_layout(self.index_dir, modality)
+                if not path.is_file() and layout is not None:
+                    if layout["parts"][-1]["stop"] != len(self):
+                        raise ConfigError(
+                            f"the sharded index of '{self.index_dir}' covers {layout['parts'][-1]['stop']} "
+                            f"items but the folder has {len(self)}: run `coalign index` again"
+                        )
+                    index, _ = open_sharded(self.index_dir, modality, layout, self.shards, self.mmap)
+                    self._searchers[modality] = index
+                elif path.is_file():
                     import faiss
 
                     # IO_FLAG_MMAP_IFC maps the codes of flat, IVF, HNSW and re-ranking indexes alike
@@ -196,8 +221,70 @@ class SearchIndex:
                     self._searchers[modality] = load(self.index_dir, self.manifest, modality)
             return self._searchers[modality]
 
-    def search(self, vectors: np.ndarray, k: int, modality: str = "image") -> list[list[Hit]]:
-        """The k nearest stored `modality` items of each query row (cosine similarity), best first."""
+    def encode_query(
+        self,
+        text: str | None = None,
+        image: Any = None,
+        weights: tuple[float, float] = (0.5, 0.5),
+        combine: str = "sum",
+    ) -> np.ndarray:
+        """(1, E): one query from a text and an image. "sum": the weighted sum of their normalised
+        embeddings (composed queries: "this picture, but red"); "product": their elementwise product,
+        so that the inner product with a stored item is Symile's multilinear score of the three
+        (retrieval given the rest)."""
+        if combine not in ("sum", "product"):
+            raise ConfigError(f"combine must be 'sum' or 'product', got '{combine}'")
+        parts, w = [], []
+        if text is not None:
+            parts.append(self.encode_text([text])[0])
+            w.append(weights[0])
+        if image is not None:
+            parts.append(self.encode_image([image])[0])
+            w.append(weights[1])
+        if not parts:
+            raise ConfigError("a query needs a text, an image or both")
+        if combine == "product":
+            q = np.prod(parts, axis=0)
+        else:
+            if any(v < 0 for v in w) or sum(w) <= 0:
+                raise ConfigError(f"query weights must be >= 0 and not all 0, got {tuple(weights)}")
+            q = np.sum([v * p for v, p in zip(w, parts, strict=True)], axis=0)
+        norm = np.linalg.norm(q)
+        if not norm > 0:
+            raise ConfigError("the combined query vector is zero; give other weights or combine='sum'")
+        return (q / norm)[None].astype(np.float32)
+
+    def _filtered(self, searcher, q: np.ndarray, k: int, modality: str, filter: Any):
+        """(scores, rows) over the items matching `filter` only (coalign.search.filters)."""
+        with self._lock:
+            if self._labels is None:
+                self._labels = LabelIndex(self._meta.column("labels").to_pylist())
+        rows = self._labels.rows(filter)
+        if isinstance(searcher, ShardedIndex):  # a worker: only the rows of its own parts
+            starts = np.array(searcher.starts)
+            stops = starts + np.array([p.ntotal for p in searcher.parts])
+            rows = rows[((rows[:, None] >= starts) & (rows[:, None] < stops)).any(axis=1)]
+        if isinstance(searcher, np.ndarray | ShardRows):
+            mask = np.zeros(len(self), dtype=bool)
+            mask[rows] = True
+            return exact_search(searcher, q, k, allowed=mask)
+        if len(rows) <= PREFILTER_MAX:  # few candidates: score exactly those rows
+            vectors = open_embeddings(self.index_dir, self.manifest, modality).take(rows)
+            scores, idx = exact_search(vectors, q, min(k, len(rows))) if len(rows) else (None, None)
+            if scores is None:
+                return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+            return scores, rows[idx]
+        if isinstance(searcher, ShardedIndex):
+            mask = np.zeros(len(self), dtype=bool)
+            mask[rows] = True
+            return searcher.search(q, k, allowed=mask)
+        return selector_search(searcher, q, k, rows, len(self))
+
+    def search(
+        self, vectors: np.ndarray, k: int, modality: str = "image", filter: dict | None = None
+    ) -> list[list[Hit]]:
+        """The k nearest stored `modality` items of each query row (cosine similarity), best first;
+        with `filter` ({label: value or [values]}), only among the items whose labels match."""
         q = np.asarray(vectors, dtype=np.float32)
         if q.ndim == 1:
             q = q[None]
@@ -210,7 +297,9 @@ class SearchIndex:
         k = min(k, len(self))
         if len(q) == 0 or k == 0:
             return [[] for _ in range(len(q))]
-        if isinstance(searcher, np.ndarray | ShardRows):
+        if filter is not None:
+            scores, rows = self._filtered(searcher, q, k, modality, filter)
+        elif isinstance(searcher, np.ndarray | ShardRows):
             scores, rows = exact_search(searcher, q, k)
         else:
             scores, rows = searcher.search(q, k)

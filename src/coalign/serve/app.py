@@ -182,9 +182,27 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
                 422, "k out of range", {"limit": "max_k", "min": 1, "max_k": limits.max_k, "got": k}
             )
 
-    def run_search(vectors: np.ndarray, k: int, modality: str, started: float) -> dict[str, Any]:
-        with model_lock:
-            hits = index.search(vectors, k, modality)[0]
+    def check_filter(flt: dict | None) -> None:
+        """The filter limits the schema documents (pydantic checks the types, not the sizes)."""
+        if flt is not None and (
+            not 1 <= len(flt) <= 16
+            or any(isinstance(v, list) and not 1 <= len(v) <= 100 for v in flt.values())
+        ):
+            detail = {"labels": "1 to 16", "values per label": "1 to 100"}
+            raise ApiError(
+                422, "filter must name 1 to 16 labels, each with a value or 1 to 100 values", detail
+            )
+
+    def run_search(
+        vectors: np.ndarray, k: int, modality: str, started: float, filter: dict | None = None
+    ) -> dict[str, Any]:
+        # The filter goes to the index only when given: any object with the SearchIndex methods serves.
+        extra = {} if filter is None else {"filter": filter}
+        try:
+            with model_lock:
+                hits = index.search(vectors, k, modality, **extra)[0]
+        except ConfigError as err:  # a label the index does not have
+            raise ApiError(400, "unknown filter label", str(err)) from None
         return {
             "results": [_hit_json(h) for h in hits],
             "took_ms": round((time.perf_counter() - started) * 1e3, 2),
@@ -259,6 +277,7 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
         started = time.perf_counter()
         field = _only_one(req, ("text", "image", "vector", "id"))
         check_k(req.k)
+        check_filter(req.filter)
         modality = target_modality(req.modality)
         if field == "text":
             vectors = encode_texts([req.text])
@@ -276,7 +295,7 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
                 raise ApiError(422, "vector must hold embed_dim finite numbers, not all zero", detail)
             vec = vec / peak
             vectors = (vec / np.linalg.norm(vec)).astype(np.float32)  # unit vectors: scores are cosines
-        return run_search(vectors, req.k, modality, started)
+        return run_search(vectors, req.k, modality, started, req.filter)
 
     @app.post("/search/image", response_model=SearchResults, responses=errors)
     @_takes(

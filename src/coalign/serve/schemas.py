@@ -138,6 +138,9 @@ def _described(tp: Any, **schema: Any) -> Any:
     return Annotated[tp, Field(json_schema_extra=schema)]
 
 
+LabelValue = JsonInt | Text  # a label's value in a search filter
+
+
 def request_models(limits: Limits, modalities: list[str], embed_dim: int):
     """(EmbedRequest, SearchRequest) whose schemas carry this app's limits."""
     QueryText = _described(Text, minLength=1, maxLength=limits.max_text_chars, pattern=NOT_BLANK)
@@ -169,6 +172,15 @@ def request_models(limits: Limits, modalities: list[str], embed_dim: int):
         k: K = 10
         # Which index to search; default "image" when there is one. An unknown name answers 400.
         modality: _described(Text, enum=modalities) | None = None
+        # Only items whose labels match: {"shape": 2, "color": [0, 3]}; an unknown label answers 400.
+        filter: (
+            _described(
+                dict[Text, LabelValue | _described(list[LabelValue], minItems=1, maxItems=100)],
+                minProperties=1,
+                maxProperties=16,
+            )
+            | None
+        ) = None
 
     return EmbedRequest, SearchRequest
 
@@ -190,7 +202,9 @@ def _error(description: str) -> dict[str, Any]:
 
 
 # What each route may answer besides 200, for FastAPI's `responses=`.
-BAD_CONTENT = {400: _error("content the schema cannot judge: an undecodable image, an unknown modality")}
+BAD_CONTENT = {
+    400: _error("content the schema cannot judge: an undecodable image, an unknown modality or filter label")
+}
 INVALID = {422: _error("the request breaks this schema: a type, a bound, exactly one query field")}
 NOT_FOUND = {404: _error("no such item, or the item has no stored image")}
 PNG = {200: {"description": "the thumbnail", "content": {"image/png": {}}}}
