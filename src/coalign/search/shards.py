@@ -5,8 +5,8 @@ FAISS index per range, so that no machine needs to hold the whole corpus:
     OUT/index/<modality>/part_XXXXX.faiss   an index over rows start..stop-1 (its ids are row - start)
 
 A `SearchIndex` searches every part in parallel threads (FAISS releases the GIL) and merges the
-answers by score into global rows. `coalign serve ... --shards 0 1` (SearchIndex.load(shards=[0, 1]))
-serves only some parts: several workers, each with its parts in memory, answer with global ids and
+answers by score into global rows. SearchIndex.load(OUT, shards=[0, 1]) searches only some parts:
+several workers, each with its parts in memory, answer with global ids and
 cosine scores, and a front merges their hits by score (`merge_hits`), as the workers merge their parts.
 """
 
