@@ -278,7 +278,9 @@ class Tuner:
                 continue
             memory = cand.memory_bytes * n / len(hold.kept)  # over every row, as the final index holds
             row = {"name": cand.name, "factory": cand.factory, "memory_mb": round(memory / 2**20, 2)}
-            rows = {t: tables[t].append(dict(row)) or tables[t][-1] for t in targets}
+            rows = {t: dict(row) for t in targets}  # one row per target's table
+            for t in targets:
+                tables[t].append(rows[t])
             status = self._skip(cand, memory, budget)
             if status is not None:
                 for r in rows.values():
