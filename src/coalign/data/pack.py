@@ -19,7 +19,7 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,16 +139,18 @@ def encode_sample(sample: dict[str, Any], audio_rate: int = 16000) -> dict[str, 
 
 
 class _Encoded(torch.utils.data.Dataset):
-    """Item i: (i, members, its modalities) for a usable sample, (i, (reason, detail), []) for one
-    that is skipped."""
+    """Item p: (i, members, its modalities) for the usable sample i = indices[p], (i, (reason,
+    detail), []) for one that is skipped."""
 
-    def __init__(self, source: Source, audio_rate: int):
+    def __init__(self, source: Source, audio_rate: int, indices: Sequence[int] | None = None):
         self.source, self.audio_rate = source, audio_rate
+        self.indices = range(len(source)) if indices is None else indices
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[int, Any, list[str]]:
+    def __getitem__(self, position: int) -> tuple[int, Any, list[str]]:
+        index = int(self.indices[position])
         try:
             sample = self.source[index]
             members = encode_sample(sample, self.audio_rate)
@@ -166,8 +168,12 @@ def pack(
     audio_rate: int = 16000,
     progress: bool = True,
     spec: dict[str, Any] | None = None,
+    indices: Sequence[int] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `source` as shards into the new or empty folder `out`; return the manifest written."""
+    """Write `source` (only the samples `indices`, in that order, when given: keys stay source
+    indices) as shards into the new or empty folder `out`; return the manifest written, which
+    carries `extra` too."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"'{out}' exists and is not an empty folder; shards go into a new or empty one")
@@ -177,9 +183,11 @@ def pack(
     coverage: Counter[str] = Counter()
     started = time.perf_counter()
     loader = torch.utils.data.DataLoader(
-        _Encoded(source, audio_rate), batch_size=None, num_workers=workers, collate_fn=_identity
+        _Encoded(source, audio_rate, indices), batch_size=None, num_workers=workers, collate_fn=_identity
     )
-    bar = tqdm(total=len(source), desc="packing", unit="sample", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(loader.dataset), desc="packing", unit="sample", disable=not progress, dynamic_ncols=True
+    )
     try:
         for index, members, modalities in loader:
             if isinstance(members, tuple):
@@ -204,6 +212,7 @@ def pack(
             "skipped": skipped.record(),
             "zero_shot": zero_shot,
             "seconds": round(time.perf_counter() - started, 3),
+            **(extra or {}),
         }
     )
 
