@@ -28,16 +28,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from coalign.data.remote import display_name, is_remote
 from coalign.data.sample import captions
 from coalign.data.shards import (
     AUDIO_EXTENSIONS,
     IMAGE_EXTENSIONS,
     KEY,
-    MANIFEST,
     POINTS_EXTENSIONS,
     ShardWriter,
     json_bytes,
-    read_manifest,
     to_buffer,
 )
 from coalign.data.sources.base import SampleError, SkipCounter, Source
@@ -278,7 +277,11 @@ def stat(path: str | list[str], on_sample: Callable[[], None] | None = None) -> 
             words.append(len(t.split()))
             chars.append(len(t))
     readable = len(source) - sum(unreadable.values())
-    manifest = read_manifest(source.paths[0].parent) or {}
+    manifest = source.manifest
+    listed = {s["name"]: s["bytes"] for s in manifest.get("shards", [])}
+    size = sum(
+        listed.get(display_name(p), 0) if is_remote(p) else Path(p).stat().st_size for p in source.paths
+    )
     return {
         "shards": len(source.paths),
         "samples": len(source),
@@ -288,8 +291,8 @@ def stat(path: str | list[str], on_sample: Callable[[], None] | None = None) -> 
             m: {"samples": n, "fraction": round(n / max(readable, 1), 4)} for m, n in sorted(coverage.items())
         },
         "captions": {"per_sample": _summary(per_caption), "words": _summary(words), "chars": _summary(chars)},
-        "bytes": sum(p.stat().st_size for p in source.paths),
-        "manifest": str(source.paths[0].parent / MANIFEST) if manifest else None,
+        "bytes": size,
+        "manifest": source.manifest_location,
         "skipped_when_packed": (manifest.get("skipped") or {}).get("counts", {}),
         "labels": sorted(labels),
     }

@@ -98,6 +98,7 @@ class ShardIndex:
     samples: list[tuple[str, tuple[tuple[str, int, int], ...]]] = field(default_factory=list)
     truncated: set[int] = field(default_factory=set)
     error: str | None = None
+    reason: str = "corrupt_shard"  # the skip reason of every sample when `error` is set
 
 
 def scan_shard(path: Path) -> ShardIndex:
@@ -150,12 +151,19 @@ def read_members(path: Path, members: tuple[tuple[str, int, int], ...]) -> dict[
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     """The shards' manifest in `folder`, or None when there is none (or it is not ours)."""
-    path = folder / MANIFEST
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return parse_manifest((Path(folder) / MANIFEST).read_bytes())
+    except OSError:
         return None
-    return data if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT else None
+
+
+def parse_manifest(data: bytes) -> dict[str, Any] | None:
+    """A manifest's content, or None when it is not a coalign shard manifest."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) and value.get("format") == MANIFEST_FORMAT else None
 
 
 # ------------------------------------------------------------------------------------------ writing
