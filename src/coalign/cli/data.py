@@ -20,14 +20,15 @@ def add_data(sub) -> None:
         help="write a source as WebDataset tar shards with a manifest",
         description="Write every usable sample of SOURCE into OUT/000000.tar, 000001.tar, ... and "
         "OUT/manifest.json. Samples that do not decode (a corrupt image, a missing file, no caption) "
-        "are skipped and counted, not packed.",
+        "are skipped and counted, not packed. Run the same command again on an interrupted OUT to "
+        "continue it: finished shards are checked and kept, the rest redone.",
     )
     pack.add_argument(
         "source",
         help="a .csv/.tsv/.jsonl manifest, a folder of images (image_folder), or an inline mapping "
         'such as "{source: world, split: train, size: 1000}"',
     )
-    pack.add_argument("out", type=Path, help="new or empty folder for the shards")
+    pack.add_argument("out", type=Path, help="new or empty folder for the shards (or an interrupted pack's)")
     pack.add_argument("--shard-size", type=int, help="samples per shard (default 10000 unless bytes are set)")
     pack.add_argument(
         "--max-shard-bytes", help="close a shard before it passes this size: 500000, 64K, 256M, 1G"
@@ -157,6 +158,8 @@ def cmd_pack(args) -> int:
         spec=spec,
     )
     skipped = manifest["skipped"]["counts"]
+    if manifest["resumed_shards"]:
+        print(f"resumed after {manifest['resumed_shards']} finished shards (checked against pack_state.json)")
     print(
         f"packed {manifest['samples']} of {manifest['source_samples']} samples into "
         f"{len(manifest['shards'])} shards ({manifest['bytes'] / 2**20:.1f} MiB) in {args.out} "
