@@ -32,7 +32,12 @@ RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 class FetchError(OSError):
-    """A remote shard or manifest that could not be fetched (after the retries, when they apply)."""
+    """A remote shard or manifest that could not be fetched (after the retries, when they apply);
+    `status` is the HTTP status of a refusal (404, ...), else None."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def is_remote(name: str) -> bool:
@@ -55,6 +60,10 @@ def sibling(url: str, name: str) -> str | None:
 class _Permanent(Exception):
     """A failure that retrying cannot mend (HTTP 4xx)."""
 
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
 
 def _copy_http(url: str, out, timeout: float) -> None:
     try:
@@ -62,7 +71,7 @@ def _copy_http(url: str, out, timeout: float) -> None:
     except urllib.error.HTTPError as err:
         if err.code in RETRY_STATUS or err.code >= 500:
             raise OSError(f"HTTP {err.code} {err.reason}") from None
-        raise _Permanent(f"HTTP {err.code} {err.reason}") from None
+        raise _Permanent(f"HTTP {err.code} {err.reason}", err.code) from None
     with response:
         expected = response.headers.get("Content-Length")
         got = 0
@@ -108,7 +117,7 @@ def fetch(url: str, dest: Path, retries: int = 3, timeout: float = 60.0, backoff
             return dest
         except (_Permanent, ValueError) as err:  # ValueError: not a URL urllib can open
             tmp.unlink(missing_ok=True)
-            raise FetchError(f"cannot fetch {url}: {err}") from None
+            raise FetchError(f"cannot fetch {url}: {err}", getattr(err, "status", None)) from None
         except OSError as err:  # URLError, timeouts, resets and short reads are OSErrors
             tmp.unlink(missing_ok=True)
             if tries > retries:

@@ -53,7 +53,6 @@ from coalign.data.shards import (
     json_bytes,
     modality_of,
     parse_manifest,
-    read_manifest,
     read_members,
     scan_shard,
 )
@@ -213,10 +212,13 @@ class WebDatasetSource(Source):
             try:
                 manifest = parse_manifest(fetch_bytes(where, self.cfg.retries, self.cfg.timeout))
             except FetchError as err:
-                if named is not None or "HTTP 404" not in str(err):  # beside the shards, none is fine
+                if named is not None or err.status != 404:  # beside the shards, none is fine
                     raise ConfigError(f"webdataset source: manifest: {err}") from None
         elif where is not None:
-            manifest = read_manifest(Path(where).parent)
+            try:
+                manifest = parse_manifest(Path(where).read_bytes())
+            except OSError:
+                manifest = None
         if named is not None and not manifest:
             raise ConfigError(f"webdataset source: '{named}' is not a coalign shard manifest")
         self.manifest_location = where if manifest else None
