@@ -14,12 +14,14 @@ indices, in order); the main process only writes.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from coalign.data.remote import display_name, is_remote
 from coalign.data.sample import captions
 from coalign.data.shards import (
     AUDIO_EXTENSIONS,
@@ -36,8 +39,8 @@ from coalign.data.shards import (
     MANIFEST,
     POINTS_EXTENSIONS,
     ShardWriter,
+    file_sha256,
     json_bytes,
-    read_manifest,
     to_buffer,
 )
 from coalign.data.sources.base import SampleError, SkipCounter, Source
@@ -45,8 +48,11 @@ from coalign.data.sources.webdataset import WebDatasetSource
 from coalign.data.transforms.audio import decode_audio, read_audio_file
 from coalign.data.transforms.image import decode_image
 from coalign.data.transforms.points import decode_points
+from coalign.io import atomic_write_json
 
 EXTENSION_ALIASES = {"jpeg": "jpg"}
+STATE = "pack_state.json"  # an unfinished pack's record of its durable shards (see `pack`)
+SHARD_KEYS = ("name", "samples", "bytes", "sha256")
 META = ("id", "label")
 
 
@@ -139,16 +145,18 @@ def encode_sample(sample: dict[str, Any], audio_rate: int = 16000) -> dict[str, 
 
 
 class _Encoded(torch.utils.data.Dataset):
-    """Item i: (i, members, its modalities) for a usable sample, (i, (reason, detail), []) for one
-    that is skipped."""
+    """Item p: (i, members, its modalities) for the usable sample i = indices[p], (i, (reason,
+    detail), []) for one that is skipped."""
 
-    def __init__(self, source: Source, audio_rate: int):
+    def __init__(self, source: Source, audio_rate: int, indices: Sequence[int] | None = None):
         self.source, self.audio_rate = source, audio_rate
+        self.indices = range(len(source)) if indices is None else indices
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[int, Any, list[str]]:
+    def __getitem__(self, position: int) -> tuple[int, Any, list[str]]:
+        index = int(self.indices[position])
         try:
             sample = self.source[index]
             members = encode_sample(sample, self.audio_rate)
@@ -166,22 +174,61 @@ def pack(
     audio_rate: int = 16000,
     progress: bool = True,
     spec: dict[str, Any] | None = None,
+    indices: Sequence[int] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `source` as shards into the new or empty folder `out`; return the manifest written."""
+    """Write `source` (only the samples `indices`, in that order, when given: keys stay source
+    indices) as shards into the new or empty folder `out`, or continue an interrupted pack of the
+    same source into `out`; return the manifest written, which carries `extra` too.
+
+    Resume: after each shard is durable, OUT/pack_state.json records it (name, bytes, SHA-256, the
+    position where it ends, the skips and coverage up to there). A pack started again on that
+    folder with the same settings keeps the shards that still match their record, redoes the
+    first that does not (a shard cut by the kill is only ever a hidden temporary file) and every
+    one after it, and gives the same bytes as an uninterrupted pack."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"'{out}' exists and is not an empty folder; shards go into a new or empty one")
-    out.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out, shard_size, max_shard_bytes)
-    skipped = SkipCounter()
-    coverage: Counter[str] = Counter()
+    positions = range(len(source)) if indices is None else [int(i) for i in indices]
+    identity = {
+        "source": spec or {},
+        "source_samples": len(source),
+        "indices": None if indices is None else _digest(positions),
+        "shard_size": shard_size,
+        "max_shard_bytes": max_shard_bytes,
+        "audio_rate": audio_rate,
+    }
+    done = _resume(out, identity)
+    start = done[-1]["end"] if done else 0
+    skipped = SkipCounter.from_record(done[-1]["skipped"]) if done else SkipCounter()
+    coverage: Counter[str] = Counter(done[-1]["coverage"] if done else {})
+    position = start  # of the sample being written: where a shard that closes now ends
+    records = list(done)
+
+    def closed(entry: dict[str, Any]) -> None:
+        end = len(positions) if position is None else position
+        records.append({**entry, "end": end, "skipped": skipped.record(), "coverage": dict(coverage)})
+        atomic_write_json(out / STATE, {**identity, "shards": records})
+
+    writer = ShardWriter(
+        out, shard_size, max_shard_bytes, done=[{k: d[k] for k in SHARD_KEYS} for d in done], on_close=closed
+    )
     started = time.perf_counter()
     loader = torch.utils.data.DataLoader(
-        _Encoded(source, audio_rate), batch_size=None, num_workers=workers, collate_fn=_identity
+        _Encoded(source, audio_rate, positions[start:]),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_identity,
     )
-    bar = tqdm(total=len(source), desc="packing", unit="sample", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(positions),
+        initial=start,
+        desc="packing",
+        unit="sample",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
-        for index, members, modalities in loader:
+        for offset, (index, members, modalities) in enumerate(loader):
+            position = start + offset
             if isinstance(members, tuple):
                 skipped.skip(members[0], index)
             else:
@@ -194,9 +241,10 @@ def pack(
         raise
     finally:
         bar.close()
+    position = None  # the last shard ends at the end
     tasks = source.zero_shot_tasks()
     zero_shot = {k: {"classnames": t.classnames, "templates": t.templates} for k, t in tasks.items()}
-    return writer.close(
+    manifest = writer.close(
         {
             "source": spec or {},
             "source_samples": len(source),
@@ -204,8 +252,54 @@ def pack(
             "skipped": skipped.record(),
             "zero_shot": zero_shot,
             "seconds": round(time.perf_counter() - started, 3),
+            "resumed_shards": len(done),
+            **(extra or {}),
         }
     )
+    (out / STATE).unlink(missing_ok=True)  # the manifest, written last, now says the set is whole
+    return manifest
+
+
+def _digest(positions: Sequence[int]) -> str:
+    return hashlib.sha256(np.asarray(positions, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _resume(out: Path, identity: dict[str, Any]) -> list[dict[str, Any]]:
+    """The verified shards of an interrupted pack in `out` ([] for a new or empty folder); refuse a
+    folder that holds anything else, a finished pack, or a pack of something else."""
+    state_path = out / STATE
+    if not state_path.exists():
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(
+                f"'{out}' exists and is not an empty folder; shards go into a new or empty one"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        return []
+    if (out / MANIFEST).exists():
+        raise FileExistsError(f"'{out}' holds a finished pack (manifest.json); choose a new or empty OUT")
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError) as err:
+        raise FileExistsError(f"'{state_path}' cannot be read ({err}); delete OUT to start over") from None
+    for key, value in identity.items():
+        if state.get(key) != value:
+            raise FileExistsError(
+                f"'{out}' holds an interrupted pack of something else ({key}: {state.get(key)!r} there, "
+                f"{value!r} now); choose another OUT, or delete it to start over"
+            )
+    done = []
+    for entry in state.get("shards", []):
+        path = out / entry["name"]
+        if (
+            not path.is_file()
+            or path.stat().st_size != entry["bytes"]
+            or file_sha256(path) != entry["sha256"]
+        ):
+            break  # this shard and every one after it are written again
+        done.append(entry)
+    for stale in out.glob(".*.tmp"):  # a shard being written when the pack was killed
+        stale.unlink()
+    return done
 
 
 def _identity(x: Any) -> Any:
@@ -269,7 +363,11 @@ def stat(path: str | list[str], on_sample: Callable[[], None] | None = None) -> 
             words.append(len(t.split()))
             chars.append(len(t))
     readable = len(source) - sum(unreadable.values())
-    manifest = read_manifest(source.paths[0].parent) or {}
+    manifest = source.manifest
+    listed = {s["name"]: s["bytes"] for s in manifest.get("shards", [])}
+    size = sum(
+        listed.get(display_name(p), 0) if is_remote(p) else Path(p).stat().st_size for p in source.paths
+    )
     return {
         "shards": len(source.paths),
         "samples": len(source),
@@ -279,8 +377,8 @@ def stat(path: str | list[str], on_sample: Callable[[], None] | None = None) -> 
             m: {"samples": n, "fraction": round(n / max(readable, 1), 4)} for m, n in sorted(coverage.items())
         },
         "captions": {"per_sample": _summary(per_caption), "words": _summary(words), "chars": _summary(chars)},
-        "bytes": sum(p.stat().st_size for p in source.paths),
-        "manifest": str(source.paths[0].parent / MANIFEST) if manifest else None,
+        "bytes": size,
+        "manifest": source.manifest_location,
         "skipped_when_packed": (manifest.get("skipped") or {}).get("counts", {}),
         "labels": sorted(labels),
     }

@@ -22,11 +22,14 @@ made while packing, modality coverage).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import os
 import re
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +101,7 @@ class ShardIndex:
     samples: list[tuple[str, tuple[tuple[str, int, int], ...]]] = field(default_factory=list)
     truncated: set[int] = field(default_factory=set)
     error: str | None = None
+    reason: str = "corrupt_shard"  # the skip reason of every sample when `error` is set
 
 
 def scan_shard(path: Path) -> ShardIndex:
@@ -150,12 +154,19 @@ def read_members(path: Path, members: tuple[tuple[str, int, int], ...]) -> dict[
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     """The shards' manifest in `folder`, or None when there is none (or it is not ours)."""
-    path = folder / MANIFEST
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return parse_manifest((Path(folder) / MANIFEST).read_bytes())
+    except OSError:
         return None
-    return data if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT else None
+
+
+def parse_manifest(data: bytes) -> dict[str, Any] | None:
+    """A manifest's content, or None when it is not a coalign shard manifest."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) and value.get("format") == MANIFEST_FORMAT else None
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -168,18 +179,27 @@ class ShardWriter:
     `max_shard_bytes` (a sample bigger than that gets a shard of its own). Members are written by
     `webdataset.TarWriter`, so names and order (`key.ext`, extensions sorted) are the ones webdataset
     writes; a fixed mtime and owner make the same input give the same bytes. Each shard is written
-    under a hidden name and renamed when complete, so a folder never holds half a shard under a
-    shard's name.
+    under a hidden name, fsynced and renamed when complete, so a folder never holds half a shard
+    under a shard's name; its entry carries the SHA-256 of its bytes, which a resumed pack checks.
     """
 
-    def __init__(self, folder: Path, shard_size: int | None = None, max_shard_bytes: int | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        shard_size: int | None = None,
+        max_shard_bytes: int | None = None,
+        done: list[dict[str, Any]] | None = None,
+        on_close: Callable[[dict[str, Any]], None] | None = None,
+    ):
         if shard_size is not None and shard_size < 1:
             raise ValueError(f"shard size must be at least 1 sample, not {shard_size}")
         if max_shard_bytes is not None and max_shard_bytes < tar_bytes(member_bytes(0)):
             raise ValueError(f"max shard bytes must be at least {tar_bytes(member_bytes(0))}")
         self.folder = Path(folder)
         self.shard_size, self.max_shard_bytes = shard_size, max_shard_bytes
-        self.shards: list[dict[str, Any]] = []  # {"name", "samples", "bytes"} of each finished shard
+        # {"name", "samples", "bytes", "sha256"} of each finished shard; `done` continues a resumed pack
+        self.shards: list[dict[str, Any]] = list(done or [])
+        self.on_close = on_close  # called with each shard's entry once the shard is durable
         self._file: Any = None
         self._tar: Any = None
         self._count = 0
@@ -215,9 +235,18 @@ class ShardWriter:
         self._file.close()
         tmp = self.folder / f".{name}.tmp"
         os.replace(tmp, self.folder / name)
+        fsync_dir(self.folder)  # the rename is durable before anyone is told the shard is done
         size = (self.folder / name).stat().st_size
-        self.shards.append({"name": name, "samples": self._count, "bytes": size})
+        entry = {
+            "name": name,
+            "samples": self._count,
+            "bytes": size,
+            "sha256": file_sha256(self.folder / name),
+        }
+        self.shards.append(entry)
         self._tar = self._file = None
+        if self.on_close is not None:
+            self.on_close(entry)
 
     def close(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Finish the open shard, then write the manifest (last: its presence means the set is whole)."""
@@ -238,9 +267,20 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard being written (an interrupted pack leaves no half shard behind)."""
         if self._tar is not None:
+            # finish the tar (its end blocks) so that nothing writes to it later, then drop it
+            with contextlib.suppress(OSError, ValueError):
+                self._tar.close()
             self._file.close()
             (self.folder / f".{SHARD_NAME.format(len(self.shards))}.tmp").unlink(missing_ok=True)
             self._tar = self._file = None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def json_bytes(value: Any) -> bytes:

@@ -1,11 +1,13 @@
 """WebDataset tar shards (`coalign data pack` writes them; OpenCLIP's and webdataset's read too).
 
 `path` is a folder of `*.tar` shards, one tar, a brace pattern (`shards/{000000..000099}.tar`) or
-a list of these. Sample i is member group k of shard j, where shards are taken in the order given
-and each holds the count its manifest states (counted once from the tar headers when there is no
-manifest). Nothing holds the dataset: a process keeps the per-shard counts and, for the last few
-shards it read (`open_shards`), each member's offset and size, read from the tar headers the first
-time that shard is opened. A sample is one seek and one read.
+a list of these; a shard may also be an `http(s)://` URL or a `pipe:COMMAND`, streamed into a
+per-process cache of at most `open_shards` local files, with `retries` (see `data/remote.py`).
+Sample i is member group k of shard j, where shards are taken in the order given and each holds
+the count its manifest states (counted once from the tar headers when there is no manifest).
+Nothing holds the dataset: a process keeps the per-shard counts and, for the last few shards it
+read (`open_shards`), each member's offset and size, read from the tar headers the first time that
+shard is opened. A sample is one seek and one read.
 
 Shuffling and resume. Training visits the source in `epoch_order(seed, epoch)`, a pure function of
 (seed, epoch) like every source's order (see `data/loader.py`), so a run killed anywhere, even in
@@ -22,14 +24,16 @@ Bad data is skipped and counted like every other source: a tar that cannot be op
 (`corrupt_shard`), samples cut off by a truncated file or missing from a shard holding fewer than
 its manifest says (`truncated_shard`), a `.json` that does not parse (`corrupt_record`), a `.txt`
 that is not UTF-8 (`bad_encoding`), a sample without a member of a `required` modality
-(`missing_<modality>`). Images, audio and points stay encoded bytes; their transforms decode them
-and count what does not decode (`corrupt_image`, ...).
+(`missing_<modality>`), a remote shard that cannot be fetched after its retries
+(`unreachable_shard`, with one warning naming the URL and the error). Images, audio and points stay
+encoded bytes; their transforms decode them and count what does not decode (`corrupt_image`, ...).
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +43,7 @@ import braceexpand
 import numpy as np
 import pydantic
 
+from coalign.data.remote import FetchError, ShardCache, display_name, fetch, fetch_bytes, is_remote, sibling
 from coalign.data.sample import Sample, clean_text
 from coalign.data.shards import (
     KEY,
@@ -47,7 +52,7 @@ from coalign.data.shards import (
     ShardWriter,
     json_bytes,
     modality_of,
-    read_manifest,
+    parse_manifest,
     read_members,
     scan_shard,
 )
@@ -55,6 +60,8 @@ from coalign.data.sources.base import SampleError, Source, ZeroShotTask, write_e
 from coalign.data.sources.csv import parse_labels
 from coalign.data.sources.labels import ClassLabels
 from coalign.registry import SOURCES, ConfigError, StrictModel
+
+log = logging.getLogger("coalign")
 
 
 class WebDatasetConfig(StrictModel):
@@ -66,6 +73,9 @@ class WebDatasetConfig(StrictModel):
     modalities: list[str] | None = None  # read only these sample keys (default: every member)
     required: list[str] = ["text"]  # a sample without one of these is skipped as missing_<modality>
     open_shards: int = pydantic.Field(8, ge=1)  # shard indexes each process keeps (least recently used out)
+    retries: int = pydantic.Field(3, ge=0)  # more tries for a remote shard after a transient failure
+    timeout: float = pydantic.Field(60.0, gt=0)  # seconds a remote transfer may stall (a pipe: may run)
+    cache_dir: str | None = None  # where remote shards are streamed to (default: the system's temp folder)
 
     @classmethod
     def tiny(cls) -> dict:
@@ -80,24 +90,28 @@ class WebDatasetConfig(StrictModel):
         return self
 
 
-def expand_paths(path: str | list[str]) -> list[Path]:
-    """The shard files `path` names: a folder's *.tar (sorted), brace patterns expanded, in order."""
-    out: list[Path] = []
+def expand_paths(path: str | list[str]) -> list[str]:
+    """The shards `path` names, in order: a folder's *.tar (sorted), brace patterns expanded; local
+    files as absolute paths (checked to exist), URLs and pipe: commands as they are."""
+    out: list[str] = []
     for pattern in [path] if isinstance(path, str) else path:
         for name in braceexpand.braceexpand(pattern):
+            if is_remote(name):
+                out.append(name)
+                continue
             p = Path(name).expanduser()
             if p.is_dir():
                 found = sorted(p.glob("*.tar"))
                 if not found:
                     raise ConfigError(f"webdataset source: no .tar shards in folder '{p}'")
-                out.extend(found)
+                out.extend(str(f.absolute()) for f in found)
             elif p.is_file():
-                out.append(p)
+                out.append(str(p.absolute()))
             else:
                 raise ConfigError(f"webdataset source: shard '{p}' (from '{pattern}') does not exist")
     if not out:
         raise ConfigError(f"webdataset source: path {path!r} names no shards")
-    return [p.absolute() for p in out]
+    return out
 
 
 class ShardOrder(Sequence):
@@ -165,28 +179,64 @@ class WebDatasetSource(Source):
 
     def __init__(self, cfg: WebDatasetConfig | None = None, **kwargs: Any):
         self.cfg = cfg or WebDatasetConfig(**kwargs)
-        self.paths = expand_paths(self.cfg.path)
-        folder = Path(self.cfg.manifest).expanduser().parent if self.cfg.manifest else self.paths[0].parent
-        self.manifest = read_manifest(folder) or {}
-        if self.cfg.manifest and not self.manifest:
-            raise ConfigError(f"webdataset source: '{self.cfg.manifest}' is not a coalign shard manifest")
-        listed = {(folder / s["name"]).absolute(): int(s["samples"]) for s in self.manifest.get("shards", [])}
+        self.paths = expand_paths(self.cfg.path)  # absolute local paths, URLs, pipe: commands
+        self._cache = ShardCache(self.cfg.cache_dir) if any(map(is_remote, self.paths)) else None
+        self._warned: set[int] = set()
+        self.manifest, listed = self._manifest()
         self._indexes: OrderedDict[int, ShardIndex] = OrderedDict()
         counts = []
         for j, p in enumerate(self.paths):
             if p in listed:
                 counts.append(listed[p])
             else:  # no manifest entry: count once from the headers (and keep the index while it is fresh)
-                counts.append(len(self._index(j).samples))
+                index = self._index(j)
+                if index.reason == "unreachable_shard":  # nothing to count: say so now, not as skips later
+                    raise ConfigError(f"webdataset source: {index.error}")
+                counts.append(len(index.samples))
         self.counts = np.array(counts, dtype=np.int64)  # (shards,)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
         self._orders: OrderedDict[tuple[int, int], ShardOrder] = OrderedDict()
 
+    def _manifest(self) -> tuple[dict[str, Any], dict[str, int]]:
+        """The manifest (the one named, else the one beside the first shard, when there is one) and
+        {shard location: sample count} of the shards it lists."""
+        named = self.cfg.manifest
+        first = self.paths[0]
+        if named is not None and not is_remote(named):
+            named = str(Path(named).expanduser().absolute())
+        where = named or (
+            sibling(first, MANIFEST) if is_remote(first) else str(Path(first).parent / MANIFEST)
+        )
+        manifest: dict[str, Any] | None = None
+        if where is not None and is_remote(where):
+            try:
+                manifest = parse_manifest(fetch_bytes(where, self.cfg.retries, self.cfg.timeout))
+            except FetchError as err:
+                if named is not None or err.status != 404:  # beside the shards, none is fine
+                    raise ConfigError(f"webdataset source: manifest: {err}") from None
+        elif where is not None:
+            try:
+                manifest = parse_manifest(Path(where).read_bytes())
+            except OSError:
+                manifest = None
+        if named is not None and not manifest:
+            raise ConfigError(f"webdataset source: '{named}' is not a coalign shard manifest")
+        self.manifest_location = where if manifest else None
+        if not manifest or where is None:
+            return {}, {}
+        if is_remote(where):
+            listed = {sibling(where, s["name"]): int(s["samples"]) for s in manifest.get("shards", [])}
+        else:
+            listed = {
+                str(Path(where).parent / s["name"]): int(s["samples"]) for s in manifest.get("shards", [])
+            }
+        return manifest, listed
+
     def __len__(self) -> int:
         return int(self.counts.sum())
 
-    def __getstate__(self) -> dict[str, Any]:  # workers start with empty caches
-        return {**self.__dict__, "_indexes": OrderedDict(), "_orders": OrderedDict()}
+    def __getstate__(self) -> dict[str, Any]:  # workers start with empty caches (remote: their own folder)
+        return {**self.__dict__, "_indexes": OrderedDict(), "_orders": OrderedDict(), "_warned": set()}
 
     def locate(self, index: int) -> tuple[int, int]:
         """(shard, sample within the shard) of source index `index`."""
@@ -196,24 +246,45 @@ class WebDatasetSource(Source):
         return shard, index - int(self.starts[shard])
 
     def _index(self, shard: int) -> ShardIndex:
-        """The member index of one shard, from a small LRU (one per process: workers have their own)."""
+        """The member index of one shard, from a small LRU (one per process: workers have their own);
+        a remote shard's local copy lives as long as its index."""
         if shard in self._indexes:
             self._indexes.move_to_end(shard)
             return self._indexes[shard]
-        index = scan_shard(self.paths[shard])
+        index = self._scan(shard)
         self._indexes[shard] = index
         while len(self._indexes) > self.cfg.open_shards:
-            self._indexes.popitem(last=False)
+            old, _ = self._indexes.popitem(last=False)
+            if self._cache is not None:
+                self._cache.drop(old)
         return index
+
+    def _local(self, shard: int) -> Path:
+        name = self.paths[shard]
+        return self._cache.path(shard) if is_remote(name) else Path(name)
+
+    def _scan(self, shard: int) -> ShardIndex:
+        """Index a shard; a remote one is first streamed into the cache (an index with `error` and
+        reason `unreachable_shard` when it cannot be fetched)."""
+        name = self.paths[shard]
+        if not is_remote(name):
+            return scan_shard(Path(name))
+        try:
+            return scan_shard(fetch(name, self._cache.path(shard), self.cfg.retries, self.cfg.timeout))
+        except FetchError as err:
+            if shard not in self._warned:
+                self._warned.add(shard)
+                log.warning("webdataset source: skipping the samples of a shard: %s", err)
+            return ShardIndex(error=str(err), reason="unreachable_shard")
 
     def members(self, index: int) -> tuple[str, dict[str, bytes], str]:
         """(key, {extension: bytes}, where) of sample `index`, or SampleError when its shard cannot
         give it."""
         shard, k = self.locate(index)
-        where = f"{self.paths[shard].name} sample {k}"
+        where = f"{display_name(self.paths[shard])} sample {k}"
         found = self._index(shard)
         if found.error is not None:
-            raise SampleError("corrupt_shard", f"{where}: {found.error}")
+            raise SampleError(found.reason, f"{where}: {found.error}")
         if k >= len(found.samples) or k in found.truncated:
             have = len(found.samples) - len(found.truncated)
             raise SampleError("truncated_shard", f"{where}: the shard holds {have} whole samples")
@@ -222,7 +293,7 @@ class WebDatasetSource(Source):
         if wanted is not None:
             members = tuple(m for m in members if modality_of(m[0]) in wanted or m[0] in ("json", "cls"))
         try:
-            data = read_members(self.paths[shard], members) if members else {}
+            data = read_members(self._local(shard), members) if members else {}
         except OSError as err:
             raise SampleError("corrupt_shard", f"{where}: {err}") from None
         return key, data, where
