@@ -93,6 +93,18 @@ def _fields(f: Features) -> dict[str, torch.Tensor | None]:
 
 GRAD_FIELDS = ("tokens", "pooled", "embedding")
 LOCAL_KEY = "local_rows"  # the key of the global batch that holds this rank's `Share`
+PART_KEY = "part_of"  # the key of a rank's own batch, handed to an objective that exchanges: W
+
+
+def as_part(batch: dict[str, Any]) -> dict[str, Any]:
+    """This rank's own batch, marked as one of the world's parts of the global batch (for an
+    objective that does its own communication, such as SigLIP's ring)."""
+    return {**batch, PART_KEY: world_size()}
+
+
+def parts(batch: dict[str, Any]) -> int:
+    """Of how many ranks' batches `batch` is one (1: it is the whole batch, or was gathered)."""
+    return batch.get(PART_KEY, 1)
 
 
 @dataclass(frozen=True)

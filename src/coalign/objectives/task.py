@@ -17,7 +17,7 @@ from torch import nn
 from coalign.config import ObjectiveSpec
 from coalign.models.model import Features, MultimodalModel
 from coalign.objectives.base import Objective
-from coalign.objectives.distributed import gather_global, mean_over_ranks, world_size
+from coalign.objectives.distributed import as_part, gather_global, mean_over_ranks, world_size
 from coalign.registry import OBJECTIVES
 
 
@@ -54,14 +54,14 @@ class Task(nn.Module):
         """The objectives on features already computed (GradCache computes them in pieces); with
         several ranks, on the global batch."""
         spread = world_size() > 1
-        gathered = (features, batch)
+        gathered, own = (features, batch), (features, as_part(batch) if spread else batch)
         if spread and not all(getattr(o, "exchanges", False) for o in self.objectives):
             inputs = any(getattr(o, "needs_inputs", False) for o in self.objectives)
             gathered = gather_global(features, batch, inputs=inputs)
         out: dict[str, torch.Tensor] = {}
         total = None
         for objective, weight in zip(self.objectives, self.weights, strict=True):
-            seen = (features, batch) if getattr(objective, "exchanges", False) else gathered
+            seen = own if getattr(objective, "exchanges", False) else gathered
             for key, value in objective(*seen).items():
                 if key.endswith("_loss"):
                     if key in out:
