@@ -1,7 +1,8 @@
 """Distributed training with two real gloo processes on this machine, and GradCache (issue #14).
 
-- every objective: the gradients of a 2-process step on a global batch equal those of one process
-  on the same batch (the gathered features carry their gradient back, summed);
+- every objective: the loss and gradients of a 2-process step on a global batch equal those of one
+  process on the same batch (the gathered features carry their gradient back, summed; objectives
+  with a local-loss form compute only their rank's rows, test_local_loss.py checks that arithmetic);
 - GradCache: K micro-batches give the gradient of the whole batch, for every objective;
 - `coalign train --nproc 2` ends with the weights of a 1-process run on the same global batches, and
   a 2-process run killed mid-way resumes (with 2 processes or with 1) to the same weights;

@@ -31,12 +31,21 @@ def add_embed(sub) -> None:
     p.add_argument("--thumbnail-size", type=int, default=64, help="thumbnail side in pixels (0: none)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc", type=int, default=1, metavar="N", help="embed with N processes on this machine (torchrun)"
+    )
     p.set_defaults(func=cmd_embed)
 
 
 def cmd_embed(args) -> int:
     from coalign.search.embed import embed_source
+    from coalign.train.distributed import init_from_env, launch, shutdown
 
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1:
+        return launch(args.nproc, _embed_argv(args))
+    d = init_from_env()
     summary = embed_source(
         args.checkpoint,
         args.source,
@@ -46,10 +55,15 @@ def cmd_embed(args) -> int:
         progress=not args.no_progress,
         image_key=args.image_key,
         caption_key=args.caption_key,
-        device=args.device,
+        device=args.device or (str(d.device()) if d.active else None),
         num_workers=args.workers,
         thumbnail_size=args.thumbnail_size,
+        rank=d.rank,
+        world=d.world,
     )
+    shutdown(d)
+    if not d.main:
+        return 0
     print(
         f"embedded {summary['rows']} items ({', '.join(summary['modalities'])}) into {summary['out']} "
         f"in {summary['seconds']:.1f} s; shards: {summary['computed_shards']} computed, "
@@ -58,6 +72,17 @@ def cmd_embed(args) -> int:
     print(summary["skip_report"])
     print(f"build a search index with: coalign index {summary['out']}")
     return 0
+
+
+def _embed_argv(args) -> list[str]:
+    """The same `embed` command for each process that torchrun starts (without --nproc)."""
+    argv = ["embed", str(args.checkpoint), args.source, str(args.out)]
+    argv += ["--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size)]
+    argv += ["--workers", str(args.workers), "--thumbnail-size", str(args.thumbnail_size)]
+    for flag, value in (("--image-key", args.image_key), ("--caption-key", args.caption_key)):
+        argv += [flag, value] if value is not None else []
+    argv += ["--device", args.device] if args.device else []
+    return argv + (["--no-progress"] if args.no_progress else [])
 
 
 def add_index(sub) -> None:

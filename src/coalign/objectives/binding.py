@@ -19,6 +19,9 @@ has no negative to contrast with and is left out of the reduction (its per-pair 
 absent). When every pair is left out, the loss is a zero that stays attached to the embeddings and
 the temperature, so backward, DDP and the optimizer see the same parameters as in any other step.
 
+Under several ranks each pair's InfoNCE is the local loss (`contrastive.info_nce` with `Rows`); which
+pairs run is decided on the global batch, so every rank reduces over the same pairs.
+
 `BindingOptions` / `BindingObjective` here are also the base of `symile` and `gram`.
 """
 
@@ -35,6 +38,7 @@ from coalign.data.sample import base_modality
 from coalign.models.model import Features
 from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions, paired
 from coalign.objectives.contrastive import info_nce
+from coalign.objectives.distributed import own_rows
 from coalign.registry import OBJECTIVES, ConfigError
 
 
@@ -164,7 +168,7 @@ def pairwise_loss(
         check_single(name, a, xa)
         check_single(name, b, xb)
         if xa.shape[0] >= 2:
-            terms[(a, b)] = info_nce(xa, xb, scale)
+            terms[(a, b)] = info_nce(xa, xb, scale, own_rows(batch, (a, b), xa.shape[0]))
     return terms
 
 

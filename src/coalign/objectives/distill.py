@@ -15,6 +15,9 @@ The batch's tensors come from the *student's* transforms, so the teacher must re
 trained to: the same tokenizer (set the student's `data.transforms.text.path` to the teacher run's
 `tokenizer.json`) and the same image size. `bind` checks what it can see and fails clearly: the
 input sizes always, and the vocabularies token for token when it is also given the student's transforms.
+
+Local loss (several ranks): the KL terms of this rank's rows and columns, each against the whole
+gathered batch. The teacher encodes the gathered inputs (every rank all of them: it has no graph).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from coalign.data.sample import base_modality
 from coalign.data.transforms.base import Transform
 from coalign.models.model import Features, MultimodalModel
 from coalign.objectives.base import Objective, ObjectiveConfig, paired
+from coalign.objectives.contrastive import whole
+from coalign.objectives.distributed import Rows, own_rows
 from coalign.registry import OBJECTIVES, ConfigError
 
 
@@ -41,16 +46,32 @@ class DistillConfig(ObjectiveConfig):
 
 
 def distill_kl(
-    a: torch.Tensor, b: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor, temperature: float
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ta: torch.Tensor,
+    tb: torch.Tensor,
+    temperature: float,
+    rows: Rows | None = None,
 ) -> torch.Tensor:
-    """The loss above; a, b: student (M, E), ta, tb: teacher (M, E'), all normalised."""
-    student = a @ b.T / temperature  # (M, M)
-    teacher = (ta @ tb.T / temperature).to(student.dtype)  # (M, M)
+    """The loss above; a, b: student (M, E), ta, tb: teacher (M, E'), all normalised. With `rows`,
+    the local loss of those rows and columns (see `Rows.mean`)."""
+    if whole(rows):
+        student = a @ b.T / temperature  # (M, M)
+        teacher = (ta @ tb.T / temperature).to(student.dtype)  # (M, M)
 
-    def kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # mean over rows of KL(softmax t || softmax s)
-        return F.kl_div(s.log_softmax(-1), t.log_softmax(-1), reduction="batchmean", log_target=True)
+        def kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # row mean of KL(softmax t || softmax s)
+            return F.kl_div(s.log_softmax(-1), t.log_softmax(-1), reduction="batchmean", log_target=True)
 
-    return temperature**2 * 0.5 * (kl(student, teacher) + kl(student.T, teacher.T))
+        loss = temperature**2 * 0.5 * (kl(student, teacher) + kl(student.T, teacher.T))
+        return loss if rows is None else rows.world * loss
+
+    def kl_rows(x: torch.Tensor, y: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+        """(m,) KL(softmax teacher || softmax student) of this rank's rows of x against every y."""
+        s = rows.take(x) @ y.T / temperature  # (m, M)
+        t = (rows.take(tx) @ ty.T / temperature).to(s.dtype)
+        return F.kl_div(s.log_softmax(-1), t.log_softmax(-1), reduction="none", log_target=True).sum(-1)
+
+    return temperature**2 * 0.5 * rows.mean(kl_rows(a, b, ta, tb) + kl_rows(b, a, tb, ta))
 
 
 def check_compatible(
@@ -133,4 +154,5 @@ class Distill(Objective):
         with torch.no_grad():
             tf = {m: teacher.features(base_modality(m), batch[m]) for m in (ma, mb)}
             ta, tb = paired(tf, batch, ma, mb)
-        return {"distill_loss": distill_kl(a, b, ta, tb, self.cfg.temperature)}
+        rows = own_rows(batch, (ma, mb), a.shape[0])
+        return {"distill_loss": distill_kl(a, b, ta, tb, self.cfg.temperature, rows)}

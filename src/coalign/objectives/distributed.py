@@ -14,10 +14,21 @@ Rows: a rank's batch may be smaller than its share (skipped samples), and a moda
 rows that have it, so every gathered tensor may have a different number of rows per rank. One
 `all_gather_object` per step exchanges the row counts and shapes; tensors are padded to the largest
 count, gathered, and cut back, concatenated in rank order, which is the order of the global batch.
+
+Local loss (OpenCLIP's `--local-loss --gather-with-grad`): an objective that supports it computes
+only the loss terms of this rank's rows (its queries) against every gathered column, so each rank
+holds (B_local, B_global) logits rather than (B_global, B_global). `Rows` (from `own_rows`) says which
+of an objective's M row-aligned samples are this rank's; `Rows.mean` turns the per-row terms of
+those into W * (their share of the global mean), a value whose mean over the ranks is the global
+mean. Why that scaling: the parameter gradients are averaged over the ranks (train/distributed.py)
+and the gather's backward sums the gradients of every rank's copy of a row, so the averaged gradient
+of W * share_r is the sum over ranks of d share_r, i.e. the gradient of the global loss, exactly.
+`mean_over_ranks` then gives every rank the global value to log (one small all-reduce).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -81,6 +92,115 @@ def _fields(f: Features) -> dict[str, torch.Tensor | None]:
 
 
 GRAD_FIELDS = ("tokens", "pooled", "embedding")
+LOCAL_KEY = "local_rows"  # the key of the global batch that holds this rank's `Share`
+PART_KEY = "part_of"  # the key of a rank's own batch, handed to an objective that exchanges: W
+
+
+def as_part(batch: dict[str, Any]) -> dict[str, Any]:
+    """This rank's own batch, marked as one of the world's parts of the global batch (for an
+    objective that does its own communication, such as SigLIP's ring)."""
+    return {**batch, PART_KEY: world_size()}
+
+
+def parts(batch: dict[str, Any]) -> int:
+    """Of how many ranks' batches `batch` is one (1: it is the whole batch, or was gathered)."""
+    return batch.get(PART_KEY, 1)
+
+
+@dataclass(frozen=True)
+class Share:
+    """This rank's rows of the global batch: [start, stop), gathered in rank order; `world` ranks."""
+
+    start: int
+    stop: int
+    world: int
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Of an objective's `total` row-aligned samples, the ones [start, stop) whose loss terms this rank
+    computes (local loss). In one process, or on a batch that was not gathered: all of them."""
+
+    start: int
+    stop: int
+    total: int
+    world: int = 1
+
+    @classmethod
+    def every(cls, total: int) -> Rows:
+        return cls(0, total, total, 1)
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a (total, ...) tensor (a view)."""
+        return x[self.start : self.stop]
+
+    def index(self, device: torch.device | None = None) -> torch.Tensor:
+        """(count,) their positions among the total rows: each one's positive column."""
+        return torch.arange(self.start, self.stop, device=device)
+
+    def shifted(self, by: int, total: int) -> Rows:
+        """The same rows offset by `by` in a longer sequence of `total` (the second view of SimCLR)."""
+        return Rows(self.start + by, self.stop + by, total, self.world)
+
+    def mean(self, values: torch.Tensor, total: int | None = None) -> torch.Tensor:
+        """The mean over all `total` rows (default: self.total) of per-row terms, from this rank's
+        terms `values` (count,): W * sum(values) / total; its mean over the ranks is the mean."""
+        n = self.total if total is None else total
+        return values.sum() * (self.world / max(n, 1))
+
+
+def own_rows(batch: dict[str, Any], keys: tuple[str, ...] | list[str], total: int) -> Rows:
+    """This rank's share of the `total` samples that have every key (in `select_present`'s order).
+
+    They are contiguous: the global batch is the ranks' batches in rank order, and selecting the
+    rows present in every key keeps that order."""
+    share: Share | None = batch.get(LOCAL_KEY)
+    if share is None:
+        return Rows.every(total)
+    present = batch.get("present", {})
+    every = None
+    for k in keys:
+        m = present.get(k)
+        if m is not None:
+            every = m if every is None else every & m
+    if every is None:
+        start, stop, found = share.start, share.stop, len(batch["id"])
+    else:
+        counts = torch.stack([every[: share.start].sum(), every[: share.stop].sum(), every.sum()])
+        start, stop, found = counts.tolist()  # one host sync
+    if found != total:
+        raise ValueError(f"{total} aligned rows of {list(keys)}, but the present masks select {found}")
+    return Rows(start, stop, total, share.world)
+
+
+def from_rank_zero(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `x` on every rank (a random draw that every rank's loss terms must share, such as
+    Symile's negatives: the ranks' RNG streams part once their batches differ in shape)."""
+    if world_size() > 1:
+        x = x.contiguous()
+        dist.broadcast(x, src=0)
+    return x
+
+
+def mean_over_ranks(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every value's mean over the ranks (one all-reduce): the global loss and metrics, to log. A
+    value with a gradient keeps it (value + (mean - value).detach()): the backward stays local."""
+    keys = [k for k, v in out.items() if isinstance(v, torch.Tensor) and v.ndim == 0]
+    if not keys:
+        return out
+    flat = torch.stack([out[k].detach().float() for k in keys])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    reduced = dict(out)
+    for k, mean in zip(keys, flat, strict=True):
+        v = out[k]
+        mean = mean.to(v.dtype)
+        reduced[k] = v + (mean - v.detach()) if v.requires_grad else mean
+    return reduced
 
 
 def _device(features: dict[str, Features], batch: dict[str, Any]) -> torch.device:
@@ -146,7 +266,13 @@ def gather_global(
             gathered["group_mask"],
         )
 
-    global_batch: dict[str, Any] = {"id": [None] * sum(counts), "present": {}}
+    me = rank()
+    start = sum(counts[:me])
+    global_batch: dict[str, Any] = {
+        "id": [None] * sum(counts),
+        "present": {},
+        LOCAL_KEY: Share(start, start + n_local, world_size()),
+    }
     for key in sorted({k for m in metas for k in m["present"]} | set(keys)):
         mask = batch.get("present", {}).get(key)
         if mask is None:

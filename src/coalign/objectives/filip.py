@@ -11,6 +11,9 @@ text->image cross-entropy over `scale * s_t2i` (rows: texts), each with the diag
 Padding tokens are never a max and never in a mean. The scores are `models.late_interaction`'s and
 the token embeddings `MultimodalModel.project_tokens`', which the evaluator `retrieval_late` uses too,
 so training and evaluation score pairs identically.
+
+Local loss (several ranks): this rank's images against every text and its texts against every
+image, two (m, N) score blocks instead of one (N, N).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from torch import nn
 from coalign.models.late_interaction import late_interaction_scores
 from coalign.models.model import Features, MultimodalModel
 from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions, paired, paired_tokens
-from coalign.objectives.contrastive import info_nce
+from coalign.objectives.contrastive import info_nce, whole
+from coalign.objectives.distributed import Rows, own_rows
 from coalign.registry import OBJECTIVES, ConfigError
 
 __all__ = ["FILIP", "FILIPConfig", "filip_loss", "late_interaction_scores"]
@@ -48,11 +52,27 @@ def filip_loss(
     txt_mask: torch.Tensor | None,
     logit_scale: torch.Tensor,
     text_chunk: int | None = None,
+    rows: Rows | None = None,
 ) -> torch.Tensor:
-    """Mean of the image->text and text->image cross-entropies over in-batch pairs (row i <-> row i)."""
-    s_i2t, s_t2i = late_interaction_scores(img_tok, img_mask, txt_tok, txt_mask, text_chunk)
-    target = torch.arange(s_i2t.shape[0], device=s_i2t.device)
-    return 0.5 * (F.cross_entropy(logit_scale * s_i2t, target) + F.cross_entropy(logit_scale * s_t2i, target))
+    """Mean of the image->text and text->image cross-entropies over in-batch pairs (row i <-> row i);
+    with `rows`, the local loss of those rows (see `Rows.mean`)."""
+    if whole(rows):
+        s_i2t, s_t2i = late_interaction_scores(img_tok, img_mask, txt_tok, txt_mask, text_chunk)
+        target = torch.arange(s_i2t.shape[0], device=s_i2t.device)
+        loss = 0.5 * (
+            F.cross_entropy(logit_scale * s_i2t, target) + F.cross_entropy(logit_scale * s_t2i, target)
+        )
+        return loss if rows is None else rows.world * loss
+
+    def take(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else rows.take(x)
+
+    s_i2t, _ = late_interaction_scores(take(img_tok), take(img_mask), txt_tok, txt_mask, text_chunk)  # (m, N)
+    _, s_t2i = late_interaction_scores(img_tok, img_mask, take(txt_tok), take(txt_mask), text_chunk)  # (m, N)
+    target = rows.index(img_tok.device)
+    per_row = F.cross_entropy(logit_scale * s_i2t, target, reduction="none")
+    per_row = per_row + F.cross_entropy(logit_scale * s_t2i, target, reduction="none")
+    return 0.5 * rows.mean(per_row)
 
 
 @OBJECTIVES.register("filip")
@@ -89,11 +109,12 @@ class FILIP(LearnedScale, Objective):
         xa, ma = model.project_tokens(a, ta, prefix=self.cfg.image_cls)  # (M, Na, E)
         xb, mb = model.project_tokens(b, tb, prefix=True)  # (M, Nb, E)
         scale = self.scale()
-        local = filip_loss(xa, ma, xb, mb, scale, self.cfg.text_chunk)
+        rows = own_rows(batch, (a, b), xa.shape[0])
+        local = filip_loss(xa, ma, xb, mb, scale, self.cfg.text_chunk, rows)
         out = {"logit_scale": scale.detach()}
         if self.cfg.weight_global > 0:
             ea, eb = paired(features, batch, a, b)
-            glob = info_nce(ea, eb, scale)
+            glob = info_nce(ea, eb, scale, rows)
             out.update({"local": local.detach(), "global": glob.detach()})
             local = local + self.cfg.weight_global * glob
         out["filip_loss"] = local

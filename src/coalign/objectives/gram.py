@@ -26,6 +26,9 @@ temperature is CLIP's learnable log-scale (the reference learns the temperature 
 The Gram matrices and determinants run in at least float32 with autocast off (the reference computes
 `torch.det(G.float())`).
 
+Local loss (several ranks): this rank's anchors against every tuple, and its tuples against every
+anchor: (m, N) volumes each way rather than (N, N).
+
 Missing modalities: only the samples that have the anchor and every other bound modality take part
 (`aligned`); with fewer than 2 of them the loss is a zero attached to the graph.
 """
@@ -42,6 +45,8 @@ import torch.nn.functional as F
 from coalign.models.model import Features
 from coalign.objectives.base import aligned
 from coalign.objectives.binding import AnchorOptions, BindingObjective, check_single
+from coalign.objectives.contrastive import whole
+from coalign.objectives.distributed import Rows, own_rows
 from coalign.registry import OBJECTIVES
 
 
@@ -83,14 +88,24 @@ def gram_loss(
     logit_scale: torch.Tensor,
     label_smoothing: float = 0.1,
     eps: float = 1e-8,
+    rows: Rows | None = None,
 ) -> torch.Tensor:
-    """Symmetric volume contrastive loss of row-aligned anchor (N, E) and others [(N, E), ...]."""
-    logits = -logit_scale * gram_volume(anchor, others, eps)  # (N, N): anchor i vs tuple j
-    target = torch.arange(anchor.shape[0], device=anchor.device)
-    return 0.5 * (
-        F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-        + F.cross_entropy(logits.T, target, label_smoothing=label_smoothing)
-    )
+    """Symmetric volume contrastive loss of row-aligned anchor (N, E) and others [(N, E), ...];
+    with `rows`, the local loss of those rows (see `Rows.mean`)."""
+    if whole(rows):
+        logits = -logit_scale * gram_volume(anchor, others, eps)  # (N, N): anchor i vs tuple j
+        target = torch.arange(anchor.shape[0], device=anchor.device)
+        loss = 0.5 * (
+            F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits.T, target, label_smoothing=label_smoothing)
+        )
+        return loss if rows is None else rows.world * loss
+    target = rows.index(anchor.device)
+    to_tuples = -logit_scale * gram_volume(rows.take(anchor), others, eps)  # (m, N)
+    to_anchors = -logit_scale * gram_volume(anchor, [rows.take(o) for o in others], eps).T  # (m, N)
+    per_row = F.cross_entropy(to_tuples, target, label_smoothing=label_smoothing, reduction="none")
+    per_row = per_row + F.cross_entropy(to_anchors, target, label_smoothing=label_smoothing, reduction="none")
+    return 0.5 * rows.mean(per_row)
 
 
 @OBJECTIVES.register("gram")
@@ -112,5 +127,6 @@ class GRAM(BindingObjective):
         if rows < 2:
             loss = self.zero(scale, features, self.bound(features))  # nothing to contrast here
         else:
-            loss = gram_loss(xs[0], xs[1:], scale, self.cfg.label_smoothing, self.cfg.eps)
+            share = own_rows(batch, [anchor, *others], rows)
+            loss = gram_loss(xs[0], xs[1:], scale, self.cfg.label_smoothing, self.cfg.eps, share)
         return {"gram_loss": loss, "logit_scale": scale.detach(), "rows": torch.tensor(float(rows))}

@@ -4,6 +4,8 @@ NT-Xent, Chen et al. 2020; Mu et al. 2022) and TCL's text term (Yang et al. 2022
 The views are batch keys `<modality>@<view>` that the data pipeline makes from the same raw value
 with their own augmentation (random crops for images, token dropout for captions); the model encodes
 them with the modality's tower. One class serves both papers; `tcl_text` only changes the defaults.
+
+Local loss (several ranks): the anchors are this rank's rows of both views, against all 2M views.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from coalign.data.sample import base_modality
 from coalign.models.model import Features
 from coalign.objectives.base import Objective, ObjectiveConfig, paired
+from coalign.objectives.distributed import Rows, own_rows
 from coalign.registry import OBJECTIVES, ConfigError
 
 
@@ -58,30 +61,38 @@ class TCLTextConfig(SimCLRConfig):
 
 
 def _nt_xent_logits(
-    z1: torch.Tensor, z2: torch.Tensor, temperature: float | torch.Tensor
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float | torch.Tensor, rows: Rows | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (2B, 2B) with self-similarity masked out, and each row's positive column (2B,)."""
+    """Logits (2B, 2B) with self-similarity masked out, and each row's positive column (2B,). With
+    `rows` (the local loss), the anchors are those rows of both views: (2m, 2B) and (2m,)."""
     B = z1.shape[0]
+    rows = rows or Rows.every(B)
+    idx = rows.index(z1.device)
+    anchors = torch.cat([idx, idx + B])  # (2m,) rows of z: this rank's rows of view 1, then of view 2
     # At least float32, autocast off: bf16 cosines (8-bit mantissa) divided by 0.1 blur the logits.
     z = torch.cat([z1, z2]).to(torch.promote_types(z1.dtype, torch.float32))
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = F.normalize(z, dim=-1)  # (2B, E)
-        logits = z @ z.T / temperature  # (2B, 2B)
-    self_mask = torch.eye(2 * B, dtype=torch.bool, device=z.device)
+        mine = z if rows.count == B else z[anchors]
+        logits = mine @ z.T / temperature  # (2m, 2B)
+    self_mask = anchors[:, None] == torch.arange(2 * B, device=z.device)
     logits = logits.masked_fill(self_mask, float("-inf"))  # a view is not its own negative
-    idx = torch.arange(B, device=z.device)
     target = torch.cat([idx + B, idx])  # view i of sample k pairs with the other view of sample k
     return logits, target
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+def nt_xent(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float | torch.Tensor, rows: Rows | None = None
+) -> torch.Tensor:
     """NT-Xent over 2B views: z1, z2 (B, E) are two views of the same B samples (normalised here).
 
     For each of the 2B views the positive is the other view of its sample and the negatives are the
-    other 2B - 2 views; the loss is the mean cross-entropy over the 2B anchors.
+    other 2B - 2 views; the loss is the mean cross-entropy over the 2B anchors (with `rows`, the
+    local loss of those rows' anchors, see `Rows.mean`).
     """
-    logits, target = _nt_xent_logits(z1, z2, temperature)
-    return F.cross_entropy(logits, target)
+    rows = rows or Rows.every(z1.shape[0])
+    logits, target = _nt_xent_logits(z1, z2, temperature, rows)
+    return rows.mean(F.cross_entropy(logits, target, reduction="none"), total=2 * z1.shape[0])
 
 
 def projection_mlp(width: int, hidden: int, out: int) -> nn.Sequential:
@@ -148,10 +159,11 @@ class SimCLR(Objective):
             # One pass over both views (2M rows) so BatchNorm sees at least two rows even when M = 1.
             z = self.head(torch.cat([x1, x2]))  # (2M, head_dim)
             x1, x2 = z.chunk(2)
-        logits, target = _nt_xent_logits(x1, x2, self.cfg.temperature)
-        loss = F.cross_entropy(logits, target)
-        with torch.no_grad():
-            accuracy = (logits.argmax(dim=1) == target).float().mean()  # is the other view the top match?
+        rows = own_rows(batch, self.cfg.views, x1.shape[0])
+        logits, target = _nt_xent_logits(x1, x2, self.cfg.temperature, rows)
+        loss = rows.mean(F.cross_entropy(logits, target, reduction="none"), total=2 * x1.shape[0])
+        with torch.no_grad():  # is the other view the top match?
+            accuracy = rows.mean((logits.argmax(dim=1) == target).float(), total=2 * x1.shape[0])
         return {key: loss, "accuracy": accuracy}
 
 

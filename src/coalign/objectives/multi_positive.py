@@ -15,6 +15,9 @@ asks that the image pick out *some* of its captions (probability mass on the set
 (the mean of -log p_ic over positives) would ask every caption to get an equal share. Images with
 no caption are left out of the image -> text mean. With one caption per image both terms are
 CLIP's, so the loss equals `info_nce`.
+
+Local loss (several ranks): this rank's images against every caption, and its images' captions
+(contiguous among C, as the rows are) against every image; each mean keeps its global count.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from coalign.data.sample import select_present
 from coalign.models.model import Features
 from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions
+from coalign.objectives.distributed import Rows, own_rows
 from coalign.registry import OBJECTIVES
 
 
@@ -35,12 +39,20 @@ class MultiPositiveConfig(TemperatureOptions):
 
 
 def multi_positive_info_nce(
-    a: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, logit_scale: torch.Tensor
+    a: torch.Tensor,
+    t: torch.Tensor,
+    mask: torch.Tensor,
+    logit_scale: torch.Tensor,
+    rows: Rows | None = None,
 ) -> torch.Tensor:
-    """a: (B, E), t: (B, k, E) normalised, mask: (B, k) bool real captions -> the loss above."""
+    """a: (B, E), t: (B, k, E) normalised, mask: (B, k) bool real captions -> the loss above.
+    With `rows`, the local loss of those images and their captions."""
     B, k = mask.shape
     captions = t.reshape(B * k, -1)[mask.reshape(-1)]  # (N, E), the real captions only
     owner = torch.arange(B, device=a.device).repeat_interleave(k)[mask.reshape(-1)]  # (N,) image of each
+    if rows is not None and rows.count < rows.total:
+        return _local(a, captions, owner, mask, logit_scale, rows)
+    world = 1 if rows is None else rows.world
     logits = logit_scale * a @ captions.T  # (B, N)
     positive = owner[None, :] == torch.arange(B, device=a.device)[:, None]  # (B, N)
     has = positive.any(dim=1)  # images with at least one caption
@@ -48,6 +60,30 @@ def multi_positive_info_nce(
     rows, pos = logits[has], positive[has]
     image_to_text = (rows.logsumexp(dim=1) - rows.masked_fill(~pos, float("-inf")).logsumexp(dim=1)).mean()
     text_to_image = F.cross_entropy(logits.T, owner)
+    return 0.5 * world * (image_to_text + text_to_image)
+
+
+def _local(
+    a: torch.Tensor,
+    captions: torch.Tensor,
+    owner: torch.Tensor,
+    mask: torch.Tensor,
+    logit_scale: torch.Tensor,
+    rows: Rows,
+) -> torch.Tensor:
+    """The local loss: images rows.start..stop against every caption, their captions against every
+    image; the image -> text mean counts the images with a caption, the text -> image one every caption."""
+    per_image = mask.sum(dim=1)  # (B,)
+    c0, c1 = (int(n) for n in torch.stack([per_image[: rows.start].sum(), per_image[: rows.stop].sum()]))
+    mine = rows.index(a.device)
+    logits = logit_scale * rows.take(a) @ captions.T  # (m, N): own images, every caption
+    positive = owner[None, :] == mine[:, None]  # (m, N)
+    has = positive.any(dim=1)
+    kept, pos = logits[has], positive[has]
+    per_row = kept.logsumexp(dim=1) - kept.masked_fill(~pos, float("-inf")).logsumexp(dim=1)
+    image_to_text = rows.mean(per_row, total=int((per_image > 0).sum()))
+    back = logit_scale * captions[c0:c1] @ a.T  # (own captions, B): every image
+    text_to_image = rows.mean(F.cross_entropy(back, owner[c0:c1], reduction="none"), total=captions.shape[0])
     return 0.5 * (image_to_text + text_to_image)
 
 
@@ -85,7 +121,7 @@ class MultiPositive(LearnedScale, Objective):
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         a, t, mask = paired_group(features, batch, *self.cfg.modalities)
         scale = self.scale()
-        loss = multi_positive_info_nce(a, t, mask, scale)
+        loss = multi_positive_info_nce(a, t, mask, scale, own_rows(batch, self.cfg.modalities, a.shape[0]))
         return {
             "multi_positive_loss": loss,
             "logit_scale": scale.detach(),

@@ -8,6 +8,14 @@ negative otherwise. With logits x_ij = scale * a_i . b_j + bias and labels z_ij 
 (normalised by B, as OpenCLIP does). The sum splits over column blocks of b, so the chunked form
 only ever holds a (B, chunk) block of logits, in the forward and (through per-block checkpointing)
 in the backward.
+
+Under several ranks the sum also splits over rows, and nothing is gathered (the SigLIP paper's
+chunked scheme, sec. 3.3): each rank scores its own images against its own texts (the positives),
+then passes the texts it holds to the next rank around a ring, W - 1 times, scoring each incoming
+block as negatives. A rank never holds more than its own rows and one neighbour's block of texts; the
+ring's backward sends each block's gradient back the way it came, so every text's gradient reaches
+the rank that encoded it. The objective therefore takes this rank's own features (`exchanges`),
+and returns W * its share, as the local losses do (objectives/distributed.py).
 """
 
 from __future__ import annotations
@@ -16,12 +24,14 @@ from typing import Any
 
 import pydantic
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from coalign.models.model import Features
 from coalign.objectives.base import LearnedScale, Objective, ObjectiveConfig, paired
+from coalign.objectives.distributed import parts, rank, world_size
 from coalign.registry import OBJECTIVES
 
 
@@ -43,9 +53,10 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _block_loss(
-    scaled_a: torch.Tensor, b_block: torch.Tensor, bias: torch.Tensor, start: int
+    scaled_a: torch.Tensor, b_block: torch.Tensor, bias: torch.Tensor, start: int | None
 ) -> torch.Tensor:
-    """sum over one column block of -log sigmoid(z_ij x_ij); the block holds columns start.. of b.
+    """sum over one column block of -log sigmoid(z_ij x_ij); the block holds columns start.. of b
+    (start None: another rank's texts, negatives only).
 
     `scaled_a` is scale * a: scaling the (B, E) side rather than the logits means autograd keeps
     no (B, chunk) product around just for the scale's gradient.
@@ -56,7 +67,8 @@ def _block_loss(
     # Positives (i == j) sit at rows start + k, columns k. Flipping their sign in place gives
     # -z * x without a (B, chunk) label matrix, and softplus keeps both tails exact (unlike
     # softplus(x) - x for the positives, which loses precision once x is large).
-    x.diagonal(-start).neg_()
+    if start is not None:
+        x.diagonal(-start).neg_()
     return F.softplus(x).sum()  # softplus(-z x) = -log sigmoid(z x)
 
 
@@ -83,27 +95,90 @@ def chunked_siglip_loss(
     _check(a, b)
     if chunk <= 0:
         raise ValueError(f"chunk must be a positive number of columns, got {chunk}")
-    needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, scale, bias))
-    scaled_a = scale * a  # (B, E), shared by every block
+    return _columns_loss(scale * a, b, bias, chunk, positives=True) / max(a.shape[0], 1)
+
+
+def _columns_loss(
+    scaled_a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, chunk: int | None, positives: bool
+) -> torch.Tensor:
+    """The sum of the terms of every (row of a, row of b), in checkpointed column blocks of `chunk`
+    (None: one block, not checkpointed); `positives`: b's row i is a's row i's positive."""
+    if chunk is None:
+        return _block_loss(scaled_a, b, bias, 0 if positives else None)
+    needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (scaled_a, b, bias))
     total = None
     # An empty batch still runs one (empty) block, so its zero loss stays attached to the graph.
     for start in range(0, b.shape[0], chunk) or [0]:
         block = b[start : start + chunk]  # (chunk, E) view, no copy
+        where = start if positives else None
         if needs_graph:
             # No randomness inside a block, so there is no RNG state to stash and restore.
             part = checkpoint(
-                _block_loss, scaled_a, block, bias, start, use_reentrant=False, preserve_rng_state=False
+                _block_loss, scaled_a, block, bias, where, use_reentrant=False, preserve_rng_state=False
             )
         else:
-            part = _block_loss(scaled_a, block, bias, start)
+            part = _block_loss(scaled_a, block, bias, where)
         total = part if total is None else total + part
-    return total / max(a.shape[0], 1)
+    return total
+
+
+class _Pass(torch.autograd.Function):
+    """Around the ring: send x to the next rank, receive the previous rank's block (`rows` rows of
+    x's trailing shape). Backward: the gradient goes back, to the previous rank, and ours comes from
+    the next."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: int) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        return _exchange(x, rows, to=+1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _exchange(grad, ctx.rows, to=-1), None
+
+
+def _exchange(x: torch.Tensor, rows: int, to: int) -> torch.Tensor:
+    """Send x to rank + to, receive `rows` rows from rank - to (point to point; an empty block is
+    neither sent nor received, both ends know its size)."""
+    w, r = world_size(), rank()
+    out = x.new_empty((rows, *x.shape[1:]))
+    ops = []
+    if x.shape[0]:
+        ops.append(dist.P2POp(dist.isend, x.contiguous(), (r + to) % w))
+    if rows:
+        ops.append(dist.P2POp(dist.irecv, out, (r - to) % w))
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+    return out
+
+
+def ring_siglip_loss(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """This rank's part of the global batch's SigLIP loss, times W (its mean over the ranks is the
+    loss): its rows a, b (m, E) against its own texts, then against every other rank's, passed
+    around the ring. Call on every rank, in step."""
+    _check(a, b)
+    w = world_size()
+    count = torch.tensor([a.shape[0]], device=a.device)
+    counts = [torch.empty_like(count) for _ in range(w)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in torch.cat(counts).tolist()]
+    scaled_a = scale * a  # (m, E)
+    total = _columns_loss(scaled_a, b, bias, chunk, positives=True)
+    held = b
+    for step in range(1, w):  # after `step` passes we hold the texts of rank - step
+        held = _Pass.apply(held, counts[(rank() - step) % w])
+        total = total + _columns_loss(scaled_a, held, bias, chunk, positives=False)
+    return total * (w / max(sum(counts), 1))
 
 
 @OBJECTIVES.register("siglip")
 class SigLIP(LearnedScale, Objective):
     Config = SigLIPConfig
     name = "siglip"
+    exchanges = True  # under several ranks: handed this rank's own features, runs the ring itself
 
     def __init__(self, cfg: SigLIPConfig | None = None, **kwargs: Any):
         super().__init__(cfg, **kwargs)
@@ -115,7 +190,9 @@ class SigLIP(LearnedScale, Objective):
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         a, b = paired(features, batch, *self.cfg.modalities)
         scale, bias = self.scale(), self.logit_bias
-        if self.cfg.chunk_size is None:
+        if parts(batch) > 1:  # this rank's part of the global batch (the Task under several ranks)
+            loss = ring_siglip_loss(a, b, scale, bias, self.cfg.chunk_size)
+        elif self.cfg.chunk_size is None:
             loss = siglip_loss(a, b, scale, bias)
         else:
             loss = chunked_siglip_loss(a, b, scale, bias, self.cfg.chunk_size)

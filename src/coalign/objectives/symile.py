@@ -32,6 +32,10 @@ differentiated; and embeddings are the model's L2-normalised ones (the reference
 outputs), so |MIP| <= 1 and the learnable temperature (CLIP's parametrisation, as the reference
 also learns it) sets the logit range.
 
+Local loss (several ranks): each rank computes the anchors' terms of its own rows against every
+candidate tuple of the gathered batch; the permutations are rank 0's draw, so all ranks share the
+negatives.
+
 Missing modalities: the term uses only the samples that have every bound modality (`aligned`); with
 fewer than 2 such samples the loss is a zero attached to the graph (see `binding.attached_zero`).
 """
@@ -47,6 +51,7 @@ import torch.nn.functional as F
 from coalign.models.model import Features
 from coalign.objectives.base import aligned
 from coalign.objectives.binding import BindingObjective, BindingOptions, check_single
+from coalign.objectives.distributed import Rows, from_rank_zero, own_rows
 from coalign.registry import OBJECTIVES
 
 
@@ -70,22 +75,29 @@ def draw_permutations(
 
 
 def symile_logits_n(
-    anchor: torch.Tensor, others: Sequence[torch.Tensor], permutations: Sequence[torch.Tensor]
+    anchor: torch.Tensor,
+    others: Sequence[torch.Tensor],
+    permutations: Sequence[torch.Tensor],
+    rows: Rows | None = None,
 ) -> torch.Tensor:
-    """(N, N): [i, j] = MIP(anchor_i, *(o[perm_o[j]] for o)) for j != i, the positive MIP at j == i."""
+    """(N, N): [i, j] = MIP(anchor_i, *(o[perm_o[j]] for o)) for j != i, the positive MIP at j == i.
+    With `rows`, only those rows i: (m, N)."""
+    rows = rows or Rows.every(anchor.shape[0])
     shuffled = others[0][permutations[0]]
     for o, perm in zip(others[1:], permutations[1:], strict=True):
         shuffled = shuffled * o[perm]  # (N, E): column j's negative tuple, multiplied out
-    logits = anchor @ shuffled.T  # (N, N)
-    positive = multilinear_inner_product(anchor, *others)  # (N,)
-    eye = torch.eye(anchor.shape[0], dtype=torch.bool, device=anchor.device)
-    return torch.where(eye, positive[None, :], logits)  # [i, i] = positive[i]
+    mine = rows.take(anchor)
+    logits = mine @ shuffled.T  # (m, N)
+    positive = multilinear_inner_product(mine, *(rows.take(o) for o in others))  # (m,)
+    eye = rows.index(anchor.device)[:, None] == torch.arange(anchor.shape[0], device=anchor.device)
+    return torch.where(eye, positive[:, None], logits)  # [r, start + r] = positive[r]
 
 
 def symile_logits_n_squared(anchor: torch.Tensor, others: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(N, N^(k-1)) logits over every combination of the other modalities' rows, and the stride s such
-    that row i's positive (all parts from sample i) sits in column i * s."""
-    n, e = anchor.shape
+    that row i's positive (all parts from sample i) sits in column i * s. The anchor may be some rows
+    (m, E) of the N (the local loss): its logits are then (m, N^(k-1)), the stride the same."""
+    n, e = others[0].shape  # the candidates' rows (the anchor may hold only some of its rows)
     combos = others[0]  # (N, E)
     for o in others[1:]:
         # Row index j_1 * N^(r-1) + ... + j_r: the product of rows j_1 .. j_r.
@@ -99,11 +111,13 @@ def symile_loss(
     logit_scale: torch.Tensor,
     negatives: Literal["n", "n_squared"] = "n",
     permutations: Sequence[Sequence[torch.Tensor]] | None = None,
+    rows: Rows | None = None,
 ) -> torch.Tensor:
     """Symile loss of k row-aligned (N, E) embeddings: mean over anchors of the cross-entropy above.
 
     `permutations[m]` (for negatives "n"): the k - 1 row permutations of the other modalities (in
     order) when modality m is the anchor; drawn at random when None (`draw_permutations`).
+    `rows`: the local loss, those rows' terms of every anchor (see `Rows.mean`).
     """
     k, n = len(embeddings), embeddings[0].shape[0]
     if k < 2:
@@ -116,17 +130,18 @@ def symile_loss(
     # small terms that bf16's 8-bit mantissa would blur.
     dtype = torch.promote_types(embeddings[0].dtype, torch.float32)
     xs = [x.to(dtype) for x in embeddings]
-    rows = torch.arange(n, device=xs[0].device)
+    share = rows or Rows.every(n)
+    mine = share.index(xs[0].device)
     losses = []
     with torch.autocast(device_type=xs[0].device.type, enabled=False):
         for m in range(k):
             others = xs[:m] + xs[m + 1 :]
             if negatives == "n":
-                logits, target = symile_logits_n(xs[m], others, permutations[m]), rows
+                logits, target = symile_logits_n(xs[m], others, permutations[m], share), mine
             else:
-                logits, stride = symile_logits_n_squared(xs[m], others)
-                target = rows * stride
-            losses.append(F.cross_entropy(logit_scale * logits, target))
+                logits, stride = symile_logits_n_squared(share.take(xs[m]), others)
+                target = mine * stride
+            losses.append(share.mean(F.cross_entropy(logit_scale * logits, target, reduction="none")))
     return torch.stack(losses).mean()
 
 
@@ -145,5 +160,10 @@ class Symile(BindingObjective):
         if rows < 2:
             loss = self.zero(scale, features, self.bound(features))  # nothing to contrast here
         else:
-            loss = symile_loss(xs, scale, self.cfg.negatives)
+            share = own_rows(batch, modalities, rows)
+            draws = None
+            if self.cfg.negatives == "n" and share.world > 1:  # one draw, rank 0's, for every rank
+                draws = torch.stack([torch.stack(p) for p in draw_permutations(len(xs), rows, xs[0].device)])
+                draws = from_rank_zero(draws)  # (k, k - 1, N)
+            loss = symile_loss(xs, scale, self.cfg.negatives, draws, share)
         return {"symile_loss": loss, "logit_scale": scale.detach(), "rows": torch.tensor(float(rows))}

@@ -1,7 +1,10 @@
 """Task: model + weighted objectives -> named losses. The training loop only ever sums `loss`.
 
 Under torch.distributed (more than one rank) the objectives see the global batch: `loss` gathers
-every rank's features first (`objectives/distributed.py`), so no objective has a distributed case.
+every rank's features first (`objectives/distributed.py`). Objectives that support it compute the
+local loss (their terms for this rank's rows against every gathered column); an objective with
+`exchanges = True` (SigLIP's ring) is handed this rank's own features and does its own
+communication. Every value is then averaged over the ranks, so each rank logs the global loss.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from torch import nn
 from coalign.config import ObjectiveSpec
 from coalign.models.model import Features, MultimodalModel
 from coalign.objectives.base import Objective
-from coalign.objectives.distributed import gather_global, world_size
+from coalign.objectives.distributed import as_part, gather_global, mean_over_ranks, world_size
 from coalign.registry import OBJECTIVES
 
 
@@ -50,13 +53,16 @@ class Task(nn.Module):
     def loss(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The objectives on features already computed (GradCache computes them in pieces); with
         several ranks, on the global batch."""
-        if world_size() > 1:
+        spread = world_size() > 1
+        gathered, own = (features, batch), (features, as_part(batch) if spread else batch)
+        if spread and not all(getattr(o, "exchanges", False) for o in self.objectives):
             inputs = any(getattr(o, "needs_inputs", False) for o in self.objectives)
-            features, batch = gather_global(features, batch, inputs=inputs)
+            gathered = gather_global(features, batch, inputs=inputs)
         out: dict[str, torch.Tensor] = {}
         total = None
         for objective, weight in zip(self.objectives, self.weights, strict=True):
-            for key, value in objective(features, batch).items():
+            seen = own if getattr(objective, "exchanges", False) else gathered
+            for key, value in objective(*seen).items():
                 if key.endswith("_loss"):
                     if key in out:
                         raise ValueError(f"two objectives both return '{key}'; give them distinct names")
@@ -65,4 +71,4 @@ class Task(nn.Module):
                 else:
                     out[f"{objective.name}/{key}"] = value
         out["loss"] = total
-        return out
+        return mean_over_ranks(out) if spread else out

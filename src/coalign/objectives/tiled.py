@@ -12,11 +12,17 @@ Memory: O(B d + t^2) in both passes instead of O(B^2); time: about three matmuls
 matrix (one forward, two backward), the price of not storing it. Math in float32 whatever the input.
 
 Value and gradient equal `contrastive.info_nce` (tested); `clip` uses it with `tile: N`.
+
+The local loss (several ranks, objectives/distributed.py) needs a rank's m rows against all B
+columns in each direction: `_TiledRowCE` is the one-direction kernel on an (m, B) strip, the same
+online log-sum-exp and recomputing backward, run once per direction.
 """
 
 from __future__ import annotations
 
 import torch
+
+from coalign.objectives.distributed import Rows
 
 
 def _tiles(n: int, t: int) -> list[tuple[int, int]]:
@@ -62,12 +68,60 @@ class _TiledInfoNCE(torch.autograd.Function):
         return (grad_out * ga).to(a.dtype), (grad_out * gb).to(b.dtype), scale_grad, None
 
 
+class _TiledRowCE(torch.autograd.Function):
+    """sum_i CE(s * q_i . k_J, positive column offset + i) over an (m, B) strip, in (t, t) tiles."""
+
+    @staticmethod
+    def forward(
+        ctx, q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, offset: int, tile: int
+    ) -> torch.Tensor:
+        q32, k32, s = q.float(), k.float(), scale.float()
+        m, n = q.shape[0], k.shape[0]
+        lse = torch.full((m,), float("-inf"), device=q.device)
+        pos = (q32 * k32[offset : offset + m]).sum(-1) * s  # (m,)
+        for i0, i1 in _tiles(m, tile):
+            for j0, j1 in _tiles(n, tile):
+                logits = s * q32[i0:i1] @ k32[j0:j1].T  # (t, t)
+                lse[i0:i1] = torch.logaddexp(lse[i0:i1], torch.logsumexp(logits, dim=1))
+        ctx.save_for_backward(q, k, scale, lse)
+        ctx.offset, ctx.tile = offset, tile
+        return (lse - pos).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, scale, lse = ctx.saved_tensors
+        q32, k32, s = q.float(), k.float(), scale.float()
+        m, n, t = q.shape[0], k.shape[0], ctx.tile
+        gq, gk = torch.zeros_like(q32), torch.zeros_like(k32)
+        gs = torch.zeros((), device=q.device)
+        for i0, i1 in _tiles(m, t):
+            for j0, j1 in _tiles(n, t):
+                dots = q32[i0:i1] @ k32[j0:j1].T  # (t, t)
+                g = torch.exp(s * dots - lse[i0:i1, None])  # softmax over the row's columns
+                g.diagonal(ctx.offset + i0 - j0).sub_(1.0)  # the positives (i, offset + i), if in this tile
+                gq[i0:i1] += s * g @ k32[j0:j1]
+                gk[j0:j1] += s * g.T @ q32[i0:i1]
+                gs += (g * dots).sum()
+        scale_grad = grad_out * gs if ctx.needs_input_grad[2] else None
+        return (grad_out * gq).to(q.dtype), (grad_out * gk).to(k.dtype), scale_grad, None, None
+
+
 def tiled_info_nce(
-    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, tile: int = 4096
+    a: torch.Tensor,
+    b: torch.Tensor,
+    logit_scale: torch.Tensor,
+    tile: int = 4096,
+    rows: Rows | None = None,
 ) -> torch.Tensor:
-    """`info_nce(a, b, logit_scale)` in O(B * tile) memory; a, b: (B, E) normalised, same B."""
+    """`info_nce(a, b, logit_scale)` in O(B * tile) memory; a, b: (B, E) normalised, same B. With
+    `rows` (the local loss), only those rows' terms, in both directions (see `Rows.mean`)."""
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"a and b must be (B, E) of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if tile < 1:
         raise ValueError(f"tile must be at least 1, got {tile}")
-    return _TiledInfoNCE.apply(a, b, logit_scale, tile)
+    if rows is None or rows.count == rows.total:
+        loss = _TiledInfoNCE.apply(a, b, logit_scale, tile)
+        return loss if rows is None else rows.world * loss
+    ab = _TiledRowCE.apply(rows.take(a), b, logit_scale, rows.start, tile)
+    ba = _TiledRowCE.apply(rows.take(b), a, logit_scale, rows.start, tile)
+    return 0.5 * rows.mean(ab + ba)

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 import yaml
 from PIL import Image
 from tqdm import tqdm
@@ -189,22 +190,32 @@ def _as_list(batch: list) -> list:
     return batch
 
 
+class Computed(NamedTuple):
+    """One shard embedded, in memory, before its rows are numbered (see `embed_source`)."""
+
+    shard: int
+    start: int
+    stop: int
+    arrays: dict[str, np.ndarray]  # modality -> (rows, dim) float16
+    meta: list[dict[str, Any]]  # one per kept sample, in source order, without "row"
+    pngs: list[bytes | None]
+    skipped: SkipCounter
+
+
 @torch.no_grad()
-def embed_shard(
+def compute_shard(
     run: LoadedRun,
     prepared: Prepared,
-    out: Path,
     shard: int,
     start: int,
     stop: int,
-    row0: int,
     batch_size: int,
     num_workers: int,
     bar: tqdm,
     running: SkipCounter,
-) -> dict[str, Any]:
-    """Embed source indices [start, stop), write the shard's files, return its manifest entry.
-    `running` accumulates skips over the whole run, for the progress bar."""
+) -> Computed:
+    """Embed source indices [start, stop). `running` accumulates skips over the whole run, for the
+    progress bar."""
     device = next(run.model.parameters()).device
     subset = torch.utils.data.Subset(prepared, range(start, stop))
     loader = torch.utils.data.DataLoader(
@@ -212,6 +223,7 @@ def embed_shard(
     )
     chunks: dict[str, list[np.ndarray]] = {m: [] for m in prepared.modalities}
     meta: list[dict[str, Any]] = []
+    pngs: list[bytes | None] = []
     skipped = SkipCounter()
     for batch in loader:
         kept = [item for item in batch if isinstance(item, dict)]
@@ -223,34 +235,49 @@ def embed_shard(
         for m in prepared.modalities if kept else []:
             x = torch.stack([item["inputs"][m] for item in kept]).to(device)
             chunks[m].append(run.model.encode(m, x).float().cpu().numpy().astype(np.float16))
-        for item in kept:
-            row = row0 + len(meta)
-            meta.append({"row": row, **item["meta"]})
-            if item["png"] is not None:
-                # No fsync per thumbnail (about 2 ms each): one os.sync below covers the whole shard.
-                atomic_write_bytes(thumbnail_file(out, row), item["png"], fsync=False)
+        meta += [item["meta"] for item in kept]
+        pngs += [item["png"] for item in kept]
         running.update(here)
         bar.update(len(batch))
         bar.set_postfix(skipped=sum(running.values()), refresh=False)
     dim = run.model.embed_dim
-    for m in prepared.modalities:
-        arr = np.concatenate(chunks[m]) if chunks[m] else np.zeros((0, dim), np.float16)
-        atomic_save_npy(shard_path(out, m, shard), arr)
+    arrays = {m: np.concatenate(c) if c else np.zeros((0, dim), np.float16) for m, c in chunks.items()}
+    return Computed(shard, start, stop, arrays, meta, pngs, skipped)
+
+
+def write_shard(out: Path, done: Computed, row0: int) -> dict[str, Any]:
+    """Write a computed shard whose first row is `row0`; return its manifest entry."""
+    for i, png in enumerate(done.pngs):
+        if png is not None:
+            # No fsync per thumbnail (about 2 ms each): one os.sync below covers the whole shard.
+            atomic_write_bytes(thumbnail_file(out, row0 + i), png, fsync=False)
+    for m, arr in done.arrays.items():
+        atomic_save_npy(shard_path(out, m, done.shard), arr)
     schema = metadata_schema()
+    rows = [{"row": row0 + i, **m} for i, m in enumerate(done.meta)]
     write_parquet(
-        part_path(out, shard), pa.table({c: [r[c] for r in meta] for c in schema.names}, schema=schema)
+        part_path(out, done.shard), pa.table({c: [r[c] for r in rows] for c in schema.names}, schema=schema)
     )
     os.sync()  # the thumbnails reach the disk before the manifest says this shard is done
-    record = skipped.record()
+    record = done.skipped.record()
     return dict(
-        shard=shard,
-        start=start,
-        stop=stop,
+        shard=done.shard,
+        start=done.start,
+        stop=done.stop,
         row_offset=row0,
-        rows=len(meta),
+        rows=len(rows),
         skipped=record["counts"],
         skipped_rows=record["rows"],
     )
+
+
+def _all(value: Any, world: int) -> list[Any]:
+    """Every rank's `value`, in rank order (one process: [value])."""
+    if world == 1:
+        return [value]
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value)
+    return values
 
 
 def shard_done(out: Path, entry: dict[str, Any], modalities: list[str]) -> bool:
@@ -293,14 +320,26 @@ def embed_source(
     num_workers: int = 0,
     thumbnail_size: int = 64,
     stop_after: int | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, Any]:
     """Embed `source_spec` with the run at `checkpoint` into `out_dir`; resume if it holds a partial run.
 
     `stop_after` stops after computing that many shards (how tests simulate an interrupted run).
     Returns a summary: rows, modalities, shards computed / reused, skipped counts by reason (and the
-    source index of the first few skips of each reason), seconds."""
+    source index of the first few skips of each reason), seconds.
+
+    With `world` > 1 (under torchrun, the process group initialised by the caller), every rank runs
+    this with its `rank`: the unfinished shards are dealt out in rounds of `world`, shard i of a round
+    to rank i. A shard's first row is the number of samples kept before it, which is known only once
+    the shards before it are embedded, so each rank embeds its shard in memory, the ranks exchange
+    their row counts, and only then does each write its shard, numbered as one process would number
+    it; rank 0 alone writes the manifest (after every rank of the round has written) and the merged
+    metadata. The output is the single-process output, file for file."""
     if batch_size <= 0 or shard_size <= 0:
         raise ConfigError(f"batch_size and shard_size must be positive (got {batch_size}, {shard_size})")
+    if not 0 <= rank < world:
+        raise ConfigError(f"rank {rank} is not one of the {world} ranks")
     t0 = time.perf_counter()
     out = Path(out_dir)
     # fp32: an index is built once and queried many times; its vectors should not carry bf16 error
@@ -326,6 +365,8 @@ def embed_source(
             "finished": False,
         },
     )
+    if world > 1:
+        dist.barrier()  # every rank has looked at OUT before any writes into it
     manifest["shards"] = [s for s in manifest["shards"] if shard_done(out, s, modalities)]
     done = {s["shard"]: s for s in manifest["shards"]}
     prepared = Prepared(source, run.transforms, modalities, thumbnail_size)
@@ -334,34 +375,46 @@ def embed_source(
         initial=sum(s["stop"] - s["start"] for s in done.values()),
         desc="embed",
         unit="sample",
-        disable=not progress,
+        disable=not progress or rank != 0,
     )
-    computed, row, running = 0, 0, SkipCounter()
-    for shard in range(manifest["num_shards"]):
-        if shard in done:
-            row += done[shard]["rows"]
-            continue
-        if stop_after is not None and computed >= stop_after:
-            break
-        start, stop = shard * shard_size, min(n, (shard + 1) * shard_size)
-        entry = embed_shard(
-            run, prepared, out, shard, start, stop, row, batch_size, num_workers, bar, running
-        )
-        row += entry["rows"]
-        computed += 1
-        manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda s: s["shard"])
-        write_manifest(out, manifest)
+    pending = [s for s in range(manifest["num_shards"]) if s not in done]
+    if stop_after is not None:
+        pending = pending[:stop_after]
+    rows = {s: e["rows"] for s, e in done.items()}  # shard -> rows kept, as they become known
+    running = SkipCounter()
+    for k in range(0, len(pending), world):
+        round_ = pending[k : k + world]  # shard round_[i] is rank i's
+        mine = round_[rank] if rank < len(round_) else None
+        computed = None
+        if mine is not None:
+            start, stop = mine * shard_size, min(n, (mine + 1) * shard_size)
+            computed = compute_shard(run, prepared, mine, start, stop, batch_size, num_workers, bar, running)
+        counts = _all(None if computed is None else len(computed.meta), world)
+        rows.update({s: c for s, c in zip(round_, counts, strict=False)})
+        entry = None
+        if computed is not None:  # every shard before it is done or in this round: its row0 is known
+            entry = write_shard(out, computed, sum(rows[s] for s in range(mine)))
+        entries = [e for e in _all(entry, world) if e is not None]
+        bar.update(sum(e["stop"] - e["start"] for e in entries) - (0 if entry is None else stop - start))
+        manifest["shards"] = sorted([*manifest["shards"], *entries], key=lambda s: s["shard"])
+        if rank == 0:
+            write_manifest(out, manifest)
     bar.close()
+    computed_shards, row = len(pending), sum(rows.values())
     skipped = SkipCounter()
     for s in manifest["shards"]:  # in source order, so the rows kept are the first of each reason
         skipped.update(SkipCounter(s["skipped"], s.get("skipped_rows")))
     finished = len(manifest["shards"]) == manifest["num_shards"]
-    if finished:
-        parts = [pq.read_table(part_path(out, s["shard"])) for s in manifest["shards"]]
-        write_parquet(out / METADATA, pa.concat_tables(parts) if parts else metadata_schema().empty_table())
     record = skipped.record()
     manifest.update(finished=finished, count=row, skipped=record["counts"], skipped_rows=record["rows"])
-    write_manifest(out, manifest)
+    if rank == 0:
+        if finished:
+            parts = [pq.read_table(part_path(out, s["shard"])) for s in manifest["shards"]]
+            merged = pa.concat_tables(parts) if parts else metadata_schema().empty_table()
+            write_parquet(out / METADATA, merged)
+        write_manifest(out, manifest)
+    if world > 1:
+        dist.barrier()  # OUT is complete when any rank returns
     return {
         "out": str(out),
         "finished": finished,
@@ -369,7 +422,7 @@ def embed_source(
         "modalities": modalities,
         "embed_dim": run.model.embed_dim,
         "shards": manifest["num_shards"],
-        "computed_shards": computed,
+        "computed_shards": computed_shards,
         "reused_shards": len(done),
         "skipped": record["counts"],
         "skipped_rows": record["rows"],  # the source index of the first few of each reason
