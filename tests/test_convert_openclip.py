@@ -14,7 +14,14 @@ open_clip = pytest.importorskip("open_clip")
 from coalign.convert.openclip import import_openclip  # noqa: E402
 from coalign.convert.run import ConversionError  # noqa: E402
 
-TEXTS = ["a photo of a cat!", "Hello, World!! 😀", "!!! ! !", "", "a long caption " * 10, "naïve café &amp; co"]
+TEXTS = [
+    "a photo of a cat!",
+    "Hello, World!! 😀",
+    "!!! ! !",
+    "",
+    "a long caption " * 10,
+    "naïve café &amp; co",
+]
 VISION = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
 TEXT = {"context_length": 20, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}
 CONFIGS = {
@@ -25,7 +32,9 @@ CONFIGS = {
         "text_cfg": {**TEXT, "norm_kwargs": {"eps": 1e-6}, "mlp_ratio": 2.0},
     },
     "siglip_style_custom_text": {
-        "embed_dim": 32, "custom_text": True, "init_logit_bias": -10,
+        "embed_dim": 32,
+        "custom_text": True,
+        "init_logit_bias": -10,
         "vision_cfg": {**VISION, "pos_embed_type": "sin_cos_2d", "image_size": 48, "patch_size": 16},
         "text_cfg": {**TEXT, "pool_type": "eos", "eos_id": 49407, "final_ln_after_pool": True},
         "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "squash"},
@@ -44,8 +53,11 @@ def make_openclip(tmp_path, name, cfg, seed=0):
     if pre is not None:
         path = tmp_path / "open_clip_config.json"
         path.write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}))
-    kwargs = {} if pre is None else {
-        "image_mean": pre["mean"], "image_std": pre["std"], "image_resize_mode": pre["resize_mode"]}
+    kwargs = (
+        {}
+        if pre is None
+        else {"image_mean": pre["mean"], "image_std": pre["std"], "image_resize_mode": pre["resize_mode"]}
+    )
     torch.manual_seed(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
     with torch.no_grad():  # move every weight off its init (unit norms, zero biases) so each one counts
@@ -80,8 +92,9 @@ def test_converted_openclip_gives_the_same_embeddings(tmp_path, name, suffix):
             ("image", theirs_px, model.encode_image(theirs_px)),
             ("text", ids, model.encode_text(ids)),
         ):
-            torch.testing.assert_close(run.model.encode(modality, ours_in), F.normalize(theirs, dim=-1),
-                                       rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                run.model.encode(modality, ours_in), F.normalize(theirs, dim=-1), rtol=0, atol=1e-5
+            )
     objective = run_objective_weights(run)
     assert torch.allclose(objective["logit_scale"], model.logit_scale.reshape(()))
     if model.logit_bias is not None:
@@ -103,8 +116,9 @@ def test_safetensors_and_a_plain_state_dict(tmp_path):
     run = import_openclip(config, tmp_path / "m.safetensors", tmp_path / "run")
     ids = open_clip.tokenize(TEXTS, context_length=20)
     with torch.no_grad():
-        torch.testing.assert_close(run.model.encode("text", ids), F.normalize(model.encode_text(ids), dim=-1),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            run.model.encode("text", ids), F.normalize(model.encode_text(ids), dim=-1), rtol=0, atol=1e-5
+        )
 
 
 def test_unconvertible_parts_are_named(tmp_path):

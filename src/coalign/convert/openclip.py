@@ -39,15 +39,35 @@ EOT_ID = 49407  # CLIP's <end_of_text>, the highest id: what OpenCLIP's `argmax`
 # Options that must keep these values (anything else changes the computation in a way coalign's towers
 # do not express); the message names the option.
 VISION_FIXED = {
-    "ls_init_value": None, "attentional_pool": False, "block_type": None, "qk_norm": False,
-    "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False, "scale_attn": False,
-    "scale_fc": False, "timm_model_name": None, "act_kwargs": None,
+    "ls_init_value": None,
+    "attentional_pool": False,
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+    "timm_model_name": None,
+    "act_kwargs": None,
 }
 TEXT_FIXED = {
-    "ls_init_value": None, "embed_cls": False, "no_causal_mask": False, "proj_bias": False,
-    "proj_type": "linear", "block_type": None, "qk_norm": False, "scaled_cosine_attn": False,
-    "scale_heads": False, "scale_attn_inner": False, "scale_attn": False, "scale_fc": False,
-    "hf_model_name": None, "hf_tokenizer_name": None, "tokenizer_mode": None, "act_kwargs": None,
+    "ls_init_value": None,
+    "embed_cls": False,
+    "no_causal_mask": False,
+    "proj_bias": False,
+    "proj_type": "linear",
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+    "hf_model_name": None,
+    "hf_tokenizer_name": None,
+    "tokenizer_mode": None,
+    "act_kwargs": None,
 }
 
 
@@ -80,7 +100,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a TorchScript archive (OpenAI's own .pt files), a pickle of objects
-            raise ConversionError(f"cannot read '{path}' as a state dict: {str(err).splitlines()[0]}") from None
+            raise ConversionError(
+                f"cannot read '{path}' as a state dict: {str(err).splitlines()[0]}"
+            ) from None
         sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ConversionError(f"'{path}' holds no state dict of tensors")
@@ -115,7 +137,9 @@ def openclip_recipe(model: dict[str, Any], preprocess: dict[str, Any], name: str
     _fixed(t, TEXT_FIXED, "text_cfg")
     for key, cfg in (("vision_cfg", v), ("text_cfg", t)):
         if not isinstance(cfg.get("layers", 12), int):
-            raise ConversionError(f"OpenCLIP {key}.layers = {cfg['layers']!r}: a ResNet tower does not convert")
+            raise ConversionError(
+                f"OpenCLIP {key}.layers = {cfg['layers']!r}: a ResNet tower does not convert"
+            )
     size = v.get("image_size", 224)
     if not isinstance(size, int):
         if len(set(size)) != 1:
@@ -123,7 +147,9 @@ def openclip_recipe(model: dict[str, Any], preprocess: dict[str, Any], name: str
         size = size[0]
     pool = {"tok": "cls", "avg": "mean"}.get(v.get("pool_type", "tok"))
     if pool is None:
-        raise ConversionError(f"OpenCLIP vision_cfg.pool_type {v['pool_type']!r}: only 'tok' and 'avg' convert")
+        raise ConversionError(
+            f"OpenCLIP vision_cfg.pool_type {v['pool_type']!r}: only 'tok' and 'avg' convert"
+        )
     if v.get("final_ln_after_pool") and pool == "mean":
         raise ConversionError("OpenCLIP vision_cfg.final_ln_after_pool with pool_type 'avg' does not convert")
     if v.get("pos_embed_type", "learnable") not in ("learnable", "sin_cos_2d"):
@@ -139,28 +165,49 @@ def openclip_recipe(model: dict[str, Any], preprocess: dict[str, Any], name: str
         raise ConversionError(f"OpenCLIP text_cfg.pad_id {t['pad_id']}: CLIP's tokenizer pads with 0")
     resize = preprocess.get("resize_mode", "shortest")
     if resize not in ("shortest", "squash"):
-        raise ConversionError(f"OpenCLIP preprocess resize_mode {resize!r}: only 'shortest' and 'squash' convert")
+        raise ConversionError(
+            f"OpenCLIP preprocess resize_mode {resize!r}: only 'shortest' and 'squash' convert"
+        )
     act = "quick_gelu" if model.get("quick_gelu") else "gelu"
     width = v.get("width", 768)
     image = {
-        "encoder": "vit", "image_size": size, "patch_size": v.get("patch_size", 16), "width": width,
-        "depth": v.get("layers", 12), "heads": width // v.get("head_width", 64),
-        "mlp_ratio": v.get("mlp_ratio", 4.0), "pool": pool, "patch_bias": False,
-        "norm_pre": not v.get("no_ln_pre", False), "act": act, "norm_eps": _eps(v, "vision_cfg"),
+        "encoder": "vit",
+        "image_size": size,
+        "patch_size": v.get("patch_size", 16),
+        "width": width,
+        "depth": v.get("layers", 12),
+        "heads": width // v.get("head_width", 64),
+        "mlp_ratio": v.get("mlp_ratio", 4.0),
+        "pool": pool,
+        "patch_bias": False,
+        "norm_pre": not v.get("no_ln_pre", False),
+        "act": act,
+        "norm_eps": _eps(v, "vision_cfg"),
         "mask_ratio": v.get("patch_dropout", 0.0),
     }
     text = {
-        "encoder": "text_transformer", "vocab_size": t.get("vocab_size", 49408),
-        "context_length": t.get("context_length", 77), "width": t.get("width", 512),
-        "depth": t.get("layers", 12), "heads": t.get("heads", 8), "mlp_ratio": t.get("mlp_ratio", 4.0),
-        "causal": True, "pool": "eos", "eos_id": EOT_ID, "pad_id": 0, "act": act,
+        "encoder": "text_transformer",
+        "vocab_size": t.get("vocab_size", 49408),
+        "context_length": t.get("context_length", 77),
+        "width": t.get("width", 512),
+        "depth": t.get("layers", 12),
+        "heads": t.get("heads", 8),
+        "mlp_ratio": t.get("mlp_ratio", 4.0),
+        "causal": True,
+        "pool": "eos",
+        "eos_id": EOT_ID,
+        "pad_id": 0,
+        "act": act,
         "norm_eps": _eps(t, "text_cfg"),
     }
     transforms = {
         "image": {
-            "transform": "image_crop", "size": size, "resize": resize,
+            "transform": "image_crop",
+            "size": size,
+            "resize": resize,
             "interpolation": preprocess.get("interpolation", "bicubic"),
-            "mean": list(preprocess.get("mean", CLIP_MEAN)), "std": list(preprocess.get("std", CLIP_STD)),
+            "mean": list(preprocess.get("mean", CLIP_MEAN)),
+            "std": list(preprocess.get("std", CLIP_STD)),
         },
         "text": {"transform": "clip_bpe", "context_length": text["context_length"]},
     }
@@ -178,7 +225,7 @@ def _block(rest: str) -> str:
     index, _, name = rest.partition(".")
     for theirs, ours in BLOCK.items():
         if name.startswith(theirs):
-            return f"blocks.{index}.{ours}{name[len(theirs):]}"
+            return f"blocks.{index}.{ours}{name[len(theirs) :]}"
     return f"blocks.{index}.?{name}"  # unknown: left for load_strict to report
 
 
@@ -188,7 +235,7 @@ def openclip_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in sd.items():
         key = key.removeprefix("text.")  # CustomTextCLIP keeps its text tower under `text.`
         if key.startswith("visual."):
-            k = key[len("visual."):]
+            k = key[len("visual.") :]
             tower = "model.towers.image."
             if k == "conv1.weight":
                 out[tower + "patch_embed.weight"] = value
@@ -197,11 +244,11 @@ def openclip_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             elif k == "positional_embedding":
                 out[tower + "pos_embed"] = value.unsqueeze(0)
             elif k.startswith("ln_pre."):
-                out[tower + "norm_pre." + k[len("ln_pre."):]] = value
+                out[tower + "norm_pre." + k[len("ln_pre.") :]] = value
             elif k.startswith("ln_post."):
-                out[tower + "transformer.norm." + k[len("ln_post."):]] = value
+                out[tower + "transformer.norm." + k[len("ln_post.") :]] = value
             elif k.startswith("transformer.resblocks."):
-                out[tower + "transformer." + _block(k[len("transformer.resblocks."):])] = value
+                out[tower + "transformer." + _block(k[len("transformer.resblocks.") :])] = value
             elif k == "proj":
                 out["model.heads.image.weight"] = value.T.contiguous()
             else:
@@ -211,9 +258,9 @@ def openclip_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif key == "positional_embedding":
             out["model.towers.text.pos_embed"] = value.unsqueeze(0)
         elif key.startswith("transformer.resblocks."):
-            out["model.towers.text.transformer." + _block(key[len("transformer.resblocks."):])] = value
+            out["model.towers.text.transformer." + _block(key[len("transformer.resblocks.") :])] = value
         elif key.startswith("ln_final."):
-            out["model.towers.text.transformer.norm." + key[len("ln_final."):]] = value
+            out["model.towers.text.transformer.norm." + key[len("ln_final.") :]] = value
         elif key == "text_projection":
             out["model.heads.text.weight"] = value.T.contiguous()
         elif key in ("logit_scale", "logit_bias"):
@@ -232,7 +279,7 @@ def import_openclip(
     vocabulary = vocabulary or openclip_vocabulary()
     if vocabulary is None:
         raise FileNotFoundError(
-            "no CLIP vocabulary: pass --vocab (open_clip's bpe_simple_vocab_16e6.txt.gz), or install open_clip"
+            "no CLIP vocabulary: pass --vocab (open_clip's bpe_simple_vocab_16e6.txt.gz file)"
         )
     weights = openclip_weights(read_state_dict(checkpoint))
     origin = {"format": "openclip", "config": str(config), "checkpoint": str(checkpoint)}

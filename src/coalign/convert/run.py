@@ -61,13 +61,15 @@ def load_strict(task: Task, weights: dict[str, torch.Tensor], what: str) -> None
     missing = sorted(set(own) - set(weights))
     unused = sorted(set(weights) - set(own))
     if missing or unused:
-        parts = [f"no weights for {', '.join(missing[:5])}" if missing else "",
-                 f"unused weights {', '.join(unused[:5])}" if unused else ""]
+        parts = [
+            f"no weights for {', '.join(missing[:5])}" if missing else "",
+            f"unused weights {', '.join(unused[:5])}" if unused else "",
+        ]
         raise ConversionError(f"{what}: {'; '.join(p for p in parts if p)}")
     for key, value in weights.items():
         if own[key].shape != value.shape:
             raise ConversionError(
-                f"{what}: {key} has shape {tuple(value.shape)}, the recipe's model needs {tuple(own[key].shape)}"
+                f"{what}: {key} has shape {tuple(value.shape)}, the model needs {tuple(own[key].shape)}"
             )
     task.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
 

@@ -79,7 +79,8 @@ def read_vocabulary(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
         lines = merges_path.read_text(encoding="utf-8").split("\n")
         merges = [tuple(m.split()) for m in lines if m and not m.startswith("#version")]
     elif path.is_file():
-        lines = gzip.open(path).read().decode("utf-8").split("\n")
+        with gzip.open(path) as f:
+            lines = f.read().decode("utf-8").split("\n")
         merges = [tuple(m.split()) for m in lines[1 : N_MERGES + 1]]  # line 0 is a version header
         symbols = list(byte_symbols().values())
         tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), SOT, EOT]
@@ -183,7 +184,9 @@ class ClipBPETransform(BPETextTransform):
 
     def fit(self, source: Source | None, run_dir: Path | None) -> None:
         if self.vocab is None:
-            raise ValueError("clip_bpe needs `path`: open_clip's bpe_simple_vocab_16e6.txt.gz or a vocab folder")
+            raise ValueError(
+                "clip_bpe needs `path`: open_clip's bpe_simple_vocab_16e6.txt.gz or a vocab folder"
+            )
         if run_dir is not None:
             write_vocabulary(self.vocab, self.merges, Path(run_dir))
 

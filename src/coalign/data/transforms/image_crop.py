@@ -36,7 +36,9 @@ class ImageCropTransform(ImageTransform):
 
     def __init__(self, cfg: ImageCropConfig | None = None, **kwargs):
         super().__init__(cfg or ImageCropConfig(**kwargs))
-        mode = InterpolationMode.BICUBIC if self.cfg.interpolation == "bicubic" else InterpolationMode.BILINEAR
+        mode = (
+            InterpolationMode.BICUBIC if self.cfg.interpolation == "bicubic" else InterpolationMode.BILINEAR
+        )
         size = self.cfg.size
         self._resize = Resize(size if self.cfg.resize == "shortest" else (size, size), interpolation=mode)
         self._crop = CenterCrop(size)
