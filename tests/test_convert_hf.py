@@ -17,14 +17,7 @@ from coalign.convert.hf import export_hf, import_hf  # noqa: E402
 from coalign.convert.run import ConversionError  # noqa: E402
 from coalign.data.transforms.clip_bpe import openclip_vocabulary, read_vocabulary, write_vocabulary  # noqa: E402
 from coalign.evaluate.results import read_results  # noqa: E402
-
-TEXTS = ["a photo of a cat!", "Hello, World!! 😀", "!!! ! !", "", "a long caption " * 10, "naïve café"]
-OPENCLIP = {
-    "embed_dim": 32,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2},
-}
+from convert_models import SMALL, TEXTS, make_openclip  # noqa: E402
 
 
 def features(out):
@@ -53,13 +46,7 @@ def hf_ids(folder, texts, length, fast):
 
 
 def test_openclip_import_eval_export_hf_round_trip(tmp_path, capsys):
-    (tmp_path / "m.json").write_text(json.dumps(OPENCLIP))
-    open_clip.add_model_config(tmp_path / "m.json")
-    torch.manual_seed(0)
-    oc = open_clip.create_model("m", pretrained=None).eval()
-    with torch.no_grad():
-        for p in oc.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    oc, _, config = make_openclip(tmp_path, "coalign-test-e2e", SMALL)
     torch.save(oc.state_dict(), tmp_path / "m.pt")
 
     run_dir, hf_dir = tmp_path / "run", tmp_path / "hf"
@@ -67,7 +54,7 @@ def test_openclip_import_eval_export_hf_round_trip(tmp_path, capsys):
         "import",
         "openclip",
         "--config",
-        str(tmp_path / "m.json"),
+        str(config),
         "--checkpoint",
         str(tmp_path / "m.pt"),
     ]

@@ -1,8 +1,6 @@
 """OpenCLIP in: randomly initialised OpenCLIP models of several configs, converted, give OpenCLIP's
 image and text embeddings (fp32, 1e-5); CLIP's preprocessing gives open_clip's pixels."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -13,19 +11,10 @@ open_clip = pytest.importorskip("open_clip")
 
 from coalign.convert.openclip import import_openclip  # noqa: E402
 from coalign.convert.run import ConversionError  # noqa: E402
+from convert_models import SMALL, TEXT, TEXTS, VISION, make_openclip  # noqa: E402
 
-TEXTS = [
-    "a photo of a cat!",
-    "Hello, World!! 😀",
-    "!!! ! !",
-    "",
-    "a long caption " * 10,
-    "naïve café &amp; co",
-]
-VISION = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
-TEXT = {"context_length": 20, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}
 CONFIGS = {
-    "quickgelu_tok": {"embed_dim": 32, "quick_gelu": True, "vision_cfg": VISION, "text_cfg": TEXT},
+    "quickgelu_tok": SMALL,
     "gelu_avg_noln_eps": {
         "embed_dim": 24,
         "vision_cfg": {**VISION, "pool_type": "avg", "no_ln_pre": True, "norm_kwargs": {"eps": 1e-6}},
@@ -40,30 +29,6 @@ CONFIGS = {
         "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "squash"},
     },
 }
-
-
-def make_openclip(tmp_path, name, cfg, seed=0):
-    """A random-init OpenCLIP model, its eval preprocessing and its config file; a config with a
-    preprocess_cfg is written as a hub folder's open_clip_config.json (model_cfg + preprocess_cfg)."""
-    cfg = dict(cfg)
-    pre = cfg.pop("preprocess_cfg", None)
-    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / f"{name}.json")
-    path = tmp_path / f"{name}.json"
-    if pre is not None:
-        path = tmp_path / "open_clip_config.json"
-        path.write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}))
-    kwargs = (
-        {}
-        if pre is None
-        else {"image_mean": pre["mean"], "image_std": pre["std"], "image_resize_mode": pre["resize_mode"]}
-    )
-    torch.manual_seed(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
-    with torch.no_grad():  # move every weight off its init (unit norms, zero biases) so each one counts
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval(), preprocess, path
 
 
 def photos(n=3, seed=0):

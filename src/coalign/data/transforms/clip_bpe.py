@@ -96,6 +96,33 @@ def read_vocabulary(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges  # type: ignore[return-value]
 
 
+def _file_keys(path: Path) -> tuple:
+    """What identifies the vocabulary's file(s) on disk (a renamed run folder keeps them)."""
+    files = [path / VOCAB_FILE, path / MERGES_FILE] if path.is_dir() else [path]
+    stats = [f.stat() for f in files if f.exists()]
+    return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+
+_TABLES: dict[tuple, tuple] = {}  # _file_keys -> (vocab, merges, BPE model); a few at most
+
+
+def _table(path: Path) -> tuple[dict[str, int], list[tuple[str, str]], Any]:
+    """The vocabulary and its BPE model, built once per file (keyed by the files' identity, so a
+    run folder renamed into place still hits): building the model from 49k merges takes about a
+    second, and an import, its check and every later load read the same table."""
+    from tokenizers import Tokenizer, models
+
+    keys = _file_keys(path)
+    if keys not in _TABLES:
+        vocab, merges = read_vocabulary(path)
+        # No normaliser or pre-tokeniser: words arrive split and byte-mapped; the model only merges.
+        tokenizer = Tokenizer(models.BPE(vocab, merges, end_of_word_suffix="</w>"))
+        if len(_TABLES) >= 4:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[keys] = (vocab, merges, tokenizer)
+    return _TABLES[keys]
+
+
 def write_vocabulary(vocab: dict[str, int], merges: list[tuple[str, str]], folder: Path) -> None:
     """vocab.json + merges.txt, as Hugging Face's CLIPTokenizer reads them."""
     atomic_write_text(folder / VOCAB_FILE, json.dumps(vocab, ensure_ascii=False))
@@ -140,20 +167,19 @@ class ClipBPETransform(BPETextTransform):
         self.vocab: dict[str, int] | None = None
         self.tokenizer = None
         if self.cfg.path:
-            self._use(*read_vocabulary(Path(self.cfg.path)))
+            self._use(Path(self.cfg.path))
 
-    def _use(self, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
-        from tokenizers import Tokenizer, models
-
+    def _use(self, path: Path) -> None:
         ftfy, regex = _text_libraries()
-        self.vocab, self.merges = vocab, merges
+        if not path.exists():
+            read_vocabulary(path)  # raises the one-line error
+        self.vocab, self.merges, self.tokenizer = _table(path)
+        vocab = self.vocab
         self.sot, self.eot = vocab[SOT], vocab[EOT]
         specials = "|".join(regex.escape(s) for s in OPENCLIP_SPECIALS)
         self._words = regex.compile(f"{specials}|{WORD_PATTERN}", regex.IGNORECASE)
         self._fix = ftfy.fix_text
         self._specials = dict(zip(OPENCLIP_SPECIALS, (self.sot, self.eot), strict=True))
-        # No normaliser or pre-tokeniser: words arrive split and byte-mapped; the model only merges.
-        self.tokenizer = Tokenizer(models.BPE(vocab, merges, end_of_word_suffix="</w>"))
 
     def clean(self, text: str) -> str:
         """open_clip's 'lower' cleaning: ftfy, HTML unescaped twice, whitespace collapsed, lower case."""
@@ -189,9 +215,10 @@ class ClipBPETransform(BPETextTransform):
             )
         if run_dir is not None:
             write_vocabulary(self.vocab, self.merges, Path(run_dir))
+            _TABLES[_file_keys(Path(run_dir))] = (self.vocab, self.merges, self.tokenizer)  # the same table
 
     def load(self, run_dir: Path) -> None:
-        self._use(*read_vocabulary(Path(run_dir)))
+        self._use(Path(run_dir))
 
     def encode(self, texts: list[str], rng: np.random.Generator | None = None) -> torch.Tensor:
         """(B, context_length) ids, equal to `open_clip.tokenize(texts, context_length)`."""
