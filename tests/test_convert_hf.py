@@ -19,6 +19,10 @@ from coalign.data.transforms.clip_bpe import openclip_vocabulary, read_vocabular
 from coalign.evaluate.results import read_results  # noqa: E402
 from convert_models import SMALL, TEXTS, make_openclip  # noqa: E402
 
+# Hugging Face's CLIPTokenizer normalises with NFC, not ftfy + HTML unescaping as open_clip (and
+# clip_bpe) do, so captions with HTML entities are left out where its ids are compared.
+PLAIN = [t for t in TEXTS if "&" not in t]
+
 
 def features(out):
     """get_*_features returns a tensor in transformers 4 and an output with the projection in 5."""
@@ -63,6 +67,8 @@ def test_openclip_import_eval_export_hf_round_trip(tmp_path, capsys):
     results = read_results(next((run_dir / "eval").glob("step_*.json")))
     evaluated = {m.evaluator for m in results.metrics}
     assert {"zero_shot", "retrieval"} <= evaluated and all(0 <= m.value <= 1 for m in results.metrics)
+    embed = ["embed", str(run_dir), "{source: world, split: test, size: 8}", str(tmp_path / "emb")]
+    assert main([*embed, "--batch-size", "4", "--thumbnail-size", "0", "--no-progress"]) == 0
     assert main(["export", "hf", str(run_dir), str(hf_dir)]) == 0
     assert main(["export", "hf", str(run_dir), str(hf_dir)]) == 2  # never over an existing folder
     assert "not an empty folder" in capsys.readouterr().err
@@ -72,7 +78,7 @@ def test_openclip_import_eval_export_hf_round_trip(tmp_path, capsys):
     assert not [w for w in warnings if "key" in w.lower() or "newly initialized" in w], warnings
     run = load_run(run_dir)
     images = torch.randn(4, 3, 32, 32)
-    ours_ids = run.transforms["text"].encode(TEXTS)
+    ours_ids = run.transforms["text"].encode(PLAIN)
     with torch.no_grad():
         reference = F.normalize(oc.encode_image(images), dim=-1)
         torch.testing.assert_close(
@@ -83,7 +89,7 @@ def test_openclip_import_eval_export_hf_round_trip(tmp_path, capsys):
         )
         reference = F.normalize(oc.encode_text(ours_ids), dim=-1)
         for fast in (False, True):  # the tokenizer files both tokenizer classes read
-            enc = hf_ids(hf_dir, TEXTS, 20, fast)
+            enc = hf_ids(hf_dir, PLAIN, 20, fast)
             first_eos = (enc["input_ids"] == 49407).int().argmax(1)
             for row, end in enumerate(first_eos):  # the same ids up to <end_of_text>; HF pads with it
                 assert torch.equal(enc["input_ids"][row, : end + 1], ours_ids[row, : end + 1])
@@ -138,8 +144,8 @@ def test_import_hf_gives_the_same_embeddings_and_exports_back(hf_folder, tmp_pat
     run = import_hf(folder, tmp_path / "run")
     assert run.model.towers["text"].cfg.act == "gelu" and run.model.towers["text"].cfg.norm_eps == 1e-6
     images = torch.randn(3, 3, 40, 40)
-    enc = hf_ids(folder, TEXTS, 16, fast=True)
-    ids = run.transforms["text"].encode(TEXTS)
+    enc = hf_ids(folder, PLAIN, 16, fast=True)
+    ids = run.transforms["text"].encode(PLAIN)
     with torch.no_grad():
         torch.testing.assert_close(
             run.model.encode("image", images),
@@ -174,3 +180,17 @@ def test_siglip_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip"}))
     with pytest.raises(ConversionError, match="'siglip'"):
         import_hf(tmp_path, tmp_path / "run")
+
+
+def test_import_hf_reads_a_tokenizer_json_alone(hf_folder, tmp_path):
+    import shutil
+
+    folder, _ = hf_folder
+    only = tmp_path / "clip"
+    shutil.copytree(folder, only, ignore=shutil.ignore_patterns("vocab.json", "merges.txt"))
+    run = import_hf(only, tmp_path / "run")
+    enc = hf_ids(folder, PLAIN, 16, fast=True)["input_ids"]
+    ids = run.transforms["text"].encode(PLAIN)
+    first_eos = (enc == 49407).int().argmax(1)
+    for row, end in enumerate(first_eos):
+        assert torch.equal(enc[row, : end + 1], ids[row, : end + 1]), PLAIN[row]

@@ -353,7 +353,11 @@ def import_hf(folder: Path, out: Path, name: str | None = None) -> LoadedRun:
     model = transformers.CLIPModel.from_pretrained(folder)
     weights = weights_from_hf(model.state_dict(), v.num_hidden_layers, t.num_hidden_layers)
     origin = {"format": "hf-clip", "folder": str(folder)}
-    return write_run(Path(out), recipe, weights, origin, vocab_dir)
+    try:
+        return write_run(Path(out), recipe, weights, origin, vocab_dir)
+    finally:
+        if vocab_dir != folder:  # written from tokenizer.json for the run to copy
+            shutil.rmtree(vocab_dir, ignore_errors=True)
 
 
 def vocabulary_folder(folder: Path) -> Path:
