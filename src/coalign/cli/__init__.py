@@ -14,6 +14,7 @@ import os
 import re
 import sys
 
+from coalign.cli.convert import add_export, add_import
 from coalign.cli.data import add_data
 from coalign.cli.evaluate import add_compare, add_eval, add_fewshot
 from coalign.cli.report import add_report
@@ -35,6 +36,8 @@ BUILDERS = (
     add_search,
     add_serve,
     add_data,
+    add_import,
+    add_export,
 )
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.@-]*=")  # a dotted override `a.b.c=value`
 

@@ -17,7 +17,7 @@ from coalign.models.encoders.base import (
     Tokens,
     masked_mean,
 )
-from coalign.models.layers import Transformer, init_scaled, padding_attn_mask
+from coalign.models.layers import Activation, Transformer, init_scaled, padding_attn_mask
 from coalign.registry import ENCODERS
 
 
@@ -35,6 +35,12 @@ class TextConfig(EncoderConfig):
     dropout: Dropout = 0.0
     causal: bool = False
     pool: Literal["eos", "mean", "first"] = "eos"  # eos: the last real token, as CLIP
+    # A row's real tokens end at its first `eos_id` (inclusive) when set, whatever the ids after it:
+    # CLIP's tokenizer pads with id 0, which is also a word ("!"), so padding cannot tell where a
+    # caption ends. Unset: the tokens that are not pad_id are the real ones.
+    eos_id: int | None = pydantic.Field(None, ge=0)
+    act: Activation = "gelu"  # OpenAI CLIP's text towers use quick_gelu
+    norm_eps: float = pydantic.Field(1e-5, gt=0.0)
 
     @classmethod
     def tiny(cls) -> dict:
@@ -56,7 +62,16 @@ class TextTransformer(Encoder):
     input_ndim = 2
 
     def valid_items(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.cfg.eos_id is not None:
+            return (ids == self.cfg.eos_id).any(dim=1)
         return (ids != self.cfg.pad_id).any(dim=1)
+
+    def real_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: the caption's tokens, <eos> included (see `eos_id`)."""
+        if self.cfg.eos_id is None:
+            return ids != self.cfg.pad_id
+        eos = (ids == self.cfg.eos_id).int()
+        return (eos.cumsum(1) - eos) == 0  # up to and including the first <eos> (a row without: all)
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -67,7 +82,9 @@ class TextTransformer(Encoder):
         self.cfg, self.width = cfg, cfg.width
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.context_length, cfg.width) * 0.01)
-        self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+        self.transformer = Transformer(
+            cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.act, cfg.norm_eps
+        )
         nn.init.normal_(self.token_embed.weight, std=0.02)
         init_scaled(self.transformer)
 
@@ -81,7 +98,7 @@ class TextTransformer(Encoder):
         `token_embeds` (B, L, D), when given, replaces `embed(ids)`: prompt learning (CoOp) puts
         learnt vectors where words would be. The padding mask still comes from `ids`, so a learnt
         position must carry a non-pad id."""
-        valid = ids != self.cfg.pad_id  # (B, L)
+        valid = self.real_tokens(ids)  # (B, L)
         if token_embeds is None:
             token_embeds = self.embed(ids)
         elif token_embeds.shape != (*ids.shape, self.width):

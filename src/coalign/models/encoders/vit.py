@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from coalign.models.encoders.base import Dropout, Encoder, EncoderConfig, MlpRatio, Positive, Tokens
-from coalign.models.layers import Transformer, init_scaled, sincos_grid
+from coalign.models.layers import Activation, Transformer, init_scaled, sincos_grid
 from coalign.registry import ENCODERS
 
 
@@ -26,6 +26,13 @@ class ViTConfig(EncoderConfig):
     mlp_ratio: MlpRatio = 4.0
     dropout: Dropout = 0.0
     pool: Literal["cls", "mean"] = "cls"
+    # What converted checkpoints need (OpenAI / OpenCLIP / Hugging Face CLIP): their patch projection
+    # has no bias, OpenAI's MLPs use QuickGELU, SigLIP's layer norms eps 1e-6; `norm_pre: false` is
+    # OpenCLIP's `no_ln_pre`. The defaults are coalign's own towers.
+    patch_bias: bool = True
+    norm_pre: bool = True
+    act: Activation = "gelu"
+    norm_eps: float = pydantic.Field(1e-5, gt=0.0)
     # FLIP (Li et al. 2023): while training, encode only a random (1 - mask_ratio) of the patches.
     # Compute falls roughly in proportion, so more pairs fit in the same time; evaluation sees all.
     mask_ratio: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
@@ -87,7 +94,7 @@ class ViT(Encoder):
         self.patch_embed = (
             conv_stem(cfg.width, cfg.patch_size)
             if cfg.stem == "conv"
-            else nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size)
+            else nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         )
         # Not zeros: the CLS row (token + its zero position) goes through norm_pre, and a LayerNorm
         # of a constant row has gradient 1 / sqrt(eps) ~ 300x; a zero CLS token carried >70% of the
@@ -100,8 +107,10 @@ class ViT(Encoder):
             [torch.zeros(1, cfg.width), sincos_grid(self.grid, self.grid, cfg.width).flatten(0, 1)]
         )
         self.pos_embed = nn.Parameter(pos.unsqueeze(0))  # (1, 1 + P, D)
-        self.norm_pre = nn.LayerNorm(cfg.width)
-        self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+        self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.norm_pre else nn.Identity()
+        self.transformer = Transformer(
+            cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.act, cfg.norm_eps
+        )
         init_scaled(self.transformer)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:

@@ -1,0 +1,379 @@
+"""Hugging Face CLIP in and out: a local `transformers` CLIPModel folder (config.json, weights,
+tokenizer files, preprocessor_config.json) <-> a coalign run.
+
+The towers correspond one to one: HF's `pre_layrnorm` is the ViT's `norm_pre`, `post_layernorm`
+(applied to the class token) its final norm, `final_layer_norm` the text tower's, q/k/v projections
+the rows of coalign's fused `qkv`, `visual_projection` / `text_projection` the bias-free linear heads.
+HF's text tower is causal and pools at the first end-of-text token, as a converted coalign text tower
+does with `eos_id`. A coalign part with no HF counterpart (a conv stem, mean pooling, a patch
+projection with a bias, an MLP head, a tokenizer other than CLIP's, ...) is refused by name before
+anything is written.
+
+SigLIP is not converted: HF's SiglipModel pools images with a multi-head attention head and projects
+text with a biased linear layer, which coalign's towers do not have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coalign.build import LoadedRun, load_run
+from coalign.convert.run import ConversionError, check_out, placeholder_data, write_run
+from coalign.data.transforms.clip_bpe import MERGES_FILE, VOCAB_FILE, read_vocabulary
+
+# coalign block names -> Hugging Face CLIPEncoderLayer names (qkv handled apart)
+BLOCK = {
+    "norm1.": "layer_norm1.",
+    "norm2.": "layer_norm2.",
+    "attn.proj.": "self_attn.out_proj.",
+    "mlp.fc1.": "mlp.fc1.",
+    "mlp.fc2.": "mlp.fc2.",
+}
+ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+RESAMPLE = {"bicubic": 3, "bilinear": 2}  # PIL's codes, as preprocessor_config.json stores them
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(
+            "Hugging Face conversion needs transformers: pip install 'coalign[convert]'"
+        ) from None
+    return transformers
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+
+def blocks_to_hf(sd: dict[str, torch.Tensor], ours: str, theirs: str, depth: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for i in range(depth):
+        a, b = f"{ours}.blocks.{i}.", f"{theirs}.layers.{i}."
+        for name, hf in BLOCK.items():
+            for p in ("weight", "bias"):
+                out[f"{b}{hf}{p}"] = sd[f"{a}{name}{p}"]
+        for p in ("weight", "bias"):
+            q, k, v = sd[f"{a}attn.qkv.{p}"].chunk(3, dim=0)  # rows: q of every head, then k, then v
+            out |= {
+                f"{b}self_attn.q_proj.{p}": q,
+                f"{b}self_attn.k_proj.{p}": k,
+                f"{b}self_attn.v_proj.{p}": v,
+            }
+    return out
+
+
+def blocks_from_hf(
+    sd: dict[str, torch.Tensor], ours: str, theirs: str, depth: int
+) -> dict[str, torch.Tensor]:
+    out = {}
+    for i in range(depth):
+        a, b = f"{ours}.blocks.{i}.", f"{theirs}.layers.{i}."
+        for name, hf in BLOCK.items():
+            for p in ("weight", "bias"):
+                out[f"{a}{name}{p}"] = sd[f"{b}{hf}{p}"]
+        for p in ("weight", "bias"):
+            out[f"{a}attn.qkv.{p}"] = torch.cat([sd[f"{b}self_attn.{x}_proj.{p}"] for x in "qkv"])
+    return out
+
+
+def weights_to_hf(sd: dict[str, torch.Tensor], depth_image: int, depth_text: int) -> dict[str, torch.Tensor]:
+    """A coalign model state dict (image ViT + text transformer, linear heads) -> CLIPModel's."""
+    img, txt = "towers.image", "towers.text"
+    out = {
+        "vision_model.embeddings.class_embedding": sd[f"{img}.cls_token"].reshape(-1),
+        "vision_model.embeddings.patch_embedding.weight": sd[f"{img}.patch_embed.weight"],
+        "vision_model.embeddings.position_embedding.weight": sd[f"{img}.pos_embed"][0],
+        "text_model.embeddings.token_embedding.weight": sd[f"{txt}.token_embed.weight"],
+        "text_model.embeddings.position_embedding.weight": sd[f"{txt}.pos_embed"][0],
+        "visual_projection.weight": sd["heads.image.weight"],
+        "text_projection.weight": sd["heads.text.weight"],
+    }
+    for p in ("weight", "bias"):
+        out[f"vision_model.pre_layrnorm.{p}"] = sd[f"{img}.norm_pre.{p}"]
+        out[f"vision_model.post_layernorm.{p}"] = sd[f"{img}.transformer.norm.{p}"]
+        out[f"text_model.final_layer_norm.{p}"] = sd[f"{txt}.transformer.norm.{p}"]
+    out |= blocks_to_hf(sd, f"{img}.transformer", "vision_model.encoder", depth_image)
+    out |= blocks_to_hf(sd, f"{txt}.transformer", "text_model.encoder", depth_text)
+    return out
+
+
+def weights_from_hf(
+    sd: dict[str, torch.Tensor], depth_image: int, depth_text: int
+) -> dict[str, torch.Tensor]:
+    """CLIPModel's state dict -> coalign Task weights (`model.` tensors and the clip logit scale)."""
+    img, txt = "towers.image", "towers.text"
+    out = {
+        f"{img}.cls_token": sd["vision_model.embeddings.class_embedding"].reshape(1, 1, -1),
+        f"{img}.patch_embed.weight": sd["vision_model.embeddings.patch_embedding.weight"],
+        f"{img}.pos_embed": sd["vision_model.embeddings.position_embedding.weight"].unsqueeze(0),
+        f"{txt}.token_embed.weight": sd["text_model.embeddings.token_embedding.weight"],
+        f"{txt}.pos_embed": sd["text_model.embeddings.position_embedding.weight"].unsqueeze(0),
+        "heads.image.weight": sd["visual_projection.weight"],
+        "heads.text.weight": sd["text_projection.weight"],
+    }
+    for p in ("weight", "bias"):
+        out[f"{img}.norm_pre.{p}"] = sd[f"vision_model.pre_layrnorm.{p}"]
+        out[f"{img}.transformer.norm.{p}"] = sd[f"vision_model.post_layernorm.{p}"]
+        out[f"{txt}.transformer.norm.{p}"] = sd[f"text_model.final_layer_norm.{p}"]
+    out |= blocks_from_hf(sd, f"{img}.transformer", "vision_model.encoder", depth_image)
+    out |= blocks_from_hf(sd, f"{txt}.transformer", "text_model.encoder", depth_text)
+    weights = {f"model.{k}": v for k, v in out.items()}
+    weights["objectives.0.logit_scale"] = sd["logit_scale"].reshape(())
+    return weights
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def hf_config(run: LoadedRun) -> dict[str, Any]:
+    """CLIPConfig keyword arguments for a run, or ConversionError naming the part that has no HF form."""
+    recipe = run.recipe
+    towers = recipe.model.towers
+    if set(towers) != {"image", "text"} or recipe.model.fusion is not None:
+        raise ConversionError(
+            f"Hugging Face CLIP has an image and a text tower only; this run has {sorted(towers)}"
+            + (" and a fusion part" if recipe.model.fusion is not None else "")
+        )
+    if recipe.model.head != "linear":
+        raise ConversionError(
+            f"model.head '{recipe.model.head}': Hugging Face CLIP projects with a linear map"
+        )
+    image, text = run.model.towers["image"].cfg, run.model.towers["text"].cfg
+    wrong = {
+        "model.towers.image.encoder": (towers["image"].encoder, "vit"),
+        "model.towers.text.encoder": (towers["text"].encoder, "text_transformer"),
+        "data.transforms.text.transform": (recipe.data.transforms["text"].transform, "clip_bpe"),
+    }
+    for where, (got, need) in wrong.items():
+        if got != need:
+            raise ConversionError(
+                f"{where} '{got}' has no Hugging Face CLIP equivalent (only '{need}' exports)"
+            )
+    checks = {
+        "model.towers.image.stem": (image.stem, "patch"),
+        "model.towers.image.pool": (image.pool, "cls"),
+        "model.towers.image.patch_bias": (image.patch_bias, False),
+        "model.towers.image.norm_pre": (image.norm_pre, True),
+        "model.towers.text.causal": (text.causal, True),
+        "model.towers.text.pool": (text.pool, "eos"),
+        "model.towers.text.eos_id": (text.eos_id, run.transforms["text"].eot),
+    }
+    for where, (got, need) in checks.items():
+        if got != need:
+            raise ConversionError(f"{where} is {got!r}; Hugging Face CLIP needs {need!r}")
+
+    def common(cfg) -> dict[str, Any]:
+        return {
+            "hidden_size": cfg.width,
+            "intermediate_size": int(cfg.width * cfg.mlp_ratio),
+            "num_hidden_layers": cfg.depth,
+            "num_attention_heads": cfg.heads,
+            "hidden_act": ACTS[cfg.act],
+            "layer_norm_eps": cfg.norm_eps,
+            "projection_dim": recipe.model.embed_dim,
+        }
+
+    tok = run.transforms["text"]
+    return {
+        "text_config": common(text)
+        | {
+            "vocab_size": text.vocab_size,
+            "max_position_embeddings": text.context_length,
+            "bos_token_id": tok.sot,
+            "eos_token_id": tok.eot,
+            "pad_token_id": tok.eot,
+        },
+        "vision_config": common(image) | {"image_size": image.image_size, "patch_size": image.patch_size},
+        "projection_dim": recipe.model.embed_dim,
+    }
+
+
+def preprocessor_config(run: LoadedRun) -> dict[str, Any]:
+    """CLIPImageProcessor settings for the run's image transform (`image_crop` or `image`)."""
+    spec = run.recipe.data.transforms["image"]
+    t = run.transforms["image"].cfg
+    crop = spec.transform == "image_crop" and t.resize == "shortest"
+    if spec.transform not in ("image_crop", "image"):
+        raise ConversionError(
+            f"data.transforms.image '{spec.transform}' has no CLIPImageProcessor equivalent"
+        )
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": t.size} if crop else {"height": t.size, "width": t.size},
+        "resample": RESAMPLE[getattr(t, "interpolation", "bicubic")],
+        "do_center_crop": crop,
+        "crop_size": {"height": t.size, "width": t.size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(t.mean),
+        "image_std": list(t.std),
+        "do_convert_rgb": True,
+    }
+
+
+def export_hf(run_path: Path, out: Path) -> Path:
+    """Write the run as a CLIPModel folder: config.json, model.safetensors, the tokenizer's files
+    (vocab.json, merges.txt, tokenizer.json, ...) and preprocessor_config.json."""
+    out = Path(out)
+    check_out(out)
+    transformers = _transformers()
+    run = load_run(run_path)
+    config = transformers.CLIPConfig(**hf_config(run))
+    image, text = run.model.towers["image"].cfg, run.model.towers["text"].cfg
+    weights = weights_to_hf(run.model.state_dict(), image.depth, text.depth)
+    weights["logit_scale"] = logit_scale(run)
+    model = transformers.CLIPModel(config)
+    model.load_state_dict(weights, strict=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer = transformers.CLIPTokenizer(
+            vocab=str(run.run_dir / VOCAB_FILE),
+            merges=str(run.run_dir / MERGES_FILE),
+            model_max_length=text.context_length,
+        )
+        tokenizer.save_pretrained(tmp)
+        for name in (VOCAB_FILE, MERGES_FILE):  # the slow tokenizer's files too, byte for byte
+            shutil.copyfile(run.run_dir / name, tmp / name)
+        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(run), indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def logit_scale(run: LoadedRun) -> torch.Tensor:
+    """ln(scale) of the run's first objective that learns one (CLIP's 1 / 0.07 when none does)."""
+    from coalign.checkpoint import load_weights
+
+    for key, value in load_weights(run.checkpoint).items():
+        if key.startswith("objectives.") and key.endswith(".logit_scale"):
+            return value.reshape(()).float()
+    return torch.tensor(math.log(1 / 0.07))
+
+
+# ------------------------------------------------------------------------------------------- import
+
+
+def import_hf(folder: Path, out: Path, name: str | None = None) -> LoadedRun:
+    """A local CLIPModel folder -> a coalign run (its weights, tokenizer and preprocessing)."""
+    folder, transformers = Path(folder), _transformers()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"'{folder}' has no config.json; is it a Hugging Face model folder?")
+    check_out(Path(out))
+    raw = json.loads((folder / "config.json").read_text())
+    if raw.get("model_type") != "clip":
+        raise ConversionError(
+            f"'{folder}' holds a '{raw.get('model_type')}' model; only Hugging Face CLIP (model_type 'clip') "
+            "converts (SigLIP's attention-pooling head has no coalign equivalent)"
+        )
+    vocab_dir = vocabulary_folder(folder)
+    config = transformers.CLIPConfig.from_pretrained(folder)
+    v, t = config.vision_config, config.text_config
+    acts = {hf: ours for ours, hf in ACTS.items()}
+    for where, act in (("vision_config", v.hidden_act), ("text_config", t.hidden_act)):
+        if act not in acts:
+            raise ConversionError(f"{where}.hidden_act '{act}' has no coalign equivalent ({', '.join(acts)})")
+    vocab, _ = read_vocabulary(vocab_dir)
+    eos = vocab["<|endoftext|>"] if t.eos_token_id == 2 else t.eos_token_id  # 2: HF's legacy argmax pooling
+
+    def tower(cfg) -> dict[str, Any]:
+        return {
+            "width": cfg.hidden_size,
+            "depth": cfg.num_hidden_layers,
+            "heads": cfg.num_attention_heads,
+            "mlp_ratio": cfg.intermediate_size / cfg.hidden_size,
+            "act": acts[cfg.hidden_act],
+            "norm_eps": cfg.layer_norm_eps,
+        }
+
+    pre = (
+        json.loads((folder / "preprocessor_config.json").read_text())
+        if (folder / "preprocessor_config.json").is_file()
+        else {}
+    )
+    size = v.image_size
+    crop = pre.get("do_center_crop", True)
+    image_t = {
+        "transform": "image_crop",
+        "size": size,
+        "resize": "shortest" if crop else "squash",
+        "interpolation": {3: "bicubic", 2: "bilinear"}.get(pre.get("resample", 3), "bicubic"),
+        "mean": list(pre.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+        "std": list(pre.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+    }
+    recipe = {
+        "name": name or Path(out).name,
+        "data": placeholder_data(
+            {
+                "image": image_t,
+                "text": {"transform": "clip_bpe", "context_length": t.max_position_embeddings},
+            }
+        ),
+        "model": {
+            "embed_dim": config.projection_dim,
+            "towers": {
+                "image": {
+                    "encoder": "vit",
+                    "image_size": size,
+                    "patch_size": v.patch_size,
+                    "pool": "cls",
+                    "patch_bias": False,
+                    **tower(v),
+                },
+                "text": {
+                    "encoder": "text_transformer",
+                    "vocab_size": t.vocab_size,
+                    "context_length": t.max_position_embeddings,
+                    "causal": True,
+                    "pool": "eos",
+                    "eos_id": eos,
+                    "pad_id": 0,
+                    **tower(t),
+                },
+            },
+        },
+        "objectives": [{"name": "clip"}],
+    }
+    model = transformers.CLIPModel.from_pretrained(folder)
+    weights = weights_from_hf(model.state_dict(), v.num_hidden_layers, t.num_hidden_layers)
+    origin = {"format": "hf-clip", "folder": str(folder)}
+    try:
+        return write_run(Path(out), recipe, weights, origin, vocab_dir)
+    finally:
+        if vocab_dir != folder:  # written from tokenizer.json for the run to copy
+            shutil.rmtree(vocab_dir, ignore_errors=True)
+
+
+def vocabulary_folder(folder: Path) -> Path:
+    """The folder's CLIP vocabulary as vocab.json + merges.txt (written from tokenizer.json when the
+    folder has only that), or a one-line error."""
+    if (folder / VOCAB_FILE).is_file() and (folder / MERGES_FILE).is_file():
+        return folder
+    if (folder / "tokenizer.json").is_file():
+        model = json.loads((folder / "tokenizer.json").read_text()).get("model", {})
+        if model.get("type") == "BPE" and model.get("end_of_word_suffix") == "</w>":
+            from coalign.data.transforms.clip_bpe import write_vocabulary
+
+            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            tmp = Path(tempfile.mkdtemp(prefix="coalign-vocab-"))
+            write_vocabulary(model["vocab"], merges, tmp)
+            return tmp
+    raise FileNotFoundError(
+        f"'{folder}' has no CLIP tokenizer (vocab.json + merges.txt, or a CLIP BPE tokenizer.json)"
+    )
