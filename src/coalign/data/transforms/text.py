@@ -113,7 +113,12 @@ class BPETextTransform(Transform):
                 raise ValueError("cannot train a tokenizer: the training source has no captions")
             self.tokenizer = train_bpe(texts, self.cfg.vocab_size)
         if run_dir is not None:
-            self.tokenizer.save(str(run_dir / TOKENIZER_FILE))
+            self.save(run_dir)
+
+    def save(self, run_dir: Path) -> None:
+        if self.tokenizer is None:
+            raise RuntimeError("nothing to save: the tokenizer is neither trained nor loaded")
+        self.tokenizer.save(str(Path(run_dir) / TOKENIZER_FILE))
 
     def load(self, run_dir: Path) -> None:
         self.tokenizer = self._read(run_dir / TOKENIZER_FILE)
