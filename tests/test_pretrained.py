@@ -187,3 +187,41 @@ def test_timm_bad_names_and_files_fail_at_start():
         ENCODERS.validate("timm", {"model": "vit_tinyy_patch16"}, "model.towers.image")
     with pytest.raises(ConfigError, match="weights file '/no/such.safetensors' not found"):
         ENCODERS.validate("timm", {"weights": "/no/such.safetensors"}, "model.towers.image")
+
+
+# ------------------------------------------------------------------------------------------ paraphrases
+
+
+def test_paraphrased_world_keeps_images_and_labels_and_avoids_the_worlds_words():
+    import re
+
+    from coalign.data.sources.world_paraphrase import PARAPHRASES, TEMPLATES
+    from coalign.data.world import ATTRIBUTES, SYNONYMS, ZERO_SHOT_TEMPLATES
+    from coalign.registry import SOURCES
+
+    own = {w for values in ATTRIBUTES.values() for w in values}
+    own |= {w for words in SYNONYMS.values() for phrase in words for w in phrase.split()} - {
+        "the",
+        "at",
+        "on",
+        "in",
+        "near",
+        "side",
+    }
+    for value, rewordings in PARAPHRASES.items():
+        for phrase in rewordings:
+            assert not own & set(re.findall(r"[a-z]+", phrase)), (value, phrase)
+    plain = SOURCES.create("world", split="test", size=4, captions=3, partial_caption_prob=0.0)
+    para = SOURCES.create("world_paraphrase", split="test", size=4, captions=3, partial_caption_prob=0.0)
+    for i in range(4):
+        a, b = plain[i], para[i]
+        assert (a["image"] == b["image"]).all() and a["label"] == b["label"]
+        assert len(b["text"]) == 3 and not own & set(re.findall(r"[a-z]+", " ".join(b["text"])))
+        assert a["text"] != b["text"] and plain[i]["text"] == a["text"], (
+            "the world's cache keeps its captions"
+        )
+    tasks = para.zero_shot_tasks()
+    assert set(tasks) == set(ZERO_SHOT_TEMPLATES)
+    assert all(
+        t.templates == TEMPLATES[k] and len(t.classnames) == len(ATTRIBUTES[k]) for k, t in tasks.items()
+    )

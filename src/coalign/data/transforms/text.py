@@ -28,7 +28,7 @@ from coalign.data.sample import captions, clean_text
 from coalign.data.sources.base import SampleError, Source
 from coalign.data.transforms.base import Transform
 from coalign.data.transforms.specials import Specials, find_specials
-from coalign.io import atomic_write_text
+from coalign.io import atomic_write_text, local_path
 from coalign.registry import TRANSFORMS, StrictModel
 
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
@@ -42,7 +42,9 @@ BYTE_ALPHABET = 256  # byte-level BPE starts from every byte, so a vocabulary ho
 class BPEConfig(StrictModel):
     context_length: int = 32  # tokens per caption, <bos> and <eos> included; longer captions are cut
     vocab_size: int = 1000  # ignored with `path`
-    path: str | None = None  # a local tokenizer.json; when unset, one is trained on the captions
+    # a local tokenizer.json or a model folder holding one (or package:NAME/inside, io.local_path);
+    # when unset, one is trained on the captions
+    path: str | None = None
     # With `path`: the tokenizer's padding, start and end tokens by name, where it does not say itself
     # (`specials.py` reads its padding, its post-processor's template, then well-known names).
     pad_token: str | None = None
@@ -107,7 +109,7 @@ class BPETextTransform(Transform):
         self.specials = Specials(PAD, BOS, EOS)  # those of a trained tokenizer
         self._source_json: str | None = None  # the file as read, saved unchanged into the run
         if self.cfg.path:
-            self._read(Path(self.cfg.path))
+            self._read(local_path(self.cfg.path))
 
     def _read(self, path: Path) -> None:
         if path.is_dir() and (path / TOKENIZER_FILE).is_file():

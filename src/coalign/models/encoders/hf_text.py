@@ -26,6 +26,7 @@ import pydantic
 import torch
 from torch import nn
 
+from coalign.io import local_path
 from coalign.models.encoders.base import Encoder, EncoderConfig, Positive, Tokens, masked_mean
 from coalign.registry import ENCODERS
 
@@ -35,7 +36,7 @@ POOLING_FILE = Path("1_Pooling") / "config.json"  # sentence-transformers' pooli
 class HFTextConfig(EncoderConfig):
     inputs_at_least = ("vocab_size", "context_length")
 
-    path: str | None = None  # a local transformers model folder
+    path: str | None = None  # a local transformers model folder, or package:NAME/inside (io.local_path)
     arch: dict[str, Any] | None = None  # without path: a transformers config, randomly initialised
     depth: Positive | None = None  # keep only the first `depth` layers; None: all
     pool: Literal["auto", "mean", "cls"] = "auto"
@@ -60,7 +61,7 @@ class HFTextConfig(EncoderConfig):
     def _a_source(self) -> HFTextConfig:
         if self.path is None and self.arch is None:
             raise ValueError("hf_text needs path (a local transformers model folder) or arch (a config)")
-        if self.path is not None and not Path(self.path).is_dir():
+        if self.path is not None and not local_path(self.path).is_dir():
             raise ValueError(
                 f"path '{self.path}' is not a folder (a local transformers model: config.json, weights)"
             )
@@ -103,7 +104,7 @@ class HFText(Encoder):
 
         self.cfg = cfg
         if cfg.path is not None:
-            self.model = transformers.AutoModel.from_pretrained(cfg.path, local_files_only=True)
+            self.model = transformers.AutoModel.from_pretrained(local_path(cfg.path), local_files_only=True)
         else:
             arch = dict(cfg.arch or {})
             if cfg.vocab_size is not None:
@@ -123,7 +124,7 @@ class HFText(Encoder):
         self.width = int(self.model.config.hidden_size)
         self.pooling = cfg.pool
         if self.pooling == "auto":
-            self.pooling = (sentence_pooling(Path(cfg.path)) if cfg.path else None) or "cls"
+            self.pooling = (sentence_pooling(local_path(cfg.path)) if cfg.path else None) or "cls"
 
     def _check_inputs(self) -> None:
         config = self.model.config

@@ -18,13 +18,13 @@ token, as timm's ViTs do by default, else mean).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
 import torch
 from torch import nn
 
+from coalign.io import local_path
 from coalign.models.encoders.base import Encoder, EncoderConfig, Positive, Tokens
 from coalign.registry import ENCODERS
 
@@ -43,7 +43,7 @@ class TimmConfig(EncoderConfig):
     @pydantic.field_validator("weights")
     @classmethod
     def _a_file(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).is_file():
+        if v is not None and not local_path(v).is_file():
             raise ValueError(f"weights file '{v}' not found (a local .safetensors, .pth or .bin state dict)")
         return v
 
@@ -75,7 +75,7 @@ class TimmImage(Encoder):
         if cfg.depth is not None:
             kwargs["depth"] = cfg.depth
         if cfg.weights is not None:
-            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": cfg.weights})
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(local_path(cfg.weights))})
         try:  # transformers take their input size; convolutional networks take any
             self.model = timm.create_model(cfg.model, img_size=cfg.image_size, **kwargs)
         except TypeError as err:
