@@ -37,6 +37,25 @@ class TransformSpec(Part):
 
 class TowerSpec(Part):
     encoder: str
+    # Fine-tuning (models/lock.py). lock: freeze the whole tower, kept in eval mode (LiT); its head
+    # still trains. unlock_last: N > 0 trains the tower's last N blocks and what follows them.
+    # freeze_norm: norm layers keep their weights and running statistics, locked or not.
+    lock: bool = False
+    unlock_last: int = pydantic.Field(0, ge=0)
+    freeze_norm: bool = False
+    # a locked tower's features, remembered per input row (exact: see models/lock.py FeatureCache)
+    cache: bool = False
+
+    @pydantic.model_validator(mode="after")
+    def _unlock_needs_lock(self) -> TowerSpec:
+        if self.unlock_last and not self.lock:
+            raise ValueError("unlock_last needs lock: true (it unlocks the last blocks of a locked tower)")
+        if self.cache and (not self.lock or self.unlock_last):
+            raise ValueError(
+                "cache needs a fully locked tower (lock: true, no unlock_last): only its "
+                "features never change"
+            )
+        return self
 
 
 class FusionSpec(Part):
@@ -77,6 +96,14 @@ class DataConfig(StrictModel):
         return v
 
 
+class InitFrom(StrictModel):
+    """Start training from the weights of an existing run: every tower, head and fusion part, or
+    only the towers (and their heads) named in `towers`. `init_from: RUN` is short for {run: RUN}."""
+
+    run: str
+    towers: list[str] | None = None  # None: the whole model
+
+
 class ModelConfig(StrictModel):
     embed_dim: int = pydantic.Field(128, gt=0)
     towers: dict[str, TowerSpec] = pydantic.Field(min_length=1)
@@ -84,6 +111,22 @@ class ModelConfig(StrictModel):
     # A part that mixes two towers' tokens, for objectives that read fused tokens (itm, mlm);
     # None: dual encoders only. The checkpoint then holds no fusion weights.
     fusion: FusionSpec | None = None
+    init_from: InitFrom | None = None  # build.py: init_from_run
+
+    @pydantic.field_validator("init_from", mode="before")
+    @classmethod
+    def _run_alone(cls, v: Any) -> Any:
+        return {"run": v} if isinstance(v, str) else v
+
+    @pydantic.model_validator(mode="after")
+    def _init_towers_exist(self) -> ModelConfig:
+        named = (self.init_from.towers or []) if self.init_from else []
+        unknown = [m for m in named if m not in self.towers]
+        if unknown:
+            raise ValueError(
+                f"init_from.towers names {unknown}, not towers of this model ({list(self.towers)})"
+            )
+        return self
 
 
 class TrainConfig(StrictModel):

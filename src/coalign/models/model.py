@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coalign.config import ModelConfig
+from coalign.config import ModelConfig, TowerSpec
 from coalign.data.sample import base_modality
 from coalign.models.encoders.base import Encoder, Tokens, fill_inputs
 from coalign.models.fusion import Fusion
+from coalign.models.lock import FeatureCache, apply_lock, frozen_modules
 from coalign.registry import ENCODERS, FUSION, HEADS
 
 
@@ -68,6 +69,11 @@ class MultimodalModel(nn.Module):
         self.embed_dim = embed_dim
         # A submodule, so checkpoints and the optimizer hold it; absent (no state-dict keys) without one.
         self.fusion = fusion
+        # Each tower's lock options (models/lock.py), read again by every `train()` so locked towers and
+        # frozen norms stay in eval mode, and the feature caches of locked towers: plain attributes,
+        # not submodules (no state-dict keys).
+        self.locks: dict[str, TowerSpec] = {}
+        self.caches: dict[str, FeatureCache] = {}
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, inputs: dict[str, dict[str, Any]]) -> MultimodalModel:
@@ -81,12 +87,26 @@ class MultimodalModel(nn.Module):
             tower_cfg = getattr(towers[modality], "cfg", None)
             towers[modality].set_grad_checkpointing(bool(getattr(tower_cfg, "grad_checkpointing", False)))
             heads[modality] = HEADS.get(cfg.head)(towers[modality].width, cfg.embed_dim)
+            apply_lock(towers[modality], spec, f"model.towers.{modality}")
         fusion = None
         if cfg.fusion is not None:
             parsed = FUSION.validate(cfg.fusion.fusion, cfg.fusion.options(), "model.fusion")
             widths = {m: t.width for m, t in towers.items()}
             fusion = FUSION.get(cfg.fusion.fusion)(parsed, widths)
-        return cls(towers, heads, cfg.embed_dim, fusion)
+        model = cls(towers, heads, cfg.embed_dim, fusion)
+        for modality, spec in cfg.towers.items():
+            model.locks[modality] = spec
+            if spec.cache:
+                model.caches[modality] = FeatureCache()
+        return model
+
+    def train(self, mode: bool = True) -> MultimodalModel:
+        """As nn.Module's, but locked towers and frozen norms stay in eval mode (models/lock.py)."""
+        super().train(mode)
+        for modality, spec in self.locks.items():
+            for m in frozen_modules(self.towers[modality], spec):
+                m.eval()
+        return self
 
     @property
     def modalities(self) -> list[str]:
@@ -96,10 +116,33 @@ class MultimodalModel(nn.Module):
         tower = self._tower(modality)
         if isinstance(x, torch.Tensor) and x.ndim == tower.input_ndim + 1:
             return self._group_features(modality, x, **encoder_kwargs)
-        tokens = tower(x, **encoder_kwargs)
-        pooled = tower.pool(tokens)
+        cache = self.caches.get(modality)
+        if cache is not None and not encoder_kwargs and isinstance(x, torch.Tensor):
+            tokens, pooled = self._cached(tower, cache, x)
+        else:
+            tokens = tower(x, **encoder_kwargs)
+            pooled = tower.pool(tokens)
         embedding = F.normalize(self.heads[modality](pooled).float(), dim=-1)
         return Features(tokens, pooled, embedding)
+
+    @staticmethod
+    @torch.no_grad()
+    def _cached(tower: Encoder, cache: FeatureCache, x: torch.Tensor) -> tuple[Tokens, torch.Tensor]:
+        """A locked tower's (tokens, pooled) of x, computing only the rows its cache lacks."""
+        keys, missing = cache.lookup(x)
+        fresh = {}
+        if missing:
+            out = tower(x[torch.tensor(missing, device=x.device)])
+            pooled = tower.pool(out)
+            for j, i in enumerate(missing):
+                row = (out.tokens[j], None if out.mask is None else out.mask[j], pooled[j])
+                fresh[i] = row
+                cache.put(keys[i], *row)
+        rows = [fresh[i] if i in fresh else cache.store[k] for i, k in enumerate(keys)]
+        dtype = rows[0][0].dtype
+        tokens = torch.stack([r[0].to(dtype) for r in rows])  # (B, N, D)
+        mask = None if rows[0][1] is None else torch.stack([r[1] for r in rows])  # (B, N)
+        return Tokens(tokens, mask), torch.stack([r[2].to(dtype) for r in rows])  # (B, D)
 
     def _group_features(self, modality: str, x: torch.Tensor, **encoder_kwargs: Any) -> Features:
         """(B, k, ...) -> encode the real items only (an all-padding caption would attend to nothing)."""

@@ -22,7 +22,14 @@ from typing import Any
 
 import torch
 
-from coalign.build import RECIPE_FILE, build_model, build_source, build_transforms, prepare_transforms
+from coalign.build import (
+    RECIPE_FILE,
+    build_model,
+    build_source,
+    build_transforms,
+    init_checkpoint,
+    prepare_transforms,
+)
 from coalign.checkpoint import checkpoint_step, clean_partial, latest_checkpoint
 from coalign.config import Recipe, load_recipe, save_resolved
 from coalign.data.collate import batch_size, split_batch
@@ -122,6 +129,8 @@ def setup(
             f"data.batch_size {recipe.data.batch_size} is the global batch and must divide among "
             f"{d.world} processes"
         )
+    if not resume and recipe.model.init_from is not None:
+        init_checkpoint(recipe.model.init_from)  # fails before the run folder is made
     runtime = runtime or Runtime.create(cfg.precision, d.device())
     notes = []
     checkpoint = None
@@ -149,7 +158,9 @@ def setup(
     for t in eval_transforms.values():
         t.load(run_dir)
         t.eval()
-    task = Task.from_specs(build_model(recipe, transforms), recipe.objectives, transforms)
+    task = Task.from_specs(build_model(recipe, transforms, init=not resume), recipe.objectives, transforms)
+    if not resume and recipe.model.init_from is not None:
+        notes.append(f"model initialised from {recipe.model.init_from.run}")
     task, note = sync_batch_norm(task, d, runtime.device)
     notes += [note] if note else []
     task = task.to(runtime.device)

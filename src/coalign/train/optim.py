@@ -33,6 +33,10 @@ def build_optimizer(
     module: nn.Module, cfg: TrainConfig, lr_scales: dict[str, float] | None = None
 ) -> torch.optim.Optimizer:
     groups = param_groups(module, cfg.weight_decay, cfg.lr, lr_scales)
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen (check the towers' lock options)")
+    # Frozen parameters (requires_grad False: locked towers, frozen norms) are in no group, so they
+    # get no gradient, no weight decay and no optimizer state.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
 
 

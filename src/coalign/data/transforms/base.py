@@ -38,6 +38,10 @@ class Transform:
     def load(self, run_dir: Path) -> None:
         """Load what `fit` saved (no-op by default)."""
 
+    def save(self, run_dir: Path) -> None:
+        """Write what `fit` learnt (or `load` read) into `run_dir` again, so a run folder made from
+        another (`coalign interpolate`) reads the same inputs (no-op by default)."""
+
     def describe(self) -> dict[str, Any]:
         return {}
 

@@ -1,6 +1,10 @@
 """Text transform: a byte-level BPE tokenizer (trained on the recipe's captions, or loaded from a
 local `tokenizer.json`) that turns a caption into fixed-length token ids `<bos> ... <eos> <pad>*`.
 
+A loaded tokenizer keeps its own special tokens (`specials.py`): a BERT-family `tokenizer.json` pads
+with `[PAD]` and writes `[CLS] ... [SEP]`, whatever their ids; a trained one uses coalign's
+`<pad>, <bos>, <eos>` at ids 0-2.
+
 A sample may carry several captions. How many a training step sees is `captions`:
 - `captions: 1` (the default) draws one caption per sample per step, at random: over epochs every
   caption is used, one at a time (CLIP's practice with COCO's five captions).
@@ -23,6 +27,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from coalign.data.sample import captions, clean_text
 from coalign.data.sources.base import SampleError, Source
 from coalign.data.transforms.base import Transform
+from coalign.data.transforms.specials import Specials, find_specials
+from coalign.io import atomic_write_text, local_path
 from coalign.registry import TRANSFORMS, StrictModel
 
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
@@ -36,7 +42,14 @@ BYTE_ALPHABET = 256  # byte-level BPE starts from every byte, so a vocabulary ho
 class BPEConfig(StrictModel):
     context_length: int = 32  # tokens per caption, <bos> and <eos> included; longer captions are cut
     vocab_size: int = 1000  # ignored with `path`
-    path: str | None = None  # a local tokenizer.json; when unset, one is trained on the captions
+    # a local tokenizer.json or a model folder holding one (or package:NAME/inside, io.local_path);
+    # when unset, one is trained on the captions
+    path: str | None = None
+    # With `path`: the tokenizer's padding, start and end tokens by name, where it does not say itself
+    # (`specials.py` reads its padding, its post-processor's template, then well-known names).
+    pad_token: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
     fit_samples: int = pydantic.Field(
         20_000, ge=1
     )  # how many training samples' captions to fit the tokenizer on
@@ -93,18 +106,24 @@ class BPETextTransform(Transform):
     def __init__(self, cfg: BPEConfig | None = None, **kwargs):
         self.cfg = cfg or BPEConfig(**kwargs)
         self.tokenizer: Tokenizer | None = None
+        self.specials = Specials(PAD, BOS, EOS)  # those of a trained tokenizer
+        self._source_json: str | None = None  # the file as read, saved unchanged into the run
         if self.cfg.path:
-            self.tokenizer = self._read(Path(self.cfg.path))
+            self._read(local_path(self.cfg.path))
 
-    @staticmethod
-    def _read(path: Path) -> Tokenizer:
+    def _read(self, path: Path) -> None:
+        if path.is_dir() and (path / TOKENIZER_FILE).is_file():
+            path = path / TOKENIZER_FILE  # a Hugging Face model folder
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file '{path}' not found")
-        tok = Tokenizer.from_file(str(path))
-        for i, special in enumerate(SPECIALS):
-            if tok.token_to_id(special) != i:
-                raise ValueError(f"tokenizer '{path}' must have {SPECIALS} as ids 0..2")
-        return tok
+        text = path.read_text(encoding="utf-8")
+        tok = Tokenizer.from_str(text)
+        names = (self.cfg.pad_token, self.cfg.bos_token, self.cfg.eos_token)
+        self.specials = find_specials(tok, names, str(path))
+        # Its own padding and truncation would pad every caption to a fixed length before ours
+        tok.no_padding()
+        tok.no_truncation()
+        self.tokenizer, self._source_json = tok, text
 
     def fit(self, source: Source, run_dir: Path | None) -> None:
         if self.tokenizer is None:
@@ -113,18 +132,29 @@ class BPETextTransform(Transform):
                 raise ValueError("cannot train a tokenizer: the training source has no captions")
             self.tokenizer = train_bpe(texts, self.cfg.vocab_size)
         if run_dir is not None:
-            self.tokenizer.save(str(run_dir / TOKENIZER_FILE))
+            self.save(run_dir)
+
+    def save(self, run_dir: Path) -> None:
+        if self.tokenizer is None:
+            raise RuntimeError("nothing to save: the tokenizer is neither trained nor loaded")
+        target = Path(run_dir) / TOKENIZER_FILE
+        if self._source_json is not None:  # as read: its padding and post-processor name its specials
+            atomic_write_text(target, self._source_json)
+        else:
+            self.tokenizer.save(str(target))
 
     def load(self, run_dir: Path) -> None:
-        self.tokenizer = self._read(run_dir / TOKENIZER_FILE)
+        self._read(run_dir / TOKENIZER_FILE)
 
     def encode(self, texts: list[str], rng: np.random.Generator | None = None) -> torch.Tensor:
         """(B, context_length) ids; long captions are cut, keeping <eos> last. With `rng` (training
         views, as TCL's), each token is dropped with probability `token_dropout`, keeping at least one."""
         if self.tokenizer is None:
             raise RuntimeError("the tokenizer is neither trained nor loaded; call fit() or load()")
-        L = self.cfg.context_length
-        out = torch.full((len(texts), L), PAD, dtype=torch.long)
+        L, sp = self.cfg.context_length, self.specials
+        start, end = [sp.bos] if sp.bos is not None else [], [sp.eos] if sp.eos is not None else []
+        room = L - len(start) - len(end)
+        out = torch.full((len(texts), L), sp.pad, dtype=torch.long)
         texts = [clean_text(t) for t in texts]  # a lone surrogate would make the tokenizer raise
         for row, enc in enumerate(self.tokenizer.encode_batch(texts, add_special_tokens=False)):
             tokens = enc.ids
@@ -133,8 +163,9 @@ class BPETextTransform(Transform):
                 tokens = [t for t, k in zip(tokens, keep, strict=True) if k] or [
                     tokens[int(rng.integers(len(tokens)))]
                 ]
-            ids = [BOS, *tokens[: L - 2], EOS]
-            out[row, : len(ids)] = torch.tensor(ids)
+            ids = [*start, *tokens[:room], *end]
+            if ids:
+                out[row, : len(ids)] = torch.tensor(ids)
         return out
 
     def __call__(self, value: Any, rng: np.random.Generator) -> torch.Tensor:
@@ -149,19 +180,23 @@ class BPETextTransform(Transform):
         picked = rng.choice(len(texts), size=min(k, len(texts)), replace=False)
         ids = self.encode([texts[int(i)] for i in picked], rng)  # (n, L), n <= k
         # all-<pad> rows mark "no caption": the model skips them and reports them in group_mask
-        return torch.cat([ids, ids.new_full((k - ids.shape[0], ids.shape[1]), PAD)])  # (k, L)
+        return torch.cat([ids, ids.new_full((k - ids.shape[0], ids.shape[1]), self.specials.pad)])  # (k, L)
 
     def special_ids(self) -> list[int]:
-        """The ids that are no word (<pad>, <bos>, <eos>): masked language modelling never masks,
-        draws or predicts them."""
-        return list(range(len(SPECIALS)))
+        """The ids that are no word (padding, start, end, and every token the tokenizer marks special,
+        such as [UNK] and [MASK]): masked language modelling never masks, draws or predicts them."""
+        if self.tokenizer is None:
+            return list(range(len(SPECIALS)))
+        added = [i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special]
+        return sorted({*self.specials.ids(), *added})
 
     def describe(self) -> dict[str, Any]:
         size = self.tokenizer.get_vocab_size() if self.tokenizer is not None else self.cfg.vocab_size
-        return {"vocab_size": size, "context_length": self.cfg.context_length, "pad_id": PAD}
+        return {"vocab_size": size, "context_length": self.cfg.context_length, "pad_id": self.specials.pad}
 
     @classmethod
     def describe_config(cls, cfg: BPEConfig) -> dict[str, Any]:
-        # A tokenizer file's size is known only once it is read; a trained one is at most vocab_size.
-        known = {"context_length": cfg.context_length, "pad_id": PAD}
-        return known if cfg.path else {**known, "vocab_size": cfg.vocab_size}
+        # A tokenizer file's size and padding id are known only once it is read; a trained one pads
+        # with id 0 and holds at most vocab_size tokens.
+        known = {"context_length": cfg.context_length}
+        return known if cfg.path else {**known, "pad_id": PAD, "vocab_size": cfg.vocab_size}

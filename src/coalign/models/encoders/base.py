@@ -97,6 +97,13 @@ class Encoder(nn.Module):
     def pool(self, out: Tokens) -> torch.Tensor:
         raise NotImplementedError
 
+    def lock_blocks(self) -> list[nn.Module]:
+        """The tower's blocks, input to output, for `unlock_last: N` (models/lock.py): by default the
+        blocks of each transformer stack it holds. A tower built otherwise says what its blocks are."""
+        from coalign.models.layers import Transformer
+
+        return [b for m in self.modules() if isinstance(m, Transformer) for b in m.blocks]
+
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         for m in self.modules():
             if hasattr(m, "grad_checkpointing"):
