@@ -11,8 +11,9 @@ A fusion part reads the token features of a *query* tower and a *context* tower 
   through one transformer. The output is (B, N_query + N_context, D) with both masks concatenated.
 
 Each side is projected from its tower's width to the fusion width first (towers rarely share one).
-Padding is honoured on both sides: a padded key is never attended to (the SDPA mask), so neither
-the values of padded tokens nor the amount of padding change the fused real tokens.
+Every part carries the image-text matching head (`match_head`, read by the `itm` objective and
+by re-ranking). Padding is honoured on both sides: a padded key is never attended to (the SDPA
+mask), so neither the values of padded tokens nor the amount of padding change the fused real tokens.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class Fusion(nn.Module):
         self.query, self.context = cfg.query, cfg.context
         self.proj_query = nn.Linear(widths[cfg.query], cfg.width)
         self.proj_context = nn.Linear(widths[cfg.context], cfg.width)
+        # The image-text matching head on the fused [CLS]: logits of (mismatch, match). Part of the
+        # fusion part, not of the `itm` objective, so that a loaded run can score pairs (re-ranking).
+        self.match_head = nn.Linear(cfg.width, 2)
 
     def forward(self, query: Tokens, context: Tokens) -> Tokens:
         raise NotImplementedError
@@ -83,6 +87,14 @@ class Fusion(nn.Module):
     def cls(fused: Tokens) -> torch.Tensor:
         """(B, D) the fused [CLS]: row 0, the query's first token."""
         return fused.tokens[:, 0]
+
+    def match_logits(self, fused: Tokens) -> torch.Tensor:
+        """(B, 2) float ITM logits (mismatch, match) of fused pairs."""
+        return self.match_head(self.cls(fused)).float()
+
+    def match_score(self, fused: Tokens) -> torch.Tensor:
+        """(B,) the probability that each fused pair matches (ALBEF's re-ranking score)."""
+        return torch.softmax(self.match_logits(fused), dim=-1)[:, 1]
 
 
 class CrossAttention(nn.Module):
