@@ -65,6 +65,7 @@ def _valid(tokens: Tokens) -> torch.Tensor:
 
 class Fusion(nn.Module):
     Config = FusionConfig
+    both_streams = False  # the output holds the context's fused tokens too (rows N_query onwards)
 
     def __init__(self, cfg: FusionConfig, widths: dict[str, int]):
         """`widths`: tower name -> token width D of that tower (at least the query and the context)."""
@@ -164,6 +165,7 @@ class CrossFusion(Fusion):
 
 @FUSION.register("single")
 class SingleStreamFusion(Fusion):
+    both_streams = True
     def __init__(self, cfg: FusionConfig, widths: dict[str, int]):
         super().__init__(cfg, widths)
         # Which stream a token came from: each tower adds its own positions, but nothing else tells
@@ -184,3 +186,30 @@ class SingleStreamFusion(Fusion):
         )  # (B, Nq + Nc, D)
         valid = torch.cat([_valid(query), _valid(context)], dim=1)  # (B, Nq + Nc)
         return Tokens(self.transformer(x, padding_attn_mask(valid)), valid)
+
+
+@torch.no_grad()
+def match_scores(
+    fusion: Fusion,
+    query: Tokens,
+    context: Tokens,
+    query_rows: torch.Tensor,
+    context_rows: torch.Tensor,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """(P,) ITM match probabilities of the P pairs (query row query_rows[p], context row
+    context_rows[p]). `query` and `context` are the towers' token features of all candidates, on any
+    device; pairs are fused `chunk` at a time on the fusion part's device (memory: one chunk)."""
+    device = next(fusion.parameters()).device
+
+    def rows(t: Tokens, idx: torch.Tensor) -> Tokens:
+        mask = None if t.mask is None else t.mask[idx].to(device)
+        return Tokens(t.tokens[idx].to(device), mask)
+
+    out = [
+        fusion.match_score(
+            fusion(rows(query, query_rows[i : i + chunk]), rows(context, context_rows[i : i + chunk]))
+        ).cpu()
+        for i in range(0, len(query_rows), chunk)
+    ]
+    return torch.cat(out) if out else torch.zeros(0)
