@@ -108,6 +108,12 @@ def add_search(sub) -> None:
         "--checkpoint", type=Path, help="encode the query with this run (default: the embedding's)"
     )
     p.add_argument("--json", action="store_true", help="print the hits as JSON lines")
+    p.add_argument(
+        "--rerank",
+        type=int,
+        metavar="K",
+        help="re-rank the top K hits by the run's image-text matching head (a fusion run, e.g. albef)",
+    )
     p.set_defaults(func=cmd_search)
 
 
@@ -120,6 +126,10 @@ def cmd_search(args) -> int:
     if args.k <= 0:
         raise ConfigError(f"--k must be positive, got {args.k}")
     index = SearchIndex.load(args.index, args.checkpoint)
+    if args.rerank is not None:
+        from coalign.search.rerank import check_rerank, rerank_hits
+
+        check_rerank(index, args.rerank, args.modality, args.text is not None)
     try:
         vectors = (
             index.encode_text([args.text]) if args.text is not None else index.encode_image([args.image])
@@ -127,7 +137,9 @@ def cmd_search(args) -> int:
     except SampleError as err:
         what = "--text" if args.text is not None else f"--image '{args.image}'"
         raise ConfigError(f"{what}: cannot use this query ({err})") from None
-    hits = index.search(vectors, args.k, args.modality)[0]
+    hits = index.search(vectors, max(args.k, args.rerank or 0), args.modality)[0]
+    if args.rerank is not None:
+        hits = rerank_hits(index, args.text, hits, args.rerank, args.modality)[: args.k]
     if args.json:
         for hit in hits:
             print(json.dumps(asdict(hit)))

@@ -169,6 +169,8 @@ def request_models(limits: Limits, modalities: list[str], embed_dim: int):
         k: K = 10
         # Which index to search; default "image" when there is one. An unknown name answers 400.
         modality: _described(Text, enum=modalities) | None = None
+        # Re-rank the top `rerank` hits by the run's image-text matching head (text queries, fusion runs)
+        rerank: K | None = None
 
     return EmbedRequest, SearchRequest
 
