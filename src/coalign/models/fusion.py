@@ -89,6 +89,11 @@ class Fusion(nn.Module):
         """(B, D) the fused [CLS]: row 0, the query's first token."""
         return fused.tokens[:, 0]
 
+    def context_tokens(self, context: Tokens) -> Tokens:
+        """(B, Nc, D) the context's tokens as the fusion layers read them (for `both_streams` parts
+        the fused output holds them instead)."""
+        return Tokens(self.proj_context(context.tokens), context.mask)
+
     def match_logits(self, fused: Tokens) -> torch.Tensor:
         """(B, 2) float ITM logits (mismatch, match) of fused pairs."""
         return self.match_head(self.cls(fused)).float()
@@ -149,6 +154,9 @@ class CrossFusion(Fusion):
         self.norm = nn.LayerNorm(cfg.width)
         init_weights(self)
 
+    def context_tokens(self, context: Tokens) -> Tokens:
+        return Tokens(self.norm_context(self.proj_context(context.tokens)), context.mask)
+
     def forward(self, query: Tokens, context: Tokens) -> Tokens:
         q_valid, c_valid = _valid(query), _valid(context)  # (B, Nq), (B, Nc)
         x = self.proj_query(query.tokens)  # (B, Nq, D)
@@ -166,6 +174,7 @@ class CrossFusion(Fusion):
 @FUSION.register("single")
 class SingleStreamFusion(Fusion):
     both_streams = True
+
     def __init__(self, cfg: FusionConfig, widths: dict[str, int]):
         super().__init__(cfg, widths)
         # Which stream a token came from: each tower adds its own positions, but nothing else tells

@@ -21,8 +21,10 @@ mass (a padded word's row of T is 0), so neither the amount of padding nor the p
 the loss. The text's first token (<bos>, the fused [CLS]) and the image's prefix tokens are not
 words or regions and are left out, as UNITER leaves out [CLS] and [SEP].
 
-It reads both streams' fused tokens, so it needs the single-stream fusion part (UNITER's): a
-cross-attention part returns fused text tokens only.
+With the single-stream part (UNITER's) both sides are fused tokens. A cross-attention part (ALBEF's)
+fuses the query side only: the other side is then the context's tokens as its layers read them
+(`Fusion.context_tokens`, projected to the fusion width), so the fused words align to the patches
+they attend to.
 """
 
 from __future__ import annotations
@@ -32,11 +34,10 @@ from typing import Any
 import pydantic
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from coalign.models.model import Features
 from coalign.objectives.base import FusedObjective, FusedOptions, paired_tokens
-from coalign.registry import OBJECTIVES, ConfigError
+from coalign.registry import OBJECTIVES
 
 
 @torch.no_grad()
@@ -103,22 +104,23 @@ class WRA(FusedObjective):
     Config = WRAConfig
     name = "wra"
 
-    def bind(self, model: nn.Module, transforms: dict[str, Any] | None = None) -> None:
-        super().bind(model, transforms)
-        if not model.fusion.both_streams:
-            raise ConfigError(
-                "wra reads both streams' fused tokens: it needs the single-stream fusion part "
-                "(model.fusion.fusion: single, UNITER's); a cross-attention part fuses the text side only"
-            )
-
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         fusion = self.model.fusion
         q, c = fusion.query, fusion.context
         tq, tc = paired_tokens(features, batch, q, c)  # matched pairs only: (M, Nq, D), (M, Nc, D)
-        fused = self.model.fuse({q: tq, c: tc})  # (M, Nq + Nc, D), mask (M, Nq + Nc)
+        fused = self.model.fuse({q: tq, c: tc})  # (M, Nq [+ Nc], D)
         nq = tq.tokens.shape[1]
-        valid = fused.mask
-        side = {q: (fused.tokens[:, :nq], valid[:, :nq]), c: (fused.tokens[:, nq:], valid[:, nq:])}
+        valid = torch.ones(fused.tokens.shape[:2], dtype=torch.bool, device=fused.tokens.device)
+        valid = valid if fused.mask is None else fused.mask
+        if fusion.both_streams:  # single stream: the context's fused rows follow the query's
+            context = (fused.tokens[:, nq:], valid[:, nq:])
+        else:  # cross attention: the context as the layers read it
+            ct = fusion.context_tokens(tc)
+            context = (
+                ct.tokens,
+                torch.ones_like(ct.tokens[..., 0], dtype=torch.bool) if ct.mask is None else ct.mask,
+            )
+        side = {q: (fused.tokens[:, :nq], valid[:, :nq]), c: context}
         words, word_mask = side[self.cfg.words]
         other = c if self.cfg.words == q else q
         regions, region_mask = side[other]
