@@ -208,6 +208,12 @@ def add_search(sub) -> None:
     p.add_argument(
         "--mmap", action="store_true", default=None, help="memory-map the index (default: as indexed)"
     )
+    p.add_argument(
+        "--rerank",
+        type=int,
+        metavar="K",
+        help="re-rank the top K hits by the run's image-text matching head (a fusion run, e.g. albef)",
+    )
     p.set_defaults(func=cmd_search)
 
 
@@ -229,6 +235,10 @@ def cmd_search(args) -> int:
         except (json.JSONDecodeError, ConfigError) as err:
             raise ConfigError(f"--filter '{args.filter}': {err}") from None
     index = SearchIndex.load(args.index, args.checkpoint, mmap=args.mmap, shards=args.shards)
+    if args.rerank is not None:
+        from coalign.search.rerank import check_rerank, rerank_hits
+
+        check_rerank(index, args.rerank, args.modality, args.text is not None)
     try:
         if args.text is not None and args.image is not None:
             vectors = index.encode_query(args.text, args.image, tuple(args.weights), args.combine)
@@ -239,7 +249,9 @@ def cmd_search(args) -> int:
     except SampleError as err:
         what = "--text" if args.image is None else f"--image '{args.image}'"
         raise ConfigError(f"{what}: cannot use this query ({err})") from None
-    hits = index.search(vectors, args.k, args.modality, filter=flt)[0]
+    hits = index.search(vectors, max(args.k, args.rerank or 0), args.modality, filter=flt)[0]
+    if args.rerank is not None:
+        hits = rerank_hits(index, args.text, hits, args.rerank, args.modality)[: args.k]
     if args.json:
         for hit in hits:
             print(json.dumps(asdict(hit)))

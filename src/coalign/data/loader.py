@@ -98,6 +98,10 @@ def train_batches(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
+        # its own generator: a DataLoader iterator otherwise draws its base seed from torch's global
+        # RNG when it starts, i.e. after a resume restored that RNG, and every later draw of an
+        # objective (ITM negatives, MLM masks) would differ from the uninterrupted run's
+        generator=torch.Generator().manual_seed(seed),
     )
     yield from loader
 

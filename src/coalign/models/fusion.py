@@ -11,8 +11,9 @@ A fusion part reads the token features of a *query* tower and a *context* tower 
   through one transformer. The output is (B, N_query + N_context, D) with both masks concatenated.
 
 Each side is projected from its tower's width to the fusion width first (towers rarely share one).
-Padding is honoured on both sides: a padded key is never attended to (the SDPA mask), so neither
-the values of padded tokens nor the amount of padding change the fused real tokens.
+Every part carries the image-text matching head (`match_head`, read by the `itm` objective and
+by re-ranking). Padding is honoured on both sides: a padded key is never attended to (the SDPA
+mask), so neither the values of padded tokens nor the amount of padding change the fused real tokens.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def _valid(tokens: Tokens) -> torch.Tensor:
 
 class Fusion(nn.Module):
     Config = FusionConfig
+    both_streams = False  # the output holds the context's fused tokens too (rows N_query onwards)
 
     def __init__(self, cfg: FusionConfig, widths: dict[str, int]):
         """`widths`: tower name -> token width D of that tower (at least the query and the context)."""
@@ -75,6 +77,9 @@ class Fusion(nn.Module):
         self.query, self.context = cfg.query, cfg.context
         self.proj_query = nn.Linear(widths[cfg.query], cfg.width)
         self.proj_context = nn.Linear(widths[cfg.context], cfg.width)
+        # The image-text matching head on the fused [CLS]: logits of (mismatch, match). Part of the
+        # fusion part, not of the `itm` objective, so that a loaded run can score pairs (re-ranking).
+        self.match_head = nn.Linear(cfg.width, 2)
 
     def forward(self, query: Tokens, context: Tokens) -> Tokens:
         raise NotImplementedError
@@ -83,6 +88,19 @@ class Fusion(nn.Module):
     def cls(fused: Tokens) -> torch.Tensor:
         """(B, D) the fused [CLS]: row 0, the query's first token."""
         return fused.tokens[:, 0]
+
+    def context_tokens(self, context: Tokens) -> Tokens:
+        """(B, Nc, D) the context's tokens as the fusion layers read them (for `both_streams` parts
+        the fused output holds them instead)."""
+        return Tokens(self.proj_context(context.tokens), context.mask)
+
+    def match_logits(self, fused: Tokens) -> torch.Tensor:
+        """(B, 2) float ITM logits (mismatch, match) of fused pairs."""
+        return self.match_head(self.cls(fused)).float()
+
+    def match_score(self, fused: Tokens) -> torch.Tensor:
+        """(B,) the probability that each fused pair matches (ALBEF's re-ranking score)."""
+        return torch.softmax(self.match_logits(fused), dim=-1)[:, 1]
 
 
 class CrossAttention(nn.Module):
@@ -136,6 +154,9 @@ class CrossFusion(Fusion):
         self.norm = nn.LayerNorm(cfg.width)
         init_weights(self)
 
+    def context_tokens(self, context: Tokens) -> Tokens:
+        return Tokens(self.norm_context(self.proj_context(context.tokens)), context.mask)
+
     def forward(self, query: Tokens, context: Tokens) -> Tokens:
         q_valid, c_valid = _valid(query), _valid(context)  # (B, Nq), (B, Nc)
         x = self.proj_query(query.tokens)  # (B, Nq, D)
@@ -152,6 +173,8 @@ class CrossFusion(Fusion):
 
 @FUSION.register("single")
 class SingleStreamFusion(Fusion):
+    both_streams = True
+
     def __init__(self, cfg: FusionConfig, widths: dict[str, int]):
         super().__init__(cfg, widths)
         # Which stream a token came from: each tower adds its own positions, but nothing else tells
@@ -172,3 +195,30 @@ class SingleStreamFusion(Fusion):
         )  # (B, Nq + Nc, D)
         valid = torch.cat([_valid(query), _valid(context)], dim=1)  # (B, Nq + Nc)
         return Tokens(self.transformer(x, padding_attn_mask(valid)), valid)
+
+
+@torch.no_grad()
+def match_scores(
+    fusion: Fusion,
+    query: Tokens,
+    context: Tokens,
+    query_rows: torch.Tensor,
+    context_rows: torch.Tensor,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """(P,) ITM match probabilities of the P pairs (query row query_rows[p], context row
+    context_rows[p]). `query` and `context` are the towers' token features of all candidates, on any
+    device; pairs are fused `chunk` at a time on the fusion part's device (memory: one chunk)."""
+    device = next(fusion.parameters()).device
+
+    def rows(t: Tokens, idx: torch.Tensor) -> Tokens:
+        mask = None if t.mask is None else t.mask[idx].to(device)
+        return Tokens(t.tokens[idx].to(device), mask)
+
+    out = [
+        fusion.match_score(
+            fusion(rows(query, query_rows[i : i + chunk]), rows(context, context_rows[i : i + chunk]))
+        ).cpu()
+        for i in range(0, len(query_rows), chunk)
+    ]
+    return torch.cat(out) if out else torch.zeros(0)

@@ -1,7 +1,7 @@
 """Image-text matching (ITM) with in-batch hard negatives (ALBEF, Li et al. 2021, arXiv:2107.07651).
 
-A binary head on the fused [CLS] (`MultimodalModel.fuse`, row 0) tells matched pairs from
-mismatched ones. Each of the M pairs of the batch gives three fused inputs:
+A binary head on the fused [CLS] (`MultimodalModel.fuse`, row 0; the fusion part's `match_head`)
+tells matched pairs from mismatched ones. Each of the M pairs of the batch gives three fused inputs:
 
     (a_i, b_i)         label 1, the positive
     (a_i, b_neg(i))    label 0, b_neg(i) drawn with probability softmax_j(sim[i, j] / t)
@@ -22,10 +22,8 @@ from typing import Any
 import pydantic
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from coalign.data.sample import present_rows
-from coalign.models.fusion import Fusion
 from coalign.models.model import Features
 from coalign.objectives.base import FusedObjective, FusedOptions, paired, paired_tokens, take_rows
 from coalign.registry import OBJECTIVES
@@ -77,12 +75,7 @@ class ITM(FusedObjective):
 
     def __init__(self, cfg: ITMConfig | None = None, **kwargs: Any):
         super().__init__(cfg, **kwargs)
-        self.head: nn.Module | None = None
         self.generator: torch.Generator | None = None  # None: torch's global RNG
-
-    def bind(self, model: nn.Module, transforms: dict[str, Any] | None = None) -> None:
-        super().bind(model, transforms)
-        self.head = nn.Linear(model.fusion.width, 2)  # logits of (mismatch, match)
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         a, b = self.cfg.modalities
@@ -103,7 +96,7 @@ class ITM(FusedObjective):
         labels = torch.zeros(ia.shape[0], dtype=torch.long, device=sim.device)
         labels[:M] = 1
         fused = self.model.fuse({a: take_rows(ta, ia), b: take_rows(tb, ib)})
-        logits = self.head(Fusion.cls(fused)).float()  # (P, 2)
+        logits = self.model.fusion.match_logits(fused)  # (P, 2): the fusion part's matching head
         loss = F.cross_entropy(logits, labels.to(logits.device))
         accuracy = (logits.argmax(-1) == labels.to(logits.device)).float().mean()
         return {"itm_loss": loss, "accuracy": accuracy.detach()}

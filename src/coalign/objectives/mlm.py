@@ -28,15 +28,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from coalign.data.sample import present_rows
-from coalign.models.model import Features
+from coalign.models.ema import EMA
+from coalign.models.model import Features, MultimodalModel
 from coalign.objectives.base import FusedObjective, FusedOptions, paired_tokens
+from coalign.objectives.momentum import (
+    MomentumOptions,
+    clear_momentum_cache,
+    momentum_features,
+    momentum_model,
+    soft_kl,
+)
 from coalign.registry import OBJECTIVES, ConfigError
 
 IGNORE = -100  # the label of a position that is not predicted (F.cross_entropy's ignore_index)
 
 
-class MLMConfig(FusedOptions):
+class MLMConfig(FusedOptions, MomentumOptions):
     masked: str = "text"  # the modality whose ids are masked: the fusion part's query tower
+    # ALBEF's momentum distillation: loss = (1 - alpha) CE + alpha KL(momentum model's prediction ||
+    # the model's), per chosen position; 0: no momentum model. `momentum`: its EMA decay.
+    alpha: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
     mask_prob: float = pydantic.Field(0.15, gt=0, lt=1)  # chance that a word token is chosen
     mask_token: float = pydantic.Field(0.8, ge=0, le=1)  # of the chosen: replaced by the mask vector
     random_token: float = pydantic.Field(0.1, ge=0, le=1)  # of the chosen: replaced by a random word
@@ -86,19 +97,32 @@ def mask_tokens(
     return Masked(replaced, use_mask, torch.where(chosen, ids, torch.full_like(ids, IGNORE)))
 
 
+def mlm_logits(head: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, blocked: torch.Tensor):
+    """(n, V) float logits of the n positions with a label (blocked ids: -inf). Only the chosen
+    positions go through the head: (n, V), not (M, L, V)."""
+    return head(tokens[labels != IGNORE]).float().masked_fill(blocked, float("-inf"))
+
+
 def mlm_loss(
-    head: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, blocked: torch.Tensor
+    head: nn.Module,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    blocked: torch.Tensor,
+    soft: torch.Tensor | None = None,
+    alpha: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy, accuracy) over the positions with a label. tokens (M, L, D) fused query
-    tokens; labels (M, L); blocked (V,) bool: ids never predicted (their logits are -inf). Only the
-    chosen positions go through the head: (n, V) logits, not (M, L, V)."""
-    chosen = labels != IGNORE  # (M, L)
-    logits = head(tokens[chosen]).float().masked_fill(blocked, float("-inf"))  # (n, V)
-    target = labels[chosen]  # (n,)
-    n = target.shape[0]
+    """(loss, accuracy) over the positions with a label. tokens (M, L, D) fused query tokens; labels
+    (M, L); blocked (V,) bool: ids never predicted (their logits are -inf). Without `soft`: the mean
+    cross-entropy. With `soft` (n, V), the momentum model's probabilities at the chosen positions:
+    (1 - alpha) mean CE + alpha mean KL(soft || prediction) (ALBEF's momentum distillation)."""
+    logits = mlm_logits(head, tokens, labels, blocked)  # (n, V)
+    target = labels[labels != IGNORE]  # (n,)
+    n = max(target.shape[0], 1)
     # no chosen position (a batch of one-word captions): 0, still attached to the graph
-    loss = F.cross_entropy(logits, target, reduction="sum") / max(n, 1)
-    accuracy = (logits.argmax(-1) == target).float().sum() / max(n, 1)
+    loss = F.cross_entropy(logits, target, reduction="sum") / n
+    if soft is not None:
+        loss = (1 - alpha) * loss + alpha * soft_kl(logits, soft).sum() / n
+    accuracy = (logits.argmax(-1) == target).float().sum() / n
     return loss, accuracy.detach()
 
 
@@ -113,6 +137,7 @@ class MLM(FusedObjective):
         self.head: nn.Module | None = None
         self.mask_vector: nn.Parameter | None = None
         self.generator: torch.Generator | None = None  # None: torch's global RNG
+        self.owns_momentum = False
 
     def bind(self, model: nn.Module, transforms: dict[str, Any] | None = None) -> None:
         super().bind(model, transforms)
@@ -138,11 +163,28 @@ class MLM(FusedObjective):
         # BERT's prediction head: transform, then a decoder over the vocabulary
         self.head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D), nn.Linear(D, vocab))
 
-    def predict(self, features: dict[str, Features], batch: dict[str, Any]) -> tuple[torch.Tensor, Masked]:
-        """Fused query tokens (M, L, D) of the masked captions with their image, and the masking."""
+        if self.cfg.alpha > 0:
+            momentum_model(self, model, self.cfg.momentum)
+            self.head_momentum = EMA(self._own_parts(), self.cfg.momentum)  # its head and mask vector
+
+    def _own_parts(self) -> nn.Module:
+        """The MLM's own trained parts under stable names (what `head_momentum` follows)."""
+        parts = nn.Module()
+        parts.head, parts.mask_vector = self.head, self.mask_vector
+        return parts
+
+    def after_step(self) -> None:
+        """After each optimizer step: the momentum copies move towards the new weights."""
+        if self.cfg.alpha == 0:
+            return
+        self.head_momentum.update(self._own_parts())
+        if self.owns_momentum:
+            self.momentum.update(self.model)
+            clear_momentum_cache(self.momentum)
+
+    def masking(self, batch: dict[str, Any]) -> Masked:
         text = self.cfg.masked
         other = next(m for m in self.cfg.modalities if m != text)
-        model = self.model
         rows = dict(zip((text, other), present_rows(batch, (text, other)), strict=True))[text]
         ids = batch[text]
         if ids.ndim != 2:
@@ -150,7 +192,7 @@ class MLM(FusedObjective):
                 f"mlm masks single captions (M, L); '{text}' holds {tuple(ids.shape)} (use captions: 1)"
             )
         ids = ids if rows is None else ids[rows.to(ids.device)]  # (M, L)
-        masked = mask_tokens(
+        return mask_tokens(
             ids,
             self.words.to(ids.device),
             self.cfg.mask_prob,
@@ -158,16 +200,44 @@ class MLM(FusedObjective):
             self.cfg.random_token,
             self.generator,
         )
-        tower = model.towers[text]
-        embeds = tower.embed(masked.ids)  # (M, L, D_text)
-        embeds = torch.where(masked.use_mask[..., None], self.mask_vector.to(embeds.dtype), embeds)
+
+    def fused_masked(
+        self,
+        model: MultimodalModel,
+        mask_vector: torch.Tensor,
+        masked: Masked,
+        features: dict[str, Features],
+        batch: dict[str, Any],
+    ) -> torch.Tensor:
+        """Fused query tokens (M, L, D) of the masked captions with their unmasked image, through
+        `model` (the model itself, or its momentum copy with its own mask vector)."""
+        text = self.cfg.masked
+        other = next(m for m in self.cfg.modalities if m != text)
+        embeds = model.towers[text].embed(masked.ids)  # (M, L, D_text)
+        embeds = torch.where(masked.use_mask[..., None], mask_vector.to(embeds.dtype), embeds)
         query = model.features(text, masked.ids, token_embeds=embeds).tokens
         _, context = paired_tokens(features, batch, text, other)  # the unmasked image tokens
         fused = model.fuse({text: query, other: context})
-        return fused.tokens[:, : ids.shape[1]], masked  # the query's rows
+        return fused.tokens[:, : masked.ids.shape[1]]  # the query's rows
+
+    def predict(self, features: dict[str, Features], batch: dict[str, Any]) -> tuple[torch.Tensor, Masked]:
+        """Fused query tokens (M, L, D) of the masked captions with their image, and the masking."""
+        masked = self.masking(batch)
+        return self.fused_masked(self.model, self.mask_vector, masked, features, batch), masked
+
+    @torch.no_grad()
+    def momentum_targets(self, masked: Masked, batch: dict[str, Any]) -> torch.Tensor:
+        """(n, V) the momentum model's probabilities at the chosen positions (the same masking)."""
+        keys = tuple(self.cfg.modalities)
+        shadow, parts = self.momentum.shadow, self.head_momentum.shadow
+        tokens = self.fused_masked(
+            shadow, parts.mask_vector, masked, momentum_features(self.momentum, batch, keys), batch
+        )
+        return torch.softmax(mlm_logits(parts.head, tokens, masked.labels, ~self.words), dim=-1)
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         tokens, masked = self.predict(features, batch)
-        loss, accuracy = mlm_loss(self.head, tokens, masked.labels, ~self.words)
+        soft = self.momentum_targets(masked, batch) if self.cfg.alpha > 0 else None
+        loss, accuracy = mlm_loss(self.head, tokens, masked.labels, ~self.words, soft, self.cfg.alpha)
         chosen = (masked.labels != IGNORE).float().mean()
         return {"mlm_loss": loss, "accuracy": accuracy, "chosen": chosen.detach()}

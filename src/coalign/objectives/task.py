@@ -46,6 +46,14 @@ class Task(nn.Module):
         """Parameter-name prefix -> learning-rate multiplier, for the optimizer's groups."""
         return {f"objectives.{i}.": s.lr_scale for i, s in enumerate(specs) if s.lr_scale != 1.0}
 
+    def after_step(self) -> None:
+        """Called by the loop after each optimizer step: objectives that keep state derived from the
+        weights (a momentum model, an EMA teacher) update it here, through their own `after_step`."""
+        for objective in self.objectives:
+            hook = getattr(objective, "after_step", None)
+            if hook is not None:
+                hook()
+
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """{"loss": weighted sum, "<name>_loss": each loss, "<name>/<metric>": each metric}."""
         return self.loss(self.model(batch), batch)

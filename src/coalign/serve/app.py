@@ -194,15 +194,24 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
             )
 
     def run_search(
-        vectors: np.ndarray, k: int, modality: str, started: float, filter: dict | None = None
+        vectors: np.ndarray,
+        k: int,
+        modality: str,
+        started: float,
+        filter: dict | None = None,
+        rerank: tuple[str, int] | None = None,
     ) -> dict[str, Any]:
         # The filter goes to the index only when given: any object with the SearchIndex methods serves.
         extra = {} if filter is None else {"filter": filter}
-        try:
-            with model_lock:
-                hits = index.search(vectors, k, modality, **extra)[0]
-        except ConfigError as err:  # a label the index does not have
-            raise ApiError(400, "unknown filter label", str(err)) from None
+        with model_lock:
+            try:
+                hits = index.search(vectors, max(k, rerank[1] if rerank else 0), modality, **extra)[0]
+            except ConfigError as err:  # a label the index does not have
+                raise ApiError(400, "unknown filter label", str(err)) from None
+            if rerank is not None:  # (query text, how many hits): ITM re-ranking, search/rerank.py
+                from coalign.search.rerank import rerank_hits
+
+                hits = rerank_hits(index, rerank[0], hits, rerank[1], modality)[:k]
         return {
             "results": [_hit_json(h) for h in hits],
             "took_ms": round((time.perf_counter() - started) * 1e3, 2),
@@ -279,6 +288,15 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
         check_k(req.k)
         check_filter(req.filter)
         modality = target_modality(req.modality)
+        if req.rerank is not None:
+            from coalign.search.rerank import check_rerank
+
+            check_k(req.rerank)
+            try:
+                with model_lock:
+                    check_rerank(index, req.rerank, modality, field == "text")
+            except ConfigError as err:
+                raise ApiError(400, "cannot rerank", str(err)) from None
         if field == "text":
             vectors = encode_texts([req.text])
         elif field == "image":
@@ -295,7 +313,8 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
                 raise ApiError(422, "vector must hold embed_dim finite numbers, not all zero", detail)
             vec = vec / peak
             vectors = (vec / np.linalg.norm(vec)).astype(np.float32)  # unit vectors: scores are cosines
-        return run_search(vectors, req.k, modality, started, req.filter)
+        rerank = (req.text, req.rerank) if req.rerank is not None else None
+        return run_search(vectors, req.k, modality, started, req.filter, rerank)
 
     @app.post("/search/image", response_model=SearchResults, responses=errors)
     @_takes(

@@ -181,6 +181,8 @@ def request_models(limits: Limits, modalities: list[str], embed_dim: int):
             )
             | None
         ) = None
+        # Re-rank the top `rerank` hits by the run's image-text matching head (text queries, fusion runs)
+        rerank: K | None = None
 
     return EmbedRequest, SearchRequest
 

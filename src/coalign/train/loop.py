@@ -214,6 +214,7 @@ def train_step(
     average_gradients(state.task, d)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.task.parameters(), cfg.grad_clip or math.inf)
     state.optimizer.step()
+    state.task.after_step()  # momentum models / EMA teachers follow the new weights
     state.scheduler.step()
     state.step += 1
     return StepOutput(out, grad_norm, total)

@@ -1,0 +1,56 @@
+"""EMA: a frozen copy of a module whose weights follow an exponential moving average of the source's.
+
+    shadow <- decay * shadow + (1 - decay) * source        (per parameter, after each optimizer step)
+
+The momentum encoders of MoCo (He et al. 2020) and ALBEF (Li et al. 2021, arXiv:2107.07651), and the
+teachers of BYOL, DINO and data2vec, are all this. The copy is a submodule of whoever holds the EMA,
+so it is saved in checkpoints and moved between devices with it; its parameters have
+`requires_grad=False`, so the optimizer (which takes trainable parameters only) never sees them, and
+clipping and gradient averaging skip them. Buffers (BatchNorm statistics) are copied, not averaged.
+
+The shadow always runs in eval mode: it gives targets, so no dropout and no random patch dropping.
+Who calls `update` decides when it happens: the objectives here do it after each optimizer step
+(`Task.after_step`), so a resumed run updates exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    def __init__(self, source: nn.Module, decay: float):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.shadow = copy.deepcopy(source).requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> EMA:
+        super().train(mode)
+        self.shadow.eval()  # a target, never trained: see the module docstring
+        return self
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.shadow(*args, **kwargs)
+
+    @torch.no_grad()
+    def update(self, source: nn.Module) -> None:
+        """One EMA step towards `source`, a module with the shadow's parameter names."""
+        params = dict(source.named_parameters())
+        mine = list(self.shadow.named_parameters())
+        missing = [n for n, _ in mine if n not in params]
+        if missing:
+            raise KeyError(f"EMA source lacks the shadow's parameters {missing[:5]}")
+        targets = [params[n].detach().to(p.dtype) for n, p in mine]
+        # lerp: shadow + (1 - decay) (source - shadow) = decay shadow + (1 - decay) source, in one pass
+        if mine:
+            torch._foreach_lerp_([p for _, p in mine], targets, 1.0 - self.decay)
+        buffers = dict(source.named_buffers())
+        for name, b in self.shadow.named_buffers():
+            if name in buffers:
+                b.copy_(buffers[name])
