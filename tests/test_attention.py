@@ -14,6 +14,7 @@ def _inputs(seed: int, n: int = 7):
 
 @pytest.mark.parametrize("masked", ["none", "padding", "causal", "empty_row"])
 def test_bf16_attention_matches_sdpa(masked):
+    """Training takes the explicit form (inputs that require grad), checked against fp32 SDPA."""
     q, k, v = _inputs(0)
     valid = torch.ones(3, 7, dtype=torch.bool)
     valid[1, 4:] = False

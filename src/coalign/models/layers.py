@@ -1,7 +1,8 @@
 """Transformer building blocks shared by every encoder. Attention goes through
 `scaled_dot_product_attention`, which picks a fused kernel (flash / memory-efficient) where one exists,
 except for bf16 on the CPU: there PyTorch's flash kernel is several times slower than two matmuls and a
-softmax (its backward most of all), which run on the AMX/AVX-512 matrix units (see `attention`)."""
+softmax when training (its backward most of all), which run on the AMX/AVX-512 matrix units
+(see `attention`)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ def attention(
 
     bf16 on the CPU takes the explicit form: at the sizes trained here (B=128, h=3, N=65, d=64, one
     thread) forward+backward is 124 ms against 641 ms for the flash kernel and 331 ms for SDPA's math
-    path (`benchmarks/train_throughput.py --attention` measures it). It keeps the (B, h, N, N) scores
-    for the backward, which is what makes it fast and why the fused kernels stay for fp32 and CUDA."""
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+    path. It keeps the (B, h, N, N) scores for the backward, which is what makes it fast, and why the
+    fused kernels stay for fp32, for CUDA, and for inference (where the flash forward is the faster)."""
+    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or not backward:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).float()
     if mask is not None:  # finite, not -inf: a row with no key to attend to gives 0, as SDPA does
