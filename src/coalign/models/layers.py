@@ -42,10 +42,12 @@ def attention(
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.device.type != "cpu" or q.dtype != torch.bfloat16 or not backward:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).float()
+    # The scores stay bf16: the softmax kernel accumulates in fp32 and rounds its output to bf16,
+    # which is what a float softmax cast back would give, without two (B, h, N, N) copies each way.
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:  # finite, not -inf: a row with no key to attend to gives 0, as SDPA does
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    weights = scores.softmax(-1).to(v.dtype)
+    weights = scores.softmax(-1)
     if mask is not None:
         weights = weights * mask.any(-1, keepdim=True)
     if dropout:
