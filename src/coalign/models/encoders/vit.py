@@ -26,7 +26,8 @@ class ViTConfig(EncoderConfig):
     mlp_ratio: MlpRatio = 4.0
     dropout: Dropout = 0.0
     pool: Literal["cls", "mean"] = "cls"
-    pos_init: Literal["sincos", "sincos_small", "random"] = "sincos"  # random: CLIP's width**-0.5 normal
+    pos_init: Literal["sincos", "random"] = "sincos"  # random: normal, as CLIP
+    pos_std: float | None = pydantic.Field(None, gt=0)  # RMS of the initial code; None: sincos's own, or width**-0.5
     # FLIP (Li et al. 2023): while training, encode only a random (1 - mask_ratio) of the patches.
     # Compute falls roughly in proportion, so more pairs fit in the same time; evaluation sees all.
     mask_ratio: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
@@ -101,9 +102,9 @@ class ViT(Encoder):
             [torch.zeros(1, cfg.width), sincos_grid(self.grid, self.grid, cfg.width).flatten(0, 1)]
         )
         if cfg.pos_init == "random":
-            pos = torch.randn_like(pos) * cfg.width**-0.5
-        elif cfg.pos_init == "sincos_small":  # the sin-cos code at CLIP's RMS, width**-0.5
-            pos = pos * cfg.width**-0.5 / pos[1:].pow(2).mean().sqrt()
+            pos = torch.randn_like(pos) * (cfg.pos_std or cfg.width**-0.5)
+        elif cfg.pos_std is not None:
+            pos = pos * cfg.pos_std / pos[1:].pow(2).mean().sqrt()
         self.pos_embed = nn.Parameter(pos.unsqueeze(0))  # (1, 1 + P, D)
         self.norm_pre = nn.LayerNorm(cfg.width)
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.dropout)
