@@ -148,6 +148,29 @@ class Encoders:
         return self._batched(self._texts, texts)
 
 
+def flops_per_sample(image_fn, text_fn, images: torch.Tensor, texts: torch.Tensor) -> float:
+    """Training FLOPs per image-text pair (both towers forward and backward), counted by PyTorch's
+    FlopCounterMode (matmuls, convolutions, attention) on a small batch of real inputs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        (image_fn(images).float().sum() + text_fn(texts).float().sum()).backward()
+    return counter.get_total_flops() / len(images)
+
+
+def matmul_peak(precision: str, threads: int, n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of one large square matmul at the run's precision and thread count: the machine's
+    practical matrix peak, measured in the same process as the runs it is compared with."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    x, y = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        x @ y
+    started = time.perf_counter()
+    for _ in range(reps):
+        x @ y
+    return 2 * n**3 * reps / (time.perf_counter() - started)
+
+
 def train_coalign(a, manifest: Path, dataset: Dataset, seed: int, out: Path, runtime: Runtime):
     run_dir = out / f"coalign-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -172,7 +195,14 @@ def train_coalign(a, manifest: Path, dataset: Dataset, seed: int, out: Path, run
         lambda texts: run.model.encode("text", text_t.encode(texts)),
         runtime,
     )
-    return encoders, {"wall_s": wall, "samples_per_s": speed, "losses": losses}
+    paths, captions, _ = read_manifest(manifest, list(dataset.labels))
+    flops = flops_per_sample(
+        lambda x: run.model.encode("image", x),
+        lambda x: run.model.encode("text", x),
+        torch.stack([image_t(p, rng) for p in paths[:8]]),
+        text_t.encode(captions[:8]),
+    )
+    return encoders, {"wall_s": wall, "samples_per_s": speed, "train_flops_per_sample": flops, "losses": losses}
 
 
 def train_openclip(a, manifest: Path, seed: int, out: Path, runtime: Runtime):
@@ -220,7 +250,12 @@ def train_openclip(a, manifest: Path, seed: int, out: Path, runtime: Runtime):
         lambda texts: model.encode_text(tokenizer(texts)),
         runtime,
     )
-    return encoders, {"wall_s": wall, "samples_per_s": speed, "losses": losses}
+    paths, captions, _ = read_manifest(manifest, [])
+    flops = flops_per_sample(
+        model.encode_image, model.encode_text, torch.stack([preprocess(Image.open(p)) for p in paths[:8]]),
+        tokenizer(captions[:8]),
+    )  # fmt: skip
+    return encoders, {"wall_s": wall, "samples_per_s": speed, "train_flops_per_sample": flops, "losses": losses}
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -255,7 +290,7 @@ def evaluate(encoders: Encoders, dataset: Dataset, test: Path) -> dict:
 
 
 def flat(run: dict) -> dict[str, float]:
-    out = {k: run[k] for k in ("samples_per_s", "wall_s", "final_loss")}
+    out = {k: run[k] for k in ("samples_per_s", "wall_s", "final_loss", "fraction_of_matmul_peak")}
     out |= {f"zero_shot/{k}": v for k, v in run["zero_shot"].items()}
     return out | {f"retrieval/{k}": v for k, v in run["retrieval"].items()}
 
@@ -332,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(report, indent=2))
         return report
     runtime = Runtime.create(a.precision)
+    report["machine"]["matmul_peak_flop_per_s"] = matmul_peak(a.precision, a.threads)
     for side in a.sides:
         runs = []
         for seed in a.seeds:
@@ -343,6 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
                 encoders, run = train_openclip(a, train_csv, seed, out, runtime)
             losses = run.pop("losses")
             run["final_loss"] = statistics.fmean(losses[-TAIL:]) if losses else float("nan")
+            achieved = run["samples_per_s"] * run["train_flops_per_sample"]
+            run["achieved_flop_per_s"] = achieved
+            run["fraction_of_matmul_peak"] = achieved / report["machine"]["matmul_peak_flop_per_s"]
             run = {"seed": seed, **run, **evaluate(encoders, dataset, test_csv)}
             print(json.dumps({"side": side, **run}), file=sys.stderr)
             runs.append(run)

@@ -72,3 +72,26 @@ def test_optimizer_groups_decay_and_lr_scales():
     opt = build_optimizer(module, TrainConfig(lr=0.1, weight_decay=0.2), {"objectives.0.": 10.0})
     groups = {(g["weight_decay"], g["lr"]): sum(p.numel() for p in g["params"]) for g in opt.param_groups}
     assert groups == {(0.2, 0.1): 12, (0.0, 0.1): 4, (0.2, 1.0): 4, (0.0, 1.0): 2}
+
+
+def test_fused_adamw_takes_the_foreach_steps():
+    """The trainer's AdamW is the fused kernel on the CPU: the same updates as the foreach form."""
+    from coalign.config import TrainConfig
+    from coalign.train.optim import build_optimizer
+
+    cfg = TrainConfig(lr=0.01, weight_decay=0.1)
+    weights = []
+    for kind in ("built", "foreach"):
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 2))
+        opt = build_optimizer(module, cfg)
+        if kind == "foreach":
+            opt = torch.optim.AdamW(opt.param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+        else:
+            assert opt.defaults["fused"]
+        for step in range(4):
+            module.zero_grad()
+            module(torch.randn(9, 5, generator=torch.Generator().manual_seed(step))).square().sum().backward()
+            opt.step()
+        weights.append(torch.cat([p.detach().flatten() for p in module.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-6, atol=1e-7)

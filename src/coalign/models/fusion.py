@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import pydantic
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
 from coalign.models.encoders.base import Dropout, EncoderConfig, MlpRatio, Positive, Tokens
-from coalign.models.layers import MLP, Attention, Transformer, init_weights, padding_attn_mask
+from coalign.models.layers import MLP, Attention, Transformer, attention, init_weights, padding_attn_mask
 from coalign.registry import FUSION
 
 
@@ -118,8 +117,7 @@ class CrossAttention(nn.Module):
         Nc, h = ctx.shape[1], self.heads
         q = self.q(x).view(B, Nq, h, D // h).transpose(1, 2)  # (B, h, Nq, d)
         k, v = self.kv(ctx).view(B, Nc, 2, h, D // h).permute(2, 0, 3, 1, 4)  # (B, h, Nc, d) each
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, h, Nq, d)
+        y = attention(q, k, v, attn_mask, self.dropout if self.training else 0.0)  # (B, h, Nq, d)
         return self.proj(y.transpose(1, 2).reshape(B, Nq, D))
 
 

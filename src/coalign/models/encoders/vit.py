@@ -33,6 +33,12 @@ class ViTConfig(EncoderConfig):
     norm_pre: bool = True
     act: Activation = "gelu"
     norm_eps: float = pydantic.Field(1e-5, gt=0.0)
+    # The positions' initial code. random (CLIP's normal, std width**-0.5) lets the patch content
+    # dominate each token; 2-D sin-cos at its own RMS (0.71) dominates it, which makes position easy
+    # and shape hard: in benchmarks/vs_openclip.py (512 steps, seed 0) sin-cos gave shape zero-shot
+    # 0.26 (scenes) / 0.21 (world) against 0.39 / 0.52 for random and 0.38 / 0.45 for OpenCLIP.
+    pos_init: Literal["random", "sincos"] = "random"
+    pos_std: float | None = pydantic.Field(None, gt=0)  # RMS of the initial code; None: width**-0.5 or sincos's own
     # FLIP (Li et al. 2023): while training, encode only a random (1 - mask_ratio) of the patches.
     # Compute falls roughly in proportion, so more pairs fit in the same time; evaluation sees all.
     mask_ratio: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
@@ -102,10 +108,14 @@ class ViT(Encoder):
         # clipped run barely moved the rest. CLIP's scale, width ** -0.5, keeps the row at the
         # patch tokens' order of magnitude.
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.width) * cfg.width**-0.5)
-        # Learnable, initialised to 2-D sin-cos (as MAE fixes it): position is usable from step one.
+        # Learnable; initialised as `pos_init` says (2-D sin-cos is MAE's fixed code).
         pos = torch.cat(
             [torch.zeros(1, cfg.width), sincos_grid(self.grid, self.grid, cfg.width).flatten(0, 1)]
         )
+        if cfg.pos_init == "random":
+            pos = torch.randn_like(pos) * (cfg.pos_std or cfg.width**-0.5)
+        elif cfg.pos_std is not None:
+            pos = pos * cfg.pos_std / pos[1:].pow(2).mean().sqrt()
         self.pos_embed = nn.Parameter(pos.unsqueeze(0))  # (1, 1 + P, D)
         self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.norm_pre else nn.Identity()
         self.transformer = Transformer(
