@@ -91,7 +91,10 @@ def vs_openclip(args: argparse.Namespace) -> dict:
         reference = open_clip.create_model(vs.OPENCLIP_MODEL).eval()
         texts["openclip"] = open_clip.get_tokenizer(vs.OPENCLIP_MODEL)(captions[: args.size])
     encoders = {
-        "coalign": {"image": lambda x: run.model.encode("image", x), "text": lambda x: run.model.encode("text", x)},
+        "coalign": {
+            "image": lambda x: run.model.encode("image", x),
+            "text": lambda x: run.model.encode("text", x),
+        },
         "openclip": {"image": reference.encode_image, "text": reference.encode_text},
     }
     inputs = {side: {"image": images, "text": texts[side]} for side in encoders}

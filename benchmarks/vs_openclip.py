@@ -202,7 +202,12 @@ def train_coalign(a, manifest: Path, dataset: Dataset, seed: int, out: Path, run
         torch.stack([image_t(p, rng) for p in paths[:8]]),
         text_t.encode(captions[:8]),
     )
-    return encoders, {"wall_s": wall, "samples_per_s": speed, "train_flops_per_sample": flops, "losses": losses}
+    return encoders, {
+        "wall_s": wall,
+        "samples_per_s": speed,
+        "train_flops_per_sample": flops,
+        "losses": losses,
+    }
 
 
 def train_openclip(a, manifest: Path, seed: int, out: Path, runtime: Runtime):
@@ -255,7 +260,12 @@ def train_openclip(a, manifest: Path, seed: int, out: Path, runtime: Runtime):
         model.encode_image, model.encode_text, torch.stack([preprocess(Image.open(p)) for p in paths[:8]]),
         tokenizer(captions[:8]),
     )  # fmt: skip
-    return encoders, {"wall_s": wall, "samples_per_s": speed, "train_flops_per_sample": flops, "losses": losses}
+    return encoders, {
+        "wall_s": wall,
+        "samples_per_s": speed,
+        "train_flops_per_sample": flops,
+        "losses": losses,
+    }
 
 
 # --------------------------------------------------------------------------------------------- evaluate

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from coalign.models.encoders.vit import random_keep
-from coalign.objectives.mae import NORM_EPS, MAE, mae_loss, patchify
+from coalign.objectives.mae import MAE, NORM_EPS, mae_loss, patchify
 from coalign.objectives.task import Task
 from coalign.registry import ConfigError
 from parts import bad_grads, tiny_batch, tiny_model, transforms_for, world
@@ -20,7 +20,9 @@ def brute_patches(images: np.ndarray, p: int) -> np.ndarray:
     for b in range(B):
         for i in range(H // p):
             for j in range(W // p):
-                values = [images[b, c, i * p + y, j * p + x] for y in range(p) for x in range(p) for c in range(C)]
+                values = [
+                    images[b, c, i * p + y, j * p + x] for y in range(p) for x in range(p) for c in range(C)
+                ]
                 out[b, i * (W // p) + j] = values
     return out
 

@@ -45,7 +45,9 @@ def test_both_sides_train_two_steps_and_report_finite_figures(tmp_path, dataset)
         assert finite(side["mean"]) and finite(side["std"])
     assert set(report["coalign_at_least_openclip"]) == {"shape", "color", "size", "position"}
     # the same architecture on both sides: the same training FLOPs per pair, counted independently
-    coalign, openclip = (report["sides"][s]["runs"][0]["train_flops_per_sample"] for s in ("coalign", "openclip"))
+    coalign, openclip = (
+        report["sides"][s]["runs"][0]["train_flops_per_sample"] for s in ("coalign", "openclip")
+    )
     assert coalign > 0 and math.isclose(coalign, openclip, rel_tol=0.05)
     assert 0 < report["sides"]["coalign"]["runs"][0]["fraction_of_matmul_peak"] < 1
     assert (tmp_path / f"data-{dataset}" / "train.csv").read_text().startswith("filepath,title,")

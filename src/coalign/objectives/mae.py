@@ -62,7 +62,9 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // patch) * (W // patch), patch * patch * C)
 
 
-def mae_loss(pred: torch.Tensor, images: torch.Tensor, keep: torch.Tensor, patch: int, norm_pix: bool) -> torch.Tensor:
+def mae_loss(
+    pred: torch.Tensor, images: torch.Tensor, keep: torch.Tensor, patch: int, norm_pix: bool
+) -> torch.Tensor:
     """Mean over hidden patches of the per-patch mean squared error between `pred` (B, P, p*p*C) and
     the images' patches; `keep` (B, K) are the visible patches, which do not count."""
     target = patchify(images, patch).float()
@@ -92,7 +94,9 @@ class MAE(Objective):
         self.patch = p
         self.embed = nn.Linear(tower.width, c.decoder_width)
         self.mask_token = nn.Parameter(torch.randn(1, 1, c.decoder_width) * 0.02)
-        pos = torch.cat([torch.zeros(1, c.decoder_width), sincos_grid(grid, grid, c.decoder_width).flatten(0, 1)])
+        pos = torch.cat(
+            [torch.zeros(1, c.decoder_width), sincos_grid(grid, grid, c.decoder_width).flatten(0, 1)]
+        )
         self.register_buffer("pos", pos.unsqueeze(0), persistent=False)  # (1, 1 + P, Dd), fixed
         self.decoder = Transformer(c.decoder_width, c.decoder_depth, c.decoder_heads)
         self.head = nn.Linear(c.decoder_width, p * p * 3)

@@ -38,7 +38,9 @@ class ViTConfig(EncoderConfig):
     # and shape hard: in benchmarks/vs_openclip.py (512 steps, seed 0) sin-cos gave shape zero-shot
     # 0.26 (scenes) / 0.21 (world) against 0.39 / 0.52 for random and 0.38 / 0.45 for OpenCLIP.
     pos_init: Literal["random", "sincos"] = "random"
-    pos_std: float | None = pydantic.Field(None, gt=0)  # RMS of the initial code; None: width**-0.5 or sincos's own
+    pos_std: float | None = pydantic.Field(
+        None, gt=0
+    )  # RMS of the initial code; None: width**-0.5 or sincos's own
     # FLIP (Li et al. 2023): while training, encode only a random (1 - mask_ratio) of the patches.
     # Compute falls roughly in proportion, so more pairs fit in the same time; evaluation sees all.
     mask_ratio: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
