@@ -43,7 +43,7 @@ def test_unknown_registry_name_lists_valid_names():
     with pytest.raises(ConfigError) as err:
         load_recipe("demo", ["model.towers.image.encoder=resnet"])
     assert f"valid encoders: {', '.join(ENCODERS.names())}" in str(err.value)
-    assert "text_transformer, vit" in str(err.value)
+    assert {"text_transformer", "vit"} <= set(ENCODERS.names())
 
 
 def test_bad_source_option_value_is_reported_with_path():
