@@ -45,10 +45,15 @@ def transform_for(modality: str) -> str:
     return names[0]
 
 
+# The modality's own built-in tower first: the pretrained wrappers (hf_text, timm) come before
+# them in name order, but are tested by their own files and need weights or an architecture.
+BUILT_IN = ("vit", "text_transformer", "audio_transformer", "point_transformer", "tabular_transformer")
+
+
 def encoder_for(modality: str) -> str:
     names = of_modality(ENCODERS, modality)
     assert names, f"no registered encoder declares modality '{modality}'"
-    return names[0]
+    return next((n for n in BUILT_IN if n in names), names[0])
 
 
 def tiny_transform(name: str, fit_on: Source | None = None, **overrides: Any) -> Transform:

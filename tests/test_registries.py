@@ -165,7 +165,9 @@ def check_fusion(fusion: torch.nn.Module) -> None:
     assert out.mask is not None and out.mask.shape == out.tokens.shape[:2]
     assert torch.equal(out.mask[:, :6], query.mask), "the query's rows keep the query's mask"
     out.tokens[out.mask].square().sum().backward()
-    assert not (bad := bad_grads(fusion, every=True)), bad
+    # the ITM head sits on the fused [CLS] but is not part of fusing: `itm` trains it (test_fusion.py)
+    bad = [b for b in bad_grads(fusion, every=True) if ".match_head." not in b]
+    assert not bad, bad
     fusion.eval()
     with torch.no_grad():
         ref = fusion(query, context)
@@ -294,7 +296,8 @@ def embedded(tmp_path_factory):
     transforms = transforms_for(modalities, train_source, tmp_path_factory.mktemp("eval"))
     for t in transforms.values():
         t.eval()
-    model = tiny_model(transforms).eval()
+    # with an image-text fusion part, for the evaluators that score pairs with it (re-ranking)
+    model = tiny_model(transforms, fusion=tiny_fusion("image", "text")).eval()
     runtime = Runtime.cpu()
     test_source = world(modalities, split="test", size=12)
     eset = embed_eval_set("tiny", model, transforms, test_source, runtime, batch_size=8)

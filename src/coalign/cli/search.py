@@ -209,6 +209,9 @@ def add_search(sub) -> None:
         "--mmap", action="store_true", default=None, help="memory-map the index (default: as indexed)"
     )
     p.add_argument(
+        "--shards", type=int, nargs="+", metavar="PART", help="search only these parts of a sharded index"
+    )
+    p.add_argument(
         "--rerank",
         type=int,
         metavar="K",

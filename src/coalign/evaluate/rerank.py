@@ -127,6 +127,8 @@ def rerank_rows(scores: torch.Tensor, k: int, score_pairs) -> torch.Tensor:
 class RetrievalRerank(Evaluator):
     """Caption <-> sample retrieval, the dual encoder's top k re-ranked by ITM (module docstring)."""
 
+    needs_fusion = True  # scores pairs with the model's ITM fusion part (tests/test_rerank.py)
+
     Config = RerankConfig
     task = "zeroshot_retrieval"
 
@@ -184,6 +186,8 @@ def class_scores(
 @register("zero_shot_rerank")
 class ZeroShotRerank(Evaluator):
     """Zero-shot classification, the dual encoder's top k classes re-ranked by ITM (module docstring)."""
+
+    needs_fusion = True  # scores pairs with the model's ITM fusion part (tests/test_rerank.py)
 
     Config = RerankConfig
     task = "zeroshot_classification"

@@ -28,6 +28,15 @@ _items: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # index -> (sou
 _lock = threading.Lock()
 
 
+def supports_rerank(index) -> bool:
+    """Whether the index's run has a fusion part with a text side (what re-ranking scores pairs with)."""
+    try:
+        fusion = getattr(index._loaded_run().model, "fusion", None)
+    except (AttributeError, OSError, ValueError):  # an index without a loadable run
+        return False
+    return fusion is not None and "text" in (fusion.query, fusion.context)
+
+
 def check_rerank(index: SearchIndex, k: int, modality: str, text_query: bool) -> None:
     """The one check of a re-ranking request, before any work: a clear one-line ConfigError."""
     if k < 1:
@@ -49,8 +58,10 @@ def _source_items(index: SearchIndex):
     with _lock:
         if index not in _items:
             from coalign.build import build_source  # here, so that importing search stays light
+            from coalign.config import SourceSpec
 
-            source = build_source(index.manifest["source"], "manifest.source")
+            spec = index.manifest["source"]
+            source = build_source(SourceSpec(**spec) if isinstance(spec, dict) else spec, "manifest.source")
             rows = pq.read_table(index.index_dir / METADATA, columns=["source_index"]).column(0).to_pylist()
             _items[index] = (source, rows)
         return _items[index]

@@ -135,7 +135,11 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
     limits = limits or Limits()
     token = token or None  # an empty token would let "Bearer " in: treat it as no token
     app = FastAPI(title="coalign search", docs_url=None, redoc_url=None)
-    EmbedRequest, SearchRequest = schemas.request_models(limits, list(index.modalities), int(index.embed_dim))
+    from coalign.search.rerank import supports_rerank
+
+    EmbedRequest, SearchRequest = schemas.request_models(
+        limits, list(index.modalities), int(index.embed_dim), can_rerank=supports_rerank(index)
+    )
     metrics = Metrics()
     # One encode or search at a time: on CPU, parallel requests would only fight over the same cores, and
     # the app stays safe over any object with the SearchIndex methods, thread-safe or not (the tests' fake).
@@ -288,7 +292,7 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
         check_k(req.k)
         check_filter(req.filter)
         modality = target_modality(req.modality)
-        if req.rerank is not None:
+        if getattr(req, "rerank", None) is not None:
             from coalign.search.rerank import check_rerank
 
             check_k(req.rerank)
@@ -313,7 +317,7 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
                 raise ApiError(422, "vector must hold embed_dim finite numbers, not all zero", detail)
             vec = vec / peak
             vectors = (vec / np.linalg.norm(vec)).astype(np.float32)  # unit vectors: scores are cosines
-        rerank = (req.text, req.rerank) if req.rerank is not None else None
+        rerank = (req.text, req.rerank) if getattr(req, "rerank", None) is not None else None
         return run_search(vectors, req.k, modality, started, req.filter, rerank)
 
     @app.post("/search/image", response_model=SearchResults, responses=errors)

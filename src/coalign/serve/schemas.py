@@ -141,8 +141,9 @@ def _described(tp: Any, **schema: Any) -> Any:
 LabelValue = JsonInt | Text  # a label's value in a search filter
 
 
-def request_models(limits: Limits, modalities: list[str], embed_dim: int):
-    """(EmbedRequest, SearchRequest) whose schemas carry this app's limits."""
+def request_models(limits: Limits, modalities: list[str], embed_dim: int, can_rerank: bool = False):
+    """(EmbedRequest, SearchRequest) whose schemas carry this app's limits; `rerank` only where the
+    served run can (`can_rerank`: it has an ITM fusion part), so the schema documents what the model does."""
     QueryText = _described(Text, minLength=1, maxLength=limits.max_text_chars, pattern=NOT_BLANK)
     # "base64-image": base64 of an image file, or a data: URL; that it decodes is checked (400).
     Image64 = _described(Text, format="base64-image")
@@ -181,8 +182,8 @@ def request_models(limits: Limits, modalities: list[str], embed_dim: int):
             )
             | None
         ) = None
-        # Re-rank the top `rerank` hits by the run's image-text matching head (text queries, fusion runs)
-        rerank: K | None = None
+        if can_rerank:  # re-rank the top `rerank` hits by the run's image-text matching head (text queries)
+            rerank: K | None = None
 
     return EmbedRequest, SearchRequest
 
