@@ -254,12 +254,19 @@ class SearchIndex:
             raise ConfigError("the combined query vector is zero; give other weights or combine='sum'")
         return (q / norm)[None].astype(np.float32)
 
-    def _filtered(self, searcher, q: np.ndarray, k: int, modality: str, filter: Any):
-        """(scores, rows) over the items matching `filter` only (coalign.search.filters)."""
+    def _label_index(self) -> LabelIndex:
         with self._lock:
             if self._labels is None:
                 self._labels = LabelIndex(self._meta.column("labels").to_pylist())
-        rows = self._labels.rows(filter)
+        return self._labels
+
+    def label_names(self) -> list[str]:
+        """The labels a filter may name (the served schema lists exactly these)."""
+        return list(self._label_index().codes)
+
+    def _filtered(self, searcher, q: np.ndarray, k: int, modality: str, filter: Any):
+        """(scores, rows) over the items matching `filter` only (coalign.search.filters)."""
+        rows = self._label_index().rows(filter)
         if isinstance(searcher, ShardedIndex):  # a worker: only the rows of its own parts
             starts = np.array(searcher.starts)
             stops = starts + np.array([p.ntotal for p in searcher.parts])

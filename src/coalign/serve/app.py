@@ -210,8 +210,8 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
         with model_lock:
             try:
                 hits = index.search(vectors, max(k, rerank[1] if rerank else 0), modality, **extra)[0]
-            except ConfigError as err:  # a label the index does not have
-                raise ApiError(400, "unknown filter label", str(err)) from None
+            except ConfigError:  # a label no item has: the (schema-valid) filter matches nothing
+                hits = []
             if rerank is not None:  # (query text, how many hits): ITM re-ranking, search/rerank.py
                 from coalign.search.rerank import rerank_hits
 
