@@ -38,9 +38,8 @@ BLOCK = {
 EOT_ID = 49407  # CLIP's <end_of_text>, the highest id: what OpenCLIP's `argmax` pooling finds
 # Options that must keep these values (anything else changes the computation in a way coalign's towers
 # do not express); the message names the option.
-VISION_FIXED = {
+BLOCK_FIXED = {  # the transformer-block options both towers share
     "ls_init_value": None,
-    "attentional_pool": False,
     "block_type": None,
     "qk_norm": False,
     "scaled_cosine_attn": False,
@@ -48,22 +47,19 @@ VISION_FIXED = {
     "scale_attn_inner": False,
     "scale_attn": False,
     "scale_fc": False,
+}
+VISION_FIXED = {
+    **BLOCK_FIXED,
+    "attentional_pool": False,
     "timm_model_name": None,
     "act_kwargs": None,
 }
 TEXT_FIXED = {
-    "ls_init_value": None,
+    **BLOCK_FIXED,
     "embed_cls": False,
     "no_causal_mask": False,
     "proj_bias": False,
     "proj_type": "linear",
-    "block_type": None,
-    "qk_norm": False,
-    "scaled_cosine_attn": False,
-    "scale_heads": False,
-    "scale_attn_inner": False,
-    "scale_attn": False,
-    "scale_fc": False,
     "hf_model_name": None,
     "hf_tokenizer_name": None,
     "tokenizer_mode": None,

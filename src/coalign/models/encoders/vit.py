@@ -111,13 +111,14 @@ class ViT(Encoder):
         # patch tokens' order of magnitude.
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.width) * cfg.width**-0.5)
         # Learnable; initialised as `pos_init` says (2-D sin-cos is MAE's fixed code).
-        pos = torch.cat(
-            [torch.zeros(1, cfg.width), sincos_grid(self.grid, self.grid, cfg.width).flatten(0, 1)]
-        )
         if cfg.pos_init == "random":
-            pos = torch.randn_like(pos) * (cfg.pos_std or cfg.width**-0.5)
-        elif cfg.pos_std is not None:
-            pos = pos * cfg.pos_std / pos[1:].pow(2).mean().sqrt()
+            pos = torch.randn(1 + self.grid**2, cfg.width) * (cfg.pos_std or cfg.width**-0.5)
+        else:
+            pos = torch.cat(
+                [torch.zeros(1, cfg.width), sincos_grid(self.grid, self.grid, cfg.width).flatten(0, 1)]
+            )
+            if cfg.pos_std is not None:
+                pos = pos * cfg.pos_std / pos[1:].pow(2).mean().sqrt()
         self.pos_embed = nn.Parameter(pos.unsqueeze(0))  # (1, 1 + P, D)
         self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.norm_pre else nn.Identity()
         self.transformer = Transformer(
