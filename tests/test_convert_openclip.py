@@ -105,3 +105,13 @@ def test_unconvertible_parts_are_named(tmp_path):
     (tmp_path / "taken" / "mine.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="not an empty folder"):
         import_openclip(config, tmp_path / "m.pt", tmp_path / "taken")
+
+
+def test_an_imported_run_is_not_resumed_but_says_how_to_train_from_it(tmp_path):
+    from coalign.train.loop import train
+
+    model, _, config = make_openclip(tmp_path, "coalign-test-resume", CONFIGS["quickgelu_tok"])
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    import_openclip(config, tmp_path / "m.pt", tmp_path / "run")
+    with pytest.raises(ValueError, match=r"imported \(openclip\).*no optimizer state.*model.init_from"):
+        train(None, tmp_path / "run", resume=True, progress=False)

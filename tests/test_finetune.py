@@ -229,6 +229,17 @@ def test_interpolate_writes_a_run_of_the_mixed_weights(runs, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_a_run_with_weights_only_is_not_resumed_but_says_how_to_train_from_it(runs, tmp_path, capsys):
+    a, b = runs
+    out = tmp_path / "wise"
+    assert main(["interpolate", str(a), str(b), "--alpha", "0.5", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "weight interpolation" in err and "no optimizer state" in err and "model.init_from" in err
+
+
 def test_interpolate_refuses_other_architectures_in_one_line(runs, tmp_path, capsys):
     a, _ = runs
     wide = tmp_path / "wide"

@@ -30,7 +30,7 @@ from coalign.build import (
     init_checkpoint,
     prepare_transforms,
 )
-from coalign.checkpoint import checkpoint_step, clean_partial, latest_checkpoint
+from coalign.checkpoint import checkpoint_step, clean_partial, latest_checkpoint, load_state
 from coalign.config import Recipe, load_recipe, save_resolved
 from coalign.data.collate import batch_size, split_batch
 from coalign.data.loader import train_batches
@@ -103,6 +103,23 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         )
 
 
+def check_resumable(run_dir: Path, checkpoint: Path) -> None:
+    """A checkpoint that no training wrote (an imported model, an interpolation) has weights but no
+    optimizer state to continue: say so and what to do instead, before anything is built."""
+    state = load_state(checkpoint)
+    if "optimizer" in state:
+        return
+    origin = state.get("imported")
+    if isinstance(origin, dict):
+        what = f"imported ({origin.get('format', 'another format')})"
+    else:
+        what = "a weight interpolation" if "interpolation" in state else "not written by training"
+    raise ValueError(
+        f"cannot resume '{run_dir}': its checkpoint is {what} and holds weights only, no optimizer "
+        f"state; to train from it, start a new run with model.init_from={run_dir} --out NEW_RUN"
+    )
+
+
 def setup(
     recipe: Recipe | None,
     run_dir: Path,
@@ -141,6 +158,8 @@ def setup(
     d.barrier()
     if resume:
         checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is not None:
+            check_resumable(run_dir, checkpoint)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
