@@ -96,7 +96,7 @@ def train(data: Path, run: Path, steps: int, seed: int) -> None:
         "--no-progress",
     ]
     print("+", " ".join(cmd[3:]), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, stdout=sys.stderr)  # stdout is the JSON
 
 
 def scores(run: Path) -> dict[str, float]:
@@ -144,7 +144,7 @@ def main() -> None:
         cmd = [*CLI, "data", "filter", str(noisy), str(filtered), "--model", str(out / "runs" / "noisy")]
         cmd += ["--keep-fraction", str(args.keep), "--no-progress"]
         print("+", " ".join(cmd[3:]), file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
     report = json.loads((filtered / "filter_report.json").read_text())
     kept = set(_keys(filtered))
     removed = set(_keys(noisy)) - kept
