@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # vs_openclip, scenes (--vs-openclip)
+
+from machine import describe  # benchmarks/machine.py
 
 from coalign.build import build_source, load_run
 from coalign.config import SourceSpec
@@ -111,7 +112,7 @@ def vs_openclip(args: argparse.Namespace) -> dict:
         out[setting]["ratio"] = {k: round(c[k] / o[k], 3) for k in c}
     out["default"]["precision"] = {side: "bf16" if bf16 else "fp32" for side, bf16 in defaults.items()}
     return {"benchmark": "embed_vs_openclip", "items": len(images), "batch_size": args.batch_size,
-            "machine": vs.machine(), "towers": out}  # fmt: skip
+            "machine": describe(), "towers": out}  # fmt: skip
 
 
 def main() -> None:
@@ -154,7 +155,7 @@ def main() -> None:
     env = {
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
-        "cpu": platform.processor(),
+        "machine": describe(),
         "checkpoint": str(run.checkpoint),
         "embed_dim": run.model.embed_dim,
         "items": args.size,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -29,6 +28,7 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__":
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from machine import describe  # noqa: E402  (benchmarks/machine.py)
 from memory import peak_mb, reset_hwm, rss_mb  # noqa: E402  (benchmarks/memory.py)
 
 from coalign.evaluate.classification import chunked_classification_metrics  # noqa: E402
@@ -98,7 +98,7 @@ def main() -> None:
             {
                 "benchmark": "large_eval",
                 "device": str(device),
-                "cpu": platform.processor() or platform.machine(),
+                "machine": describe(),
                 "threads": torch.get_num_threads(),
                 "images": n_img,
                 "captions": n_cap,

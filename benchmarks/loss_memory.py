@@ -36,12 +36,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
+from machine import describe  # benchmarks/machine.py
 from memory import peak_mb, reset_hwm, rss_mb  # benchmarks/memory.py
 
 VARIANTS = {"siglip": ("plain", "chunked"), "infonce": ("plain", "tiled")}
@@ -179,7 +179,7 @@ def main() -> None:
         "chunk": args.chunk,
         "repeats": args.repeats,
         "malloc_mmap_threshold": args.mmap_threshold or "glibc default",
-        "machine": platform.machine(),
+        "machine": describe(),
         "results": results,
     }
     print(json.dumps(report, indent=2))

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from machine import describe  # benchmarks/machine.py
 
 BASE = ["data.train.size=2048", "eval.evaluators=[]", "train.precision=fp32", "train.log_every=1"]
 
@@ -73,9 +72,7 @@ def main() -> None:
                 "per_rank_batch": args.per_rank,
                 "threads_per_process": int(os.environ.get("OMP_NUM_THREADS", "1")),
                 "cpus": os.cpu_count(),
-                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                "machine": platform.machine(),
-                "torch": torch.__version__,
+                "machine": describe(),
                 "note": "one short run per setting on a shared machine; on the CPU the processes share "
                 "the cores, so weak scaling shows communication overhead, not speed-up",
                 "results": results,

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
 import faiss
 import numpy as np
+from machine import describe  # benchmarks/machine.py
 
 from coalign.search.index import HNSW_M, apply_search_params, build, ivfpq_choice, search_params
 from coalign.search.tune import KINDS, Tuner, table_lines
@@ -185,7 +185,7 @@ def main() -> None:
         "max_build_seconds": args.max_build_seconds,
         "faiss": faiss.__version__,
         "threads": faiss.omp_get_max_threads(),
-        "cpu": platform.processor(),
+        "machine": describe(),
         "data": args.data,
         "queries": args.queries,
     }

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import describe  # benchmarks/machine.py
 
 from coalign.build import build_model, build_source, build_transforms, prepare_transforms
 from coalign.config import load_recipe
 from coalign.data.loader import BatchDataset
 from coalign.data.transforms.base import Pipeline
 from coalign.objectives.task import Task
-from coalign.runtime import Runtime, cpu_has_fast_bf16, default_device
+from coalign.runtime import Runtime, default_device
 from coalign.train.optim import build_optimizer
 
 
@@ -77,10 +77,7 @@ def main() -> None:
                 "batch_size": recipe.data.batch_size,
                 "device": str(default_device()),
                 "threads": torch.get_num_threads(),
-                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                "cpu_fast_bf16": cpu_has_fast_bf16(),
-                "machine": platform.machine(),
-                "torch": torch.__version__,
+                "machine": describe(),
                 "results": results,
             },
             indent=2,

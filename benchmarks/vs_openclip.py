@@ -27,7 +27,6 @@ import contextlib
 import itertools
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -42,13 +41,14 @@ import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
 from scenes import DATASETS, Dataset, export, read_manifest  # noqa: E402
 
 from coalign.build import load_run  # noqa: E402
 from coalign.config import load_recipe  # noqa: E402
 from coalign.evaluate.classification import chunked_classification_metrics  # noqa: E402
 from coalign.evaluate.retrieval import chunked_retrieval_recalls  # noqa: E402
-from coalign.runtime import Runtime, cpu_has_fast_bf16  # noqa: E402
+from coalign.runtime import Runtime  # noqa: E402
 from coalign.train.loop import train  # noqa: E402
 
 SIDES = ("coalign", "openclip")
@@ -314,21 +314,6 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def machine() -> dict:
-    lines = []
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-    return {
-        "cpu": model or platform.processor(),
-        "cpu_flags": sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512f", "avx2"))),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_fast_bf16": cpu_has_fast_bf16(),
-        "torch": torch.__version__,
-    }
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", choices=sorted(DATASETS), default="scenes")
@@ -370,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_csv": str(train_csv),
         "test_csv": str(test_csv),
         "settings": {k: v for k, v in vars(a).items() if k not in ("out", "data_dir", "export_only")},
-        "machine": machine(),
+        "machine": describe(),
         "sides": {},
     }
     if a.export_only:
