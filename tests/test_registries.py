@@ -213,7 +213,8 @@ def objective_setup(
     else:
         transforms = transforms_for(list(dict.fromkeys([*bases, *keys])), source, tmp_path)
     # an objective that reads fused tokens gets a fusion part over the modalities it pairs
-    fusion = tiny_fusion(*cfg.modalities) if needs_fusion(cfg) else None
+    # (of the kind it names, when it needs one kind: M3AE's single stream)
+    fusion = tiny_fusion(*cfg.modalities, getattr(cfg, "fusion_kind", None)) if needs_fusion(cfg) else None
     model = tiny_model(transforms, fusion=fusion)
     objective = OBJECTIVES.create(name, **options)
     objective.bind(model, transforms)

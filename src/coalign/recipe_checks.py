@@ -194,6 +194,11 @@ def _fusion_errors(recipe: Recipe, parsed: dict[str, Any]) -> list[str]:
                 f"objectives.{i}.modalities: {list(cfg.modalities)} are not the towers model.fusion mixes "
                 f"({fusion.query}, {fusion.context})"
             )
+        elif getattr(cfg, "fusion_kind", None) not in (None, recipe.model.fusion.fusion):
+            errors.append(
+                f"model.fusion.fusion: '{spec.name}' (objectives.{i}) needs a '{cfg.fusion_kind}' fusion "
+                f"part, got '{recipe.model.fusion.fusion}'"
+            )
     return errors
 
 

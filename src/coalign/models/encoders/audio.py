@@ -18,6 +18,7 @@ from torch import nn
 
 from coalign.models.encoders.base import Dropout, Encoder, EncoderConfig, MlpRatio, Positive, Tokens
 from coalign.models.layers import Transformer, init_weights, sincos_grid
+from coalign.models.masking import Patches, keep_patches, patchify
 from coalign.registry import ENCODERS
 
 LOG_EPS = 1e-6  # floor of the mel power before the log: silence maps to log(1e-6), not -inf
@@ -144,19 +145,31 @@ class AudioTransformer(Encoder):
             std = x.std(dim=(1, 2), keepdim=True).clamp_min(1e-5)
             return (x - mean) / std
 
-    def forward(self, wave: torch.Tensor) -> Tokens:
-        """wave: (B, T) float waveform at sample_rate, T <= num_samples."""
+    def patches(self, wave: torch.Tensor, targets: bool = False) -> Patches:
+        """wave: (B, T) -> its (B, P, D) spectrogram patch tokens with positions, P = Gf * Gt' in
+        (mel, time) row-major order; with `targets`, each patch's log-mel values (B, P, pf * pt)
+        for masked reconstruction (Audio-MAE)."""
         if wave.shape[1] > self.cfg.num_samples:
             raise ValueError(f"audio of {wave.shape[1]} samples exceeds num_samples {self.cfg.num_samples}")
-        x = self.log_mel(wave).to(self.patch_embed.weight.dtype)  # (B, M, frames)
+        mel = self.log_mel(wave)  # (B, M, frames) float32
         pt = self.cfg.patch[1]
-        x = nn.functional.pad(x, (0, -x.shape[-1] % pt))  # whole time patches; 0 = the mean after scaling
-        x = self.patch_embed(x.unsqueeze(1))  # (B, D, Gf, Gt')
+        mel = nn.functional.pad(mel, (0, -mel.shape[-1] % pt))  # whole time patches; 0 = the mean
+        x = self.patch_embed(mel.to(self.patch_embed.weight.dtype).unsqueeze(1))  # (B, D, Gf, Gt')
         gt = x.shape[-1]  # a shorter clip uses the first positions
         x = (x.permute(0, 2, 3, 1) + self.pos_embed[:, :, :gt]).flatten(1, 2)  # (B, Gf * Gt', D)
+        target = patchify(mel.unsqueeze(1), self.cfg.patch) if targets else None
+        return Patches(x, target, "values", grid=(self.grid[0], gt))
+
+    def encode_patches(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
+        """(B, P, D) patch tokens -> Tokens of the [CLS and] `keep` (B, K) patches (all when None)."""
+        x = keep_patches(x, keep)
         if self.cfg.pool == "cls":
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return Tokens(self.transformer(self.norm_pre(x)), None)  # (B, [1 +] P, D)
+        return Tokens(self.transformer(self.norm_pre(x)), None)  # (B, [1 +] K, D)
+
+    def forward(self, wave: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
+        """wave: (B, T) float waveform at sample_rate, T <= num_samples; keep: optional (B, K) patches."""
+        return self.encode_patches(self.patches(wave).tokens, keep)
 
     def pool(self, out: Tokens) -> torch.Tensor:
         return out.tokens[:, 0] if self.cfg.pool == "cls" else out.tokens.mean(1)

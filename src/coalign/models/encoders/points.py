@@ -19,6 +19,7 @@ from torch import nn
 
 from coalign.models.encoders.base import Dropout, Encoder, EncoderConfig, MlpRatio, Positive, Tokens
 from coalign.models.layers import Transformer, init_weights
+from coalign.models.masking import Patches, keep_patches
 from coalign.registry import ENCODERS
 
 
@@ -165,8 +166,10 @@ class PointTransformer(Encoder):
         rel = patches[..., :3] - centres[:, :, None]
         return centres, torch.cat([rel, patches[..., 3:]], dim=-1)
 
-    def forward(self, points: torch.Tensor) -> Tokens:
-        """points: (B, N, 3 + channels), N >= groups and group_size."""
+    def patches(self, points: torch.Tensor, targets: bool = False) -> Patches:
+        """points: (B, N, 3 + channels), N >= groups and group_size -> (B, G, D) patch tokens with
+        their centres' positions; with `targets`, each patch's k points' xyz relative to its centre
+        (B, G, k, 3), the set Point-MAE reconstructs."""
         expected = 3 + self.cfg.channels
         if points.shape[-1] != expected:
             raise ValueError(
@@ -180,10 +183,20 @@ class PointTransformer(Encoder):
             )
         centres, patches = self.group(points)
         x = self.patch_embed(patches) + self.pos_embed(centres)  # (B, G, D)
+        target = patches[..., :3] if targets else None
+        return Patches(x, target, "set", centres=centres)
+
+    def encode_patches(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
+        """(B, G, D) patch tokens -> Tokens of the [CLS and] `keep` (B, K) patches (all when None)."""
+        x = keep_patches(x, keep)
         if self.cfg.pool == "cls":
             cls = (self.cls_token + self.cls_pos).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
-        return Tokens(self.transformer(self.norm_pre(x)), None)  # (B, [1 +] G, D)
+        return Tokens(self.transformer(self.norm_pre(x)), None)  # (B, [1 +] K, D)
+
+    def forward(self, points: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
+        """points: (B, N, 3 + channels); keep: optional (B, K) indices of the patches to encode."""
+        return self.encode_patches(self.patches(points).tokens, keep)
 
     def pool(self, out: Tokens) -> torch.Tensor:
         return out.tokens[:, 0] if self.cfg.pool == "cls" else out.tokens.mean(1)

@@ -92,13 +92,21 @@ class TextTransformer(Encoder):
         """(B, L) ids -> (B, L, D) input token embeddings, before positions are added."""
         return self.token_embed(ids)
 
-    def forward(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> Tokens:
+    def forward(
+        self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None, hidden: torch.Tensor | None = None
+    ) -> Tokens:
         """ids: (B, L) long, padded with pad_id after the last real token.
 
         `token_embeds` (B, L, D), when given, replaces `embed(ids)`: prompt learning (CoOp) puts
         learnt vectors where words would be. The padding mask still comes from `ids`, so a learnt
-        position must carry a non-pad id."""
+        position must carry a non-pad id.
+
+        `hidden` (B, L) bool, when given, takes tokens out as padding is taken out (M3AE's text
+        masking): no token attends to them and the returned mask marks them False, which is what
+        removing them would give, while the batch stays rectangular (rows hide different counts)."""
         valid = self.real_tokens(ids)  # (B, L)
+        if hidden is not None:
+            valid = valid & ~hidden
         if token_embeds is None:
             token_embeds = self.embed(ids)
         elif token_embeds.shape != (*ids.shape, self.width):

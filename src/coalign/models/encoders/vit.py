@@ -10,6 +10,7 @@ from torch import nn
 
 from coalign.models.encoders.base import Dropout, Encoder, EncoderConfig, MlpRatio, Positive, Tokens
 from coalign.models.layers import Activation, Transformer, init_scaled, sincos_grid
+from coalign.models.masking import Patches, keep_patches, patchify, random_keep
 from coalign.registry import ENCODERS
 
 
@@ -78,13 +79,6 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def random_keep(batch: int, patches: int, mask_ratio: float, device: torch.device) -> torch.Tensor:
-    """(B, K) sorted indices of the patches each sample keeps, K = round(P * (1 - mask_ratio)) >= 1."""
-    k = max(1, round(patches * (1 - mask_ratio)))
-    noise = torch.rand(batch, patches, device=device)
-    return noise.argsort(dim=1)[:, :k].sort(dim=1).values
-
-
 @ENCODERS.register("vit")
 class ViT(Encoder):
     Config = ViTConfig
@@ -126,17 +120,27 @@ class ViT(Encoder):
         )
         init_scaled(self.transformer)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
-        """x: (B, 3, H, W); keep: optional (B, K) indices of patches to keep (FLIP-style masking)."""
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, P, D)
-        x = x + self.pos_embed[:, 1:]
+    def patches(self, x: torch.Tensor, targets: bool = False) -> Patches:
+        """x: (B, 3, H, W) -> its (B, P, D) patch tokens with positions (models/masking.py); with
+        `targets`, each patch's pixels (B, P, p * p * 3) for masked reconstruction."""
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]  # (B, P, D)
+        p = self.cfg.patch_size
+        target = patchify(x, (p, p)) if targets else None
+        return Patches(tokens, target, "values", grid=(self.grid, self.grid))
+
+    def encode_patches(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
+        """(B, P, D) patch tokens -> Tokens of the CLS and the `keep` (B, K) patches (all when None;
+        FLIP's random subset when training with `mask_ratio`)."""
         if keep is None and self.training and self.cfg.mask_ratio > 0:
             keep = random_keep(x.shape[0], x.shape[1], self.cfg.mask_ratio, x.device)
-        if keep is not None:
-            x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        x = keep_patches(x, keep)  # (B, K, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = self.norm_pre(torch.cat([cls, x], dim=1))
-        return Tokens(self.transformer(x), None)  # (B, 1 + P, D)
+        return Tokens(self.transformer(x), None)  # (B, 1 + K, D)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> Tokens:
+        """x: (B, 3, H, W); keep: optional (B, K) indices of patches to keep (FLIP-style masking)."""
+        return self.encode_patches(self.patches(x).tokens, keep)
 
     def pool(self, out: Tokens) -> torch.Tensor:
         return out.tokens[:, 0] if self.cfg.pool == "cls" else out.tokens[:, 1:].mean(1)
