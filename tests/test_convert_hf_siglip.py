@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 transformers = pytest.importorskip("transformers")
 
@@ -245,15 +246,17 @@ def test_a_run_with_a_part_siglip_lacks_is_refused_by_name(siglip_run, tmp_path,
 
     changed = tmp_path / "run"
     shutil.copytree(siglip_run, changed)
-    recipe = changed / "recipe.yaml"
-    recipe.write_text(recipe.read_text().replace("norm_pre: false", "norm_pre: true"))
+    path = changed / "recipe.yaml"
+    recipe = yaml.safe_load(path.read_text())
+    recipe["model"]["towers"]["text"]["causal"] = True  # no tensor of its own: the run still loads
+    path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(
-        ConversionError, match="model.towers.image.norm_pre is True; Hugging Face SigLIP needs False"
+        ConversionError, match="model.towers.text.causal is True; Hugging Face SigLIP needs False"
     ):
         export_hf(changed, tmp_path / "out")
     assert main(["export", "hf", str(changed), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "model.towers.image.norm_pre" in err
+    assert err.count("\n") == 0 and "model.towers.text.causal" in err
     assert not (tmp_path / "out").exists()
 
 
