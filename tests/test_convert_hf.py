@@ -176,9 +176,9 @@ def test_a_part_without_a_hugging_face_form_is_refused_by_name(tiny_run, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_siglip_folder_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip"}))
-    with pytest.raises(ConversionError, match="'siglip'"):
+def test_another_model_type_is_refused(tmp_path):  # SigLIP converts: test_convert_hf_siglip.py
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "blip"}))
+    with pytest.raises(ConversionError, match="'blip' model; Hugging Face CLIP and SigLIP"):
         import_hf(tmp_path, tmp_path / "run")
 
 

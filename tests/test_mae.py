@@ -103,6 +103,23 @@ def test_clip_and_mae_train_one_tower_and_the_decoder(parts):
     assert any(k.startswith("objectives.1.decoder.") for k in task.state_dict())
 
 
+def test_a_checkpoint_from_before_the_decoder_part_still_loads(parts):
+    """Runs saved with the decoder's tensors directly under the objective (before 2026-12-02)."""
+    transforms, _ = parts
+    from coalign.config import ObjectiveSpec
+
+    specs = [ObjectiveSpec(name="clip"), ObjectiveSpec(name="mae", **MAE.Config.tiny())]
+    torch.manual_seed(0)
+    saved = Task.from_specs(tiny_model(transforms), specs, transforms).state_dict()
+    old = {k.replace("objectives.1.decoder.", "objectives.1.", 1): v for k, v in saved.items()}
+    assert "objectives.1.mask_token" in old and "objectives.1.decoder.mask_token" not in old
+    torch.manual_seed(1)
+    task = Task.from_specs(tiny_model(transforms), specs, transforms)
+    task.load_state_dict(old)  # strict
+    for k, v in task.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
 def test_mae_needs_a_patch_tower(parts):
     transforms, _ = parts
     model = tiny_model(transforms)

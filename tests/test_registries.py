@@ -88,11 +88,12 @@ def test_encoder(name):
 
 @pytest.mark.parametrize("name", HEADS.names())
 def test_head(name):
-    head = HEADS.get(name)(32, 16)
+    out = 32 if getattr(HEADS.get(name), "square", False) else 16  # square: width == embed_dim only
+    head = HEADS.get(name)(32, out)
     x = torch.randn(5, 32, requires_grad=True)
     y = head(x)
-    assert y.shape == (5, 16) and torch.isfinite(y).all()
-    assert head(torch.randn(2, 7, 32)).shape == (2, 7, 16), "heads map the last dimension (tokens too)"
+    assert y.shape == (5, out) and torch.isfinite(y).all()
+    assert head(torch.randn(2, 7, 32)).shape == (2, 7, out), "heads map the last dimension (tokens too)"
     y.square().sum().backward()
     assert not (bad := bad_grads(head, every=True)), bad
 

@@ -25,7 +25,7 @@ def add_import(sub) -> None:
     oc.add_argument("--name", help="the run's name (default: OUT's folder name)")
     oc.add_argument("out", type=Path, help="new run folder")
     oc.set_defaults(func=cmd_import_openclip)
-    hf = kinds.add_parser("hf", help="a local transformers CLIPModel folder")
+    hf = kinds.add_parser("hf", help="a local transformers CLIPModel or SiglipModel folder")
     hf.add_argument("folder", type=Path, help="folder with config.json, weights and tokenizer files")
     hf.add_argument("--name", help="the run's name (default: OUT's folder name)")
     hf.add_argument("out", type=Path, help="new run folder")
@@ -40,7 +40,7 @@ def add_export(sub) -> None:
     )
     kinds = p.add_subparsers(dest="format", required=True)
     hf = kinds.add_parser(
-        "hf", help="a folder transformers.CLIPModel.from_pretrained loads, tokenizer included"
+        "hf", help="a folder transformers.CLIPModel or SiglipModel.from_pretrained loads (tokenizer too)"
     )
     hf.add_argument("run", type=Path, help="run folder or checkpoint folder")
     hf.add_argument("out", type=Path, help="new folder")
@@ -79,7 +79,7 @@ def cmd_import_hf(args) -> int:
         run = import_hf(args.folder, args.out, args.name)
     except ImportError as err:
         raise _needs(err) from None
-    return _said(run.run_dir, "imported Hugging Face CLIP model into run")
+    return _said(run.run_dir, "imported Hugging Face model into run")
 
 
 def cmd_export_hf(args) -> int:
@@ -89,7 +89,7 @@ def cmd_export_hf(args) -> int:
         out = export_hf(args.run, args.out)
     except ImportError as err:
         raise _needs(err) from None
-    return _said(out, "wrote Hugging Face CLIPModel folder")
+    return _said(out, "wrote Hugging Face model folder")
 
 
 def cmd_export_onnx(args) -> int:

@@ -1,5 +1,6 @@
 """Hugging Face CLIP in and out: a local `transformers` CLIPModel folder (config.json, weights,
-tokenizer files, preprocessor_config.json) <-> a coalign run.
+tokenizer files, preprocessor_config.json) <-> a coalign run; SigLIP's in `hf_siglip.py`, which the
+two entry points here hand a SigLIP folder or run to.
 
 The towers correspond one to one: HF's `pre_layrnorm` is the ViT's `norm_pre`, `post_layernorm`
 (applied to the class token) its final norm, `final_layer_norm` the text tower's, q/k/v projections
@@ -9,8 +10,6 @@ does with `eos_id`. A coalign part with no HF counterpart (a conv stem, mean poo
 projection with a bias, an MLP head, a tokenizer other than CLIP's, ...) is refused by name before
 anything is written.
 
-SigLIP is not converted: HF's SiglipModel pools images with a multi-head attention head and projects
-text with a biased linear layer, which coalign's towers do not have.
 """
 
 from __future__ import annotations
@@ -134,15 +133,21 @@ def weights_from_hf(
 # ------------------------------------------------------------------------------------------- export
 
 
+def hf_towers(recipe, family: str) -> None:
+    """An image and a text tower and nothing else, as Hugging Face's CLIP and SigLIP have."""
+    towers = recipe.model.towers
+    if set(towers) != {"image", "text"} or recipe.model.fusion is not None:
+        raise ConversionError(
+            f"Hugging Face {family} has an image and a text tower only; this run has {sorted(towers)}"
+            + (" and a fusion part" if recipe.model.fusion is not None else "")
+        )
+
+
 def hf_config(run: LoadedRun) -> dict[str, Any]:
     """CLIPConfig keyword arguments for a run, or ConversionError naming the part that has no HF form."""
     recipe = run.recipe
     towers = recipe.model.towers
-    if set(towers) != {"image", "text"} or recipe.model.fusion is not None:
-        raise ConversionError(
-            f"Hugging Face CLIP has an image and a text tower only; this run has {sorted(towers)}"
-            + (" and a fusion part" if recipe.model.fusion is not None else "")
-        )
+    hf_towers(recipe, "CLIP")
     if recipe.model.head != "linear":
         raise ConversionError(
             f"model.head '{recipe.model.head}': Hugging Face CLIP projects with a linear map"
@@ -160,12 +165,14 @@ def hf_config(run: LoadedRun) -> dict[str, Any]:
             )
     checks = {
         "model.towers.image.stem": (image.stem, "patch"),
+        "model.towers.image.class_token": (image.class_token, True),
         "model.towers.image.pool": (image.pool, "cls"),
         "model.towers.image.patch_bias": (image.patch_bias, False),
         "model.towers.image.norm_pre": (image.norm_pre, True),
         "model.towers.text.causal": (text.causal, True),
         "model.towers.text.pool": (text.pool, "eos"),
         "model.towers.text.eos_id": (text.eos_id, run.transforms["text"].eot),
+        "model.towers.text.pooled_proj": (text.pooled_proj, False),
     }
     for where, (got, need) in checks.items():
         if got != need:
@@ -223,21 +230,26 @@ def preprocessor_config(run: LoadedRun) -> dict[str, Any]:
 
 
 def export_hf(run_path: Path, out: Path) -> Path:
-    """Write the run as a CLIPModel folder: config.json, model.safetensors, the tokenizer's files
-    (vocab.json, merges.txt, tokenizer.json, ...) and preprocessor_config.json."""
+    """Write the run as a CLIPModel folder (config.json, model.safetensors, the tokenizer's files:
+    vocab.json, merges.txt, tokenizer.json, ...; preprocessor_config.json), or as a SiglipModel folder
+    when its towers are SigLIP's (`hf_siglip.py`)."""
     out = Path(out)
     check_out(out)
     transformers = _transformers()
     run = load_run(run_path)
+    from coalign.convert.hf_siglip import export_siglip, is_siglip
+
+    if is_siglip(run):
+        return export_siglip(run, out, transformers)
     config = transformers.CLIPConfig(**hf_config(run))
     image, text = run.model.towers["image"].cfg, run.model.towers["text"].cfg
     weights = weights_to_hf(run.model.state_dict(), image.depth, text.depth)
     weights["logit_scale"] = logit_scale(run)
     model = transformers.CLIPModel(config)
     model.load_state_dict(weights, strict=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    pre = preprocessor_config(run)
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer = transformers.CLIPTokenizer(
             vocab=str(run.run_dir / VOCAB_FILE),
@@ -247,7 +259,18 @@ def export_hf(run_path: Path, out: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         for name in (VOCAB_FILE, MERGES_FILE):  # the slow tokenizer's files too, byte for byte
             shutil.copyfile(run.run_dir / name, tmp / name)
-        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(run), indent=2) + "\n")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+
+    return write_folder(out, fill)
+
+
+def write_folder(out: Path, fill) -> Path:
+    """`fill(tmp)` writes the files into a hidden folder beside OUT, renamed to OUT once complete
+    (so a failed export leaves nothing behind); OUT must be new or empty (`check_out`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        fill(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -271,16 +294,21 @@ def logit_scale(run: LoadedRun) -> torch.Tensor:
 
 
 def import_hf(folder: Path, out: Path, name: str | None = None) -> LoadedRun:
-    """A local CLIPModel folder -> a coalign run (its weights, tokenizer and preprocessing)."""
+    """A local CLIPModel or SiglipModel folder -> a coalign run (its weights, tokenizer and
+    preprocessing)."""
     folder, transformers = Path(folder), _transformers()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"'{folder}' has no config.json; is it a Hugging Face model folder?")
     check_out(Path(out))
     raw = json.loads((folder / "config.json").read_text())
+    if raw.get("model_type") == "siglip":
+        from coalign.convert.hf_siglip import import_siglip
+
+        return import_siglip(folder, Path(out), name, transformers)
     if raw.get("model_type") != "clip":
         raise ConversionError(
-            f"'{folder}' holds a '{raw.get('model_type')}' model; only Hugging Face CLIP (model_type 'clip') "
-            "converts (SigLIP's attention-pooling head has no coalign equivalent)"
+            f"'{folder}' holds a '{raw.get('model_type')}' model; Hugging Face CLIP and SigLIP "
+            "(model_type 'clip', 'siglip') convert"
         )
     vocab_dir = vocabulary_folder(folder)
     config = transformers.CLIPConfig.from_pretrained(folder)
@@ -302,21 +330,10 @@ def import_hf(folder: Path, out: Path, name: str | None = None) -> LoadedRun:
             "norm_eps": cfg.layer_norm_eps,
         }
 
-    pre = (
-        json.loads((folder / "preprocessor_config.json").read_text())
-        if (folder / "preprocessor_config.json").is_file()
-        else {}
-    )
     size = v.image_size
-    crop = pre.get("do_center_crop", True)
-    image_t = {
-        "transform": "image_crop",
-        "size": size,
-        "resize": "shortest" if crop else "squash",
-        "interpolation": {3: "bicubic", 2: "bilinear"}.get(pre.get("resample", 3), "bicubic"),
-        "mean": list(pre.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
-        "std": list(pre.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-    }
+    image_t = read_preprocessing(
+        folder, size, True, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    )
     recipe = {
         "name": name or Path(out).name,
         "data": placeholder_data(
@@ -358,6 +375,22 @@ def import_hf(folder: Path, out: Path, name: str | None = None) -> LoadedRun:
     finally:
         if vocab_dir != folder:  # written from tokenizer.json for the run to copy
             shutil.rmtree(vocab_dir, ignore_errors=True)
+
+
+def read_preprocessing(folder: Path, size: int, crop: bool, mean, std) -> dict[str, Any]:
+    """The `image_crop` transform for the folder's preprocessor_config.json; where it is silent, the
+    model family's defaults (CLIP: shortest side + centre crop; SigLIP: squashed, mean/std 0.5)."""
+    path = folder / "preprocessor_config.json"
+    pre = json.loads(path.read_text()) if path.is_file() else {}
+    crop = pre.get("do_center_crop", crop)
+    return {
+        "transform": "image_crop",
+        "size": size,
+        "resize": "shortest" if crop else "squash",
+        "interpolation": {3: "bicubic", 2: "bilinear"}.get(pre.get("resample", 3), "bicubic"),
+        "mean": list(pre.get("image_mean", mean)),
+        "std": list(pre.get("image_std", std)),
+    }
 
 
 def vocabulary_folder(folder: Path) -> Path:

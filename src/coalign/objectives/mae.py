@@ -216,6 +216,15 @@ class MAE(Objective):
             centres=probe.centres is not None,
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        # Runs saved before the decoder became its own part (2026-12-01) hold its tensors directly
+        # under the objective (`embed`, `mask_token`, `decoder.<layers>`, `head`): move them under
+        # `decoder.` so those checkpoints still load and resume.
+        if prefix + "mask_token" in state_dict:
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                state_dict[prefix + "decoder." + key[len(prefix) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def reconstruct(
         self, x: Any, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, Patches, torch.Tensor]:

@@ -34,7 +34,13 @@ class TextConfig(EncoderConfig):
     mlp_ratio: MlpRatio = 4.0
     dropout: Dropout = 0.0
     causal: bool = False
-    pool: Literal["eos", "mean", "first"] = "eos"  # eos: the last real token, as CLIP
+    # eos: the last real token, as CLIP. last: the final position of the fixed-length sequence,
+    # padding included, and every position attends to all the others (pads too): SigLIP, whose
+    # tokenizer pads every caption to context_length, trains so and pools position -1.
+    pool: Literal["eos", "mean", "first", "last"] = "eos"
+    # A Linear(width, width) with bias on the pooled vector, inside the tower (SigLIP's text `head`;
+    # the model's head then passes it through: `model.head: identity`).
+    pooled_proj: bool = False
     # A row's real tokens end at its first `eos_id` (inclusive) when set, whatever the ids after it:
     # CLIP's tokenizer pads with id 0, which is also a word ("!"), so padding cannot tell where a
     # caption ends. Unset: the tokens that are not pad_id are the real ones.
@@ -87,6 +93,10 @@ class TextTransformer(Encoder):
         )
         nn.init.normal_(self.token_embed.weight, std=0.02)
         init_scaled(self.transformer)
+        if cfg.pooled_proj:
+            self.proj = nn.Linear(cfg.width, cfg.width)
+            nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
+            nn.init.zeros_(self.proj.bias)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> (B, L, D) input token embeddings, before positions are added."""
@@ -115,14 +125,24 @@ class TextTransformer(Encoder):
                 f"got {tuple(token_embeds.shape)}"
             )
         x = token_embeds + self.pos_embed[:, : ids.shape[1]]
-        x = self.transformer(x, padding_attn_mask(valid, self.cfg.causal))
+        if self.cfg.pool == "last":  # the whole padded sequence is the input (see `pool`)
+            every = torch.ones_like(valid)
+            x = self.transformer(x, padding_attn_mask(every, True) if self.cfg.causal else None)
+        else:
+            x = self.transformer(x, padding_attn_mask(valid, self.cfg.causal))
         return Tokens(x, valid)
 
     def pool(self, out: Tokens) -> torch.Tensor:
+        pooled = self._pooled(out)  # (B, D)
+        return self.proj(pooled) if self.cfg.pooled_proj else pooled
+
+    def _pooled(self, out: Tokens) -> torch.Tensor:
         if self.cfg.pool == "mean":
             return masked_mean(out.tokens, out.mask)
         if self.cfg.pool == "first":
             return out.tokens[:, 0]
+        if self.cfg.pool == "last":
+            return out.tokens[:, -1]
         last = out.mask.long().sum(1).clamp_min(1) - 1  # (B,) index of the last real token
         return out.tokens[torch.arange(out.tokens.shape[0], device=last.device), last]
 
