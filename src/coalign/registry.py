@@ -89,7 +89,7 @@ PACKAGES = (
     "coalign.data.transforms",
     "coalign.data",  # world.py
     "coalign.models.encoders",
-    "coalign.models",  # heads.py, fusion.py
+    "coalign.models",  # heads.py, fusion.py, decoder.py
     "coalign.objectives",
     "coalign.evaluate",
 )
@@ -190,6 +190,7 @@ TRANSFORMS: Registry = Registry("transform")
 ENCODERS: Registry = Registry("encoder")
 HEADS: Registry = Registry("head")
 FUSION: Registry = Registry("fusion")  # parts that mix two towers' tokens (models/fusion.py)
+DECODERS: Registry = Registry("decoder")  # caption decoders over a text and an image tower (models/decoder.py)
 OBJECTIVES: Registry = Registry("objective")
 EVALUATORS: Registry = Registry("evaluator")
 
@@ -199,6 +200,7 @@ ALL = {
     "encoders": ENCODERS,
     "heads": HEADS,
     "fusion": FUSION,
+    "decoders": DECODERS,
     "objectives": OBJECTIVES,
     "evaluators": EVALUATORS,
 }
