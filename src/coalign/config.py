@@ -15,7 +15,15 @@ import pydantic
 import yaml
 
 from coalign.recipe_checks import part_errors
-from coalign.registry import DECODERS, ENCODERS, FUSION, SOURCES, ConfigError, StrictModel, format_validation_error
+from coalign.registry import (
+    DECODERS,
+    ENCODERS,
+    FUSION,
+    SOURCES,
+    ConfigError,
+    StrictModel,
+    format_validation_error,
+)
 
 
 class Part(pydantic.BaseModel):

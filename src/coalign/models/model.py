@@ -12,8 +12,8 @@ from torch import nn
 
 from coalign.config import ModelConfig, TowerSpec
 from coalign.data.sample import base_modality
-from coalign.models.encoders.base import Encoder, Tokens, fill_inputs, input_mismatches
 from coalign.models.decoder import Decoder
+from coalign.models.encoders.base import Encoder, Tokens, fill_inputs, input_mismatches
 from coalign.models.fusion import Fusion
 from coalign.models.lock import FeatureCache, apply_lock, frozen_modules
 from coalign.registry import DECODERS, ENCODERS, FUSION, HEADS, ConfigError
@@ -105,7 +105,9 @@ class MultimodalModel(nn.Module):
             if bad:
                 raise ConfigError(f"model.decoder.{bad[0]}")
             if text in towers and not getattr(getattr(towers[text], "cfg", None), "causal", False):
-                raise ConfigError(f"model.decoder: the '{text}' tower must be a causal text tower (causal: true)")
+                raise ConfigError(
+                    f"model.decoder: the '{text}' tower must be a causal text tower (causal: true)"
+                )
             options = fill_inputs(config_cls, cfg.decoder.options(), inputs.get(text, {}))
             parsed = DECODERS.validate(cfg.decoder.decoder, options, "model.decoder")
             decoder = DECODERS.get(cfg.decoder.decoder)(parsed, {m: t.width for m, t in towers.items()})

@@ -84,7 +84,8 @@ class Caption(Objective):
         ids = batch.get(text)
         if isinstance(ids, torch.Tensor) and ids.ndim != 2:
             raise ValueError(
-                f"caption trains on single captions (M, L); '{text}' holds {tuple(ids.shape)} (use captions: 1)"
+                f"caption trains on single captions (M, L); '{text}' holds {tuple(ids.shape)} "
+                "(use captions: 1)"
             )
         tt, ti = paired_tokens(features, batch, text, image)  # (M, L, Dt), (M, Ni, Di)
         rows = present_rows(batch, (text, image))[0]
