@@ -333,8 +333,11 @@ def embedded(tmp_path_factory):
     transforms = transforms_for(modalities, train_source, tmp_path_factory.mktemp("eval"))
     for t in transforms.values():
         t.eval()
-    # with an image-text fusion part, for the evaluators that score pairs with it (re-ranking)
-    model = tiny_model(transforms, fusion=tiny_fusion("image", "text")).eval()
+    # with an image-text fusion part, for the evaluators that score pairs with it (re-ranking),
+    # and a caption decoder, for the evaluators that generate captions with it
+    model = tiny_model(
+        transforms, fusion=tiny_fusion("image", "text"), decoder=tiny_decoder("image", "text")
+    ).eval()
     runtime = Runtime.cpu()
     test_source = world(modalities, split="test", size=12)
     eset = embed_eval_set("tiny", model, transforms, test_source, runtime, batch_size=8)
