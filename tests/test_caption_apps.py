@@ -156,3 +156,18 @@ def test_no_caption_route_without_a_decoder(tiny_run, tmp_path):
     assert client.post("/caption", json={"image": "x"}).status_code == 404
     assert "/caption" not in client.get("/openapi.json").json()["paths"]
 
+
+def test_report_has_a_captions_section_only_with_a_decoder(coca_run, tiny_run, tmp_path):
+    import re
+
+    from coalign.evaluate.report import write_report
+
+    page = write_report(coca_run, tmp_path / "coca.html", examples=3).read_text()
+    found = dict(re.findall(r'<section id="([^"]+)"><h2>[^<]*</h2>(.*?)</section>', page, flags=re.S))
+    assert list(found)[-2:] == ["captions", "recipe"] and 'href="#captions"' in page
+    body = found["captions"]
+    assert 'class="missing' not in body, body[:300]
+    assert body.count('class="query captioned"') == 3 and body.count("<img") == 3
+    assert body.count("generated: “") == 3 and "<li>" in body  # generated and reference captions
+    plain = write_report(tiny_run, tmp_path / "demo.html").read_text()
+    assert 'id="captions"' not in plain and 'href="#captions"' not in plain
