@@ -81,7 +81,8 @@ def test_scores_are_the_models_log_probabilities_and_specials_are_never_generate
 
 
 def test_beam_search_scores_at_least_greedy(untrained, overfit):
-    for model, transforms, images in (untrained, overfit):
+    trained, trained_transforms, batch = overfit
+    for model, transforms, images in (untrained, (trained, trained_transforms, batch["image"])):
         captioner = Captioner.of(model, transforms["text"])
         greedy = captioner.generate(images, Decoding())
         for width in (2, 4):

@@ -44,7 +44,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     # every argument checked before the model loads
     decoding = Decoding(
-        beam=args.beam or 1,
+        beam=1 if args.beam is None else args.beam,
         top_p=args.top_p,
         temperature=args.temperature,
         max_length=args.max_length,
