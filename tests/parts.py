@@ -22,7 +22,7 @@ from coalign.data.sources.base import Source
 from coalign.data.transforms.base import Pipeline, Transform
 from coalign.models.encoders.base import Encoder, fill_inputs
 from coalign.models.model import MultimodalModel
-from coalign.registry import ENCODERS, FUSION, SOURCES, TRANSFORMS
+from coalign.registry import DECODERS, ENCODERS, FUSION, SOURCES, TRANSFORMS
 
 EMBED_DIM = 16
 # The world's settings for raw values: few samples, short clips, small clouds and images. Captions:
@@ -93,20 +93,35 @@ def needs_fusion(cfg: Any) -> bool:
     return bool(getattr(cfg, "needs_fusion", False))
 
 
+def tiny_decoder(context: str, text: str, name: str | None = None) -> dict[str, Any]:
+    """The `model.decoder` spec of a tiny caption decoder (the first registered one, or `name`)."""
+    name = name or DECODERS.names()[0]
+    return {"decoder": name, **DECODERS.tiny(name), "text": text, "context": context}
+
+
+def needs_decoder(cfg: Any) -> bool:
+    """Whether an objective's Config trains a caption decoder (then its tiny model gets one)."""
+    return bool(getattr(cfg, "needs_decoder", False))
+
+
 def tiny_model(
     transforms: dict[str, Transform],
     towers: dict[str, str] | None = None,
     head: str = "linear",
     fusion: dict[str, Any] | None = None,
+    decoder: dict[str, Any] | None = None,
 ) -> MultimodalModel:
     """A model with one tower per modality key of `transforms` (its first encoder, or `towers[m]`),
-    and the fusion part `fusion` (a `model.fusion` spec, e.g. from `tiny_fusion`) when given."""
+    and the fusion part `fusion` (a `model.fusion` spec, e.g. from `tiny_fusion`) and the caption
+    decoder `decoder` (from `tiny_decoder`; the text tower it continues is built causal) when given."""
     modalities = [k for k in transforms if "@" not in k]
     specs = {}
     for m in modalities:
         encoder = (towers or {}).get(m) or encoder_for(transforms[m].modality)
         specs[m] = {"encoder": encoder, **ENCODERS.tiny(encoder)}
-    cfg = ModelConfig(embed_dim=EMBED_DIM, towers=specs, head=head, fusion=fusion)
+    if decoder is not None:
+        specs[decoder["text"]]["causal"] = True
+    cfg = ModelConfig(embed_dim=EMBED_DIM, towers=specs, head=head, fusion=fusion, decoder=decoder)
     return MultimodalModel.from_config(cfg, {m: transforms[m].describe() for m in modalities})
 
 

@@ -18,12 +18,14 @@ from coalign.evaluate.base import EvalContext, Metric
 from coalign.evaluate.embed import embed_eval_set, text_encoder
 from coalign.models.encoders.base import Encoder, Tokens
 from coalign.objectives.base import Objective
-from coalign.registry import ENCODERS, EVALUATORS, FUSION, HEADS, OBJECTIVES, SOURCES, TRANSFORMS
+from coalign.registry import DECODERS, ENCODERS, EVALUATORS, FUSION, HEADS, OBJECTIVES, SOURCES, TRANSFORMS
 from coalign.runtime import Runtime
 from parts import (
     bad_grads,
+    needs_decoder,
     needs_fusion,
     tiny_batch,
+    tiny_decoder,
     tiny_encoder_options,
     tiny_fusion,
     tiny_model,
@@ -185,6 +187,39 @@ def test_fusion(name):
     check_fusion(FUSION.get(name)(cfg, {cfg.query: 24, cfg.context: 40}))
 
 
+# ----------------------------------------------------------------------------------------- decoders
+
+
+def check_decoder(decoder: torch.nn.Module) -> None:
+    """Built for text width 24 and context width 40. Logits (B, L, vocab); position t depends on no
+    later text token (causal) and on no padded token of either side, whatever its value; every
+    parameter gets a finite gradient."""
+    text, context = padded_tokens(2, 6, 24, [3, 6]), padded_tokens(2, 5, 40, [5, 2])
+    logits = decoder.train()(text, context)
+    assert logits.shape == (2, 6, decoder.vocab_size) and logits.dtype == torch.float32, logits.shape
+    logits[text.mask].square().sum().backward()
+    assert not (bad := bad_grads(decoder, every=True)), bad
+    decoder.eval()
+    with torch.no_grad():
+        ref = decoder(text, context)
+        noisy_t = torch.where(text.mask[..., None], text.tokens, torch.randn_like(text.tokens) * 9)
+        noisy_c = torch.where(context.mask[..., None], context.tokens, torch.randn_like(context.tokens) * 9)
+        out = decoder(Tokens(noisy_t, text.mask), Tokens(noisy_c, context.mask))
+        torch.testing.assert_close(out[text.mask], ref[text.mask], rtol=1e-4, atol=1e-5)
+        later = text.tokens.clone()
+        later[:, 3:] = torch.randn_like(later[:, 3:])  # every token from position 3 on
+        out = decoder(Tokens(later, text.mask), context)
+        torch.testing.assert_close(out[:, :3], ref[:, :3], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(out[1, 3:], ref[1, 3:]), "a position reads the tokens before it"
+
+
+@pytest.mark.parametrize("name", DECODERS.names())
+def test_decoder(name):
+    torch.manual_seed(0)
+    cfg = DECODERS.validate(name, {**DECODERS.tiny(name), "vocab_size": 11})
+    check_decoder(DECODERS.get(name)(cfg, {cfg.text: 24, cfg.context: 40}))
+
+
 # --------------------------------------------------------------------------------------- objectives
 
 
@@ -216,7 +251,9 @@ def objective_setup(
     # an objective that reads fused tokens gets a fusion part over the modalities it pairs
     # (of the kind it names, when it needs one kind: M3AE's single stream)
     fusion = tiny_fusion(*cfg.modalities, getattr(cfg, "fusion_kind", None)) if needs_fusion(cfg) else None
-    model = tiny_model(transforms, fusion=fusion)
+    # an objective that trains a caption decoder gets one over the towers it names
+    decoder = tiny_decoder(base_modality(cfg.image), base_modality(cfg.text)) if needs_decoder(cfg) else None
+    model = tiny_model(transforms, fusion=fusion, decoder=decoder)
     objective = OBJECTIVES.create(name, **options)
     objective.bind(model, transforms)
     batch = tiny_batch(source, transforms, size=6, missing=bases[-1])
@@ -298,8 +335,11 @@ def embedded(tmp_path_factory):
     transforms = transforms_for(modalities, train_source, tmp_path_factory.mktemp("eval"))
     for t in transforms.values():
         t.eval()
-    # with an image-text fusion part, for the evaluators that score pairs with it (re-ranking)
-    model = tiny_model(transforms, fusion=tiny_fusion("image", "text")).eval()
+    # with an image-text fusion part, for the evaluators that score pairs with it (re-ranking),
+    # and a caption decoder, for the evaluators that generate captions with it
+    model = tiny_model(
+        transforms, fusion=tiny_fusion("image", "text"), decoder=tiny_decoder("image", "text")
+    ).eval()
     runtime = Runtime.cpu()
     test_source = world(modalities, split="test", size=12)
     eset = embed_eval_set("tiny", model, transforms, test_source, runtime, batch_size=8)
@@ -330,4 +370,13 @@ def test_every_registry_is_covered():
     """Each registry has a parametrized test above; a new registry needs one too."""
     from coalign.registry import ALL
 
-    assert set(ALL) == {"sources", "transforms", "encoders", "heads", "fusion", "objectives", "evaluators"}
+    assert set(ALL) == {
+        "sources",
+        "transforms",
+        "encoders",
+        "heads",
+        "fusion",
+        "decoders",
+        "objectives",
+        "evaluators",
+    }

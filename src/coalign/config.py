@@ -15,7 +15,15 @@ import pydantic
 import yaml
 
 from coalign.recipe_checks import part_errors
-from coalign.registry import ENCODERS, FUSION, SOURCES, ConfigError, StrictModel, format_validation_error
+from coalign.registry import (
+    DECODERS,
+    ENCODERS,
+    FUSION,
+    SOURCES,
+    ConfigError,
+    StrictModel,
+    format_validation_error,
+)
 
 
 class Part(pydantic.BaseModel):
@@ -62,6 +70,12 @@ class FusionSpec(Part):
     """`{fusion: cross, query: text, context: image, width: 256, ...}` (see models/fusion.py)."""
 
     fusion: str
+
+
+class DecoderSpec(Part):
+    """`{decoder: coca, text: text, context: image, width: 256, ...}` (see models/decoder.py)."""
+
+    decoder: str
 
 
 class ObjectiveSpec(Part):
@@ -111,6 +125,9 @@ class ModelConfig(StrictModel):
     # A part that mixes two towers' tokens, for objectives that read fused tokens (itm, mlm);
     # None: dual encoders only. The checkpoint then holds no fusion weights.
     fusion: FusionSpec | None = None
+    # A caption decoder (CoCa's multimodal half) for the `caption` objective and for generation;
+    # None: the model generates nothing and the checkpoint holds no decoder weights.
+    decoder: DecoderSpec | None = None
     init_from: InitFrom | None = None  # build.py: init_from_run
 
     @pydantic.field_validator("init_from", mode="before")
@@ -338,6 +355,7 @@ def shrink(recipe: Recipe) -> Recipe:
     parts = [(SOURCES, s.source, s) for s in [r.data.train, *r.data.eval.values()]]
     parts += [(ENCODERS, t.encoder, t) for t in r.model.towers.values()]
     parts += [(FUSION, r.model.fusion.fusion, r.model.fusion)] if r.model.fusion is not None else []
+    parts += [(DECODERS, r.model.decoder.decoder, r.model.decoder)] if r.model.decoder is not None else []
     for registry, name, spec in parts:
         for key, small in registry.tiny(name).items():
             current = spec.options().get(key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from coalign.registry import (
+    DECODERS,
     ENCODERS,
     EVALUATORS,
     FUSION,
@@ -82,6 +83,9 @@ def part_errors(recipe: Recipe) -> list[str]:
     checks += [(OBJECTIVES, o.name, o.options(), f"objectives.{i}") for i, o in enumerate(recipe.objectives)]
     if recipe.model.fusion is not None:
         checks.append((FUSION, recipe.model.fusion.fusion, recipe.model.fusion.options(), "model.fusion"))
+    if recipe.model.decoder is not None:
+        spec = recipe.model.decoder
+        checks.append((DECODERS, spec.decoder, spec.options(), "model.decoder"))
     errors = []
     parsed: dict[str, Any] = {}  # where -> the part's validated Config (None: the part has no Config)
     for registry, name, options, where in checks:
@@ -93,6 +97,7 @@ def part_errors(recipe: Recipe) -> list[str]:
     errors += _tower_input_errors(recipe, parsed)
     errors += _batch_key_errors(recipe, parsed)
     errors += _fusion_errors(recipe, parsed)
+    errors += _decoder_errors(recipe, parsed)
     try:
         HEADS.get(recipe.model.head)
     except ConfigError as err:
@@ -198,6 +203,36 @@ def _fusion_errors(recipe: Recipe, parsed: dict[str, Any]) -> list[str]:
             errors.append(
                 f"model.fusion.fusion: '{spec.name}' (objectives.{i}) needs a '{cfg.fusion_kind}' fusion "
                 f"part, got '{recipe.model.fusion.fusion}'"
+            )
+    return errors
+
+
+def _decoder_errors(recipe: Recipe, parsed: dict[str, Any]) -> list[str]:
+    """The decoder names towers the model has, its text tower is causal (the unimodal half of CoCa's
+    decoder: a position must not read the token it predicts), and every objective whose Config says
+    `needs_decoder` has one."""
+    errors = []
+    decoder = parsed.get("model.decoder")
+    for field, tower in (decoder.towers() if decoder is not None else {}).items():
+        if tower not in recipe.model.towers:
+            errors.append(
+                f"model.decoder.{field}: the model has no '{tower}' tower; "
+                f"towers: {', '.join(recipe.model.towers)}"
+            )
+    if decoder is not None and decoder.text in recipe.model.towers:
+        text = recipe.model.towers[decoder.text]
+        if not text.options().get("causal", False):
+            errors.append(
+                f"model.towers.{decoder.text}.causal: the decoder continues this tower's tokens, so it "
+                "must be causal (set causal: true; pool: eos gives CoCa's contrastive text embedding)"
+            )
+    for i, spec in enumerate(recipe.objectives):
+        cfg = parsed.get(f"objectives.{i}")
+        if getattr(cfg, "needs_decoder", False) and recipe.model.decoder is None:
+            errors.append(
+                f"objectives.{i}: '{spec.name}' trains a caption decoder; add one under model.decoder, "
+                f"e.g. {{decoder: coca, text: text, context: image}} "
+                f"(decoders: {', '.join(DECODERS.names())})"
             )
     return errors
 

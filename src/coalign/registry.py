@@ -89,7 +89,7 @@ PACKAGES = (
     "coalign.data.transforms",
     "coalign.data",  # world.py
     "coalign.models.encoders",
-    "coalign.models",  # heads.py, fusion.py
+    "coalign.models",  # heads.py, fusion.py, decoder.py
     "coalign.objectives",
     "coalign.evaluate",
 )
@@ -190,6 +190,8 @@ TRANSFORMS: Registry = Registry("transform")
 ENCODERS: Registry = Registry("encoder")
 HEADS: Registry = Registry("head")
 FUSION: Registry = Registry("fusion")  # parts that mix two towers' tokens (models/fusion.py)
+# caption decoders that continue a text tower's tokens given an image tower's (models/decoder.py)
+DECODERS: Registry = Registry("decoder")
 OBJECTIVES: Registry = Registry("objective")
 EVALUATORS: Registry = Registry("evaluator")
 
@@ -199,6 +201,7 @@ ALL = {
     "encoders": ENCODERS,
     "heads": HEADS,
     "fusion": FUSION,
+    "decoders": DECODERS,
     "objectives": OBJECTIVES,
     "evaluators": EVALUATORS,
 }

@@ -1,5 +1,5 @@
 """coalign command line: train | demo | list | eval | compare | fewshot | report | embed | index |
-search | serve | data | interpolate.
+search | serve | data | interpolate | caption.
 
 The argument parsing of every subcommand lives in this package, one module per subsystem; the
 library packages (`models`, `objectives`, `data`, `evaluate`, `search`, `serve`) hold no argparse code.
@@ -14,6 +14,7 @@ import os
 import re
 import sys
 
+from coalign.cli.caption import add_caption
 from coalign.cli.convert import add_export, add_import
 from coalign.cli.data import add_data
 from coalign.cli.evaluate import add_compare, add_eval, add_fewshot
@@ -40,6 +41,7 @@ BUILDERS = (
     add_import,
     add_export,
     add_interpolate,
+    add_caption,
 )
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.@-]*=")  # a dotted override `a.b.c=value`
 

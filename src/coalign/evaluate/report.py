@@ -19,6 +19,7 @@ from typing import Any
 
 from coalign.data.sources.base import SampleError
 from coalign.evaluate.base import Metric
+from coalign.evaluate.report_captions import captions_section
 from coalign.evaluate.report_model import (
     TOP_K,
     Confusion,
@@ -81,6 +82,8 @@ SECTIONS = {
     "retrieval": "Retrieval examples",
     "recipe": "Recipe",
 }
+# Sections only some runs have, before the recipe: captions for a model with a caption decoder
+OPTIONAL_SECTIONS = {"captions": "Captions"}
 UNREADABLE = '<div class="thumb unreadable">unreadable</div>'
 
 
@@ -359,10 +362,14 @@ def build_report(run_dir: str | Path, *, max_samples: int = 500, examples: int =
         "retrieval": with_view(retrieval_section),
         "recipe": lambda: recipe_section(run_dir),
     }
+    if (recipe.get("model") or {}).get("decoder"):  # report_captions.py
+        recipe_body = bodies.pop("recipe")
+        bodies |= {"captions": lambda: captions_section(run_dir, examples), "recipe": recipe_body}
+    titles = {**SECTIONS, **OPTIONAL_SECTIONS}
     title = f"coalign report: {recipe.get('name', run_dir.name)}"
-    nav = "".join(f'<a href="#{sid}">{html.escape(h)}</a>' for sid, h in SECTIONS.items())
+    nav = "".join(f'<a href="#{sid}">{html.escape(titles[sid])}</a>' for sid in bodies)
     sections = "".join(
-        f'<section id="{sid}"><h2>{html.escape(SECTIONS[sid])}</h2>{_guarded(build)}</section>'
+        f'<section id="{sid}"><h2>{html.escape(titles[sid])}</h2>{_guarded(build)}</section>'
         for sid, build in bodies.items()
     )
     return (

@@ -12,10 +12,11 @@ from torch import nn
 
 from coalign.config import ModelConfig, TowerSpec
 from coalign.data.sample import base_modality
-from coalign.models.encoders.base import Encoder, Tokens, fill_inputs
+from coalign.models.decoder import Decoder
+from coalign.models.encoders.base import Encoder, Tokens, fill_inputs, input_mismatches
 from coalign.models.fusion import Fusion
 from coalign.models.lock import FeatureCache, apply_lock, frozen_modules
-from coalign.registry import ENCODERS, FUSION, HEADS
+from coalign.registry import DECODERS, ENCODERS, FUSION, HEADS, ConfigError
 
 
 @dataclass
@@ -62,6 +63,7 @@ class MultimodalModel(nn.Module):
         heads: dict[str, nn.Module],
         embed_dim: int,
         fusion: Fusion | None = None,
+        decoder: Decoder | None = None,
     ):
         super().__init__()
         self.towers = nn.ModuleDict(towers)
@@ -69,6 +71,7 @@ class MultimodalModel(nn.Module):
         self.embed_dim = embed_dim
         # A submodule, so checkpoints and the optimizer hold it; absent (no state-dict keys) without one.
         self.fusion = fusion
+        self.decoder = decoder  # a caption decoder (models/decoder.py), likewise absent without one
         # Each tower's lock options (models/lock.py), read again by every `train()` so locked towers and
         # frozen norms stay in eval mode, and the feature caches of locked towers: plain attributes,
         # not submodules (no state-dict keys).
@@ -93,7 +96,22 @@ class MultimodalModel(nn.Module):
             parsed = FUSION.validate(cfg.fusion.fusion, cfg.fusion.options(), "model.fusion")
             widths = {m: t.width for m, t in towers.items()}
             fusion = FUSION.get(cfg.fusion.fusion)(parsed, widths)
-        model = cls(towers, heads, cfg.embed_dim, fusion)
+        decoder = None
+        if cfg.decoder is not None:
+            # the vocabulary (and any other option the text transform describes) from the text tower's inputs
+            config_cls = DECODERS.config_class(cfg.decoder.decoder)
+            text = cfg.decoder.options().get("text", config_cls.model_fields["text"].default)
+            bad = input_mismatches(config_cls, cfg.decoder.options(), inputs.get(text, {}))
+            if bad:
+                raise ConfigError(f"model.decoder.{bad[0]}")
+            if text in towers and not getattr(getattr(towers[text], "cfg", None), "causal", False):
+                raise ConfigError(
+                    f"model.decoder: the '{text}' tower must be a causal text tower (causal: true)"
+                )
+            options = fill_inputs(config_cls, cfg.decoder.options(), inputs.get(text, {}))
+            parsed = DECODERS.validate(cfg.decoder.decoder, options, "model.decoder")
+            decoder = DECODERS.get(cfg.decoder.decoder)(parsed, {m: t.width for m, t in towers.items()})
+        model = cls(towers, heads, cfg.embed_dim, fusion, decoder)
         for modality, spec in cfg.towers.items():
             model.locks[modality] = spec
             if spec.cache:

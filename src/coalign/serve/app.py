@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from coalign.data.sources.base import SampleError
 from coalign.registry import ConfigError
 from coalign.serve import schemas
+from coalign.serve.caption import add_caption_route
 from coalign.serve.guard import Guard, error_response, is_open
 from coalign.serve.metrics import Metrics
 from coalign.serve.schemas import EmbedMany, EmbedOne, Health, Item, SearchResults, Text, short
@@ -362,6 +363,8 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
         out = _hit_json(hit)
         del out["score"]  # a score means nothing here; `path` is never sent: server paths stay private
         return out
+
+    add_caption_route(app, index, limits, model_lock)  # POST /caption, when the run has a caption decoder
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -31,6 +31,7 @@ import torch
 
 from coalign.data.sample import clean_text
 from coalign.data.sources.base import Source
+from coalign.data.transforms.specials import Specials
 from coalign.data.transforms.text import BPETextTransform
 from coalign.io import atomic_write_text
 from coalign.registry import TRANSFORMS, StrictModel
@@ -176,6 +177,8 @@ class ClipBPETransform(BPETextTransform):
         self.vocab, self.merges, self.tokenizer = _table(path)
         vocab = self.vocab
         self.sot, self.eot = vocab[SOT], vocab[EOT]
+        self.specials = Specials(0, self.sot, self.eot)  # pads with 0 (also '!'), as open_clip does
+        self._inverse: dict[int, str] | None = None
         specials = "|".join(regex.escape(s) for s in OPENCLIP_SPECIALS)
         self._words = regex.compile(f"{specials}|{WORD_PATTERN}", regex.IGNORECASE)
         self._fix = ftfy.fix_text
@@ -235,6 +238,19 @@ class ClipBPETransform(BPETextTransform):
             ids[-1] = self.eot
             out[row, : len(ids)] = torch.tensor(ids)
         return out
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids (CLIP's `SimpleTokenizer.decode`): symbols back to bytes, each
+        word-final `</w>` a space; the start and end tokens left out."""
+        if self.vocab is None:
+            raise RuntimeError("the CLIP vocabulary is not loaded; set `path`, or call load()")
+        if self._inverse is None:
+            self._inverse = {i: t for t, i in self.vocab.items()}
+        to_byte = {c: b for b, c in byte_symbols().items()}
+        text = "".join(self._inverse[i] for i in ids if i not in (self.sot, self.eot) and i in self._inverse)
+        words = text.split("</w>")
+        raw = b" ".join(bytes(to_byte[c] for c in w if c in to_byte) for w in words)
+        return raw.decode("utf-8", errors="replace").strip()
 
     def special_ids(self) -> list[int]:
         return [self.sot, self.eot] if self.vocab is not None else []

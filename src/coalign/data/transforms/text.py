@@ -182,6 +182,13 @@ class BPETextTransform(Transform):
         # all-<pad> rows mark "no caption": the model skips them and reports them in group_mask
         return torch.cat([ids, ids.new_full((k - ids.shape[0], ids.shape[1]), self.specials.pad)])  # (k, L)
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids, special tokens left out (captioning turns generated ids back into
+        words; the text is `encode`'s input after the tokenizer's normalisation: lower case, NFKC)."""
+        if self.tokenizer is None:
+            raise RuntimeError("the tokenizer is neither trained nor loaded; call fit() or load()")
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
     def special_ids(self) -> list[int]:
         """The ids that are no word (padding, start, end, and every token the tokenizer marks special,
         such as [UNK] and [MASK]): masked language modelling never masks, draws or predicts them."""
