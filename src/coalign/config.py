@@ -159,6 +159,8 @@ class TrainConfig(StrictModel):
     accumulate: int = pydantic.Field(1, ge=1)
     # torch.compile each tower (inductor; on the CPU it builds C++ with gcc, a minute or so at start)
     compile: bool = False
+    # FSDP2 under torchrun: shard each tower's blocks over the ranks (train/fsdp.py); 1 process: ignored
+    fsdp: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     log_every: int = pydantic.Field(10, gt=0)
     eval_every: int = pydantic.Field(0, ge=0)  # 0: only at the end

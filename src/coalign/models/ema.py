@@ -19,6 +19,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class EMA(nn.Module):
@@ -48,8 +49,13 @@ class EMA(nn.Module):
             raise KeyError(f"EMA source lacks the shadow's parameters {missing[:5]}")
         targets = [params[n].detach().to(p.dtype) for n, p in mine]
         # lerp: shadow + (1 - decay) (source - shadow) = decay shadow + (1 - decay) source, in one pass
-        if mine:
-            torch._foreach_lerp_([p for _, p in mine], targets, 1.0 - self.decay)
+        # one foreach call per kind: FSDP's sharded parameters (DTensors, train/fsdp.py) and whole
+        # tensors cannot share one
+        pairs_of = [(p, t) for (_, p), t in zip(mine, targets, strict=True)]
+        for sharded in (False, True):
+            pairs = [(p, t) for p, t in pairs_of if isinstance(p, DTensor) is sharded]
+            if pairs:
+                torch._foreach_lerp_([p for p, _ in pairs], [t for _, t in pairs], 1.0 - self.decay)
         buffers = dict(source.named_buffers())
         for name, b in self.shadow.named_buffers():
             if name in buffers:

@@ -17,7 +17,7 @@ trained to: the same tokenizer (set the student's `data.transforms.text.path` to
 input sizes always, and the vocabularies token for token when it is also given the student's transforms.
 
 Local loss (several ranks): the KL terms of this rank's rows and columns, each against the whole
-gathered batch. The teacher encodes the gathered inputs (every rank all of them: it has no graph).
+gathered batch. The teacher encodes each rank's own rows, and its features are gathered.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from coalign.data.transforms.base import Transform
 from coalign.models.model import Features, MultimodalModel
 from coalign.objectives.base import Objective, ObjectiveConfig, paired
 from coalign.objectives.contrastive import whole
-from coalign.objectives.distributed import Rows, own_rows
+from coalign.objectives.distributed import Rows, encode_own_rows, own_rows
 from coalign.registry import OBJECTIVES, ConfigError
 
 
@@ -151,8 +151,11 @@ class Distill(Objective):
         teacher = self.teacher
         if next(teacher.parameters()).device != a.device:  # Task.to(device) does not reach it
             teacher.to(a.device)
-        with torch.no_grad():
-            tf = {m: teacher.features(base_modality(m), batch[m]) for m in (ma, mb)}
-            ta, tb = paired(tf, batch, ma, mb)
+
+        def encode(part: dict[str, Any]) -> dict[str, Features]:
+            return {m: teacher.features(base_modality(m), part[m]) for m in (ma, mb) if m in part}
+
+        tf = encode_own_rows(encode, batch)  # each rank its own rows, gathered
+        ta, tb = paired(tf, batch, ma, mb)
         rows = own_rows(batch, (ma, mb), a.shape[0])
         return {"distill_loss": distill_kl(a, b, ta, tb, self.cfg.temperature, rows)}

@@ -28,6 +28,7 @@ of W * share_r is the sum over ranks of d share_r, i.e. the gradient of the glob
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,7 @@ def _fields(f: Features) -> dict[str, torch.Tensor | None]:
 
 GRAD_FIELDS = ("tokens", "pooled", "embedding")
 LOCAL_KEY = "local_rows"  # the key of the global batch that holds this rank's `Share`
+OWN_KEY = "own_batch"  # the key of the global batch that holds this rank's own batch dict
 PART_KEY = "part_of"  # the key of a rank's own batch, handed to an objective that exchanges: W
 
 
@@ -272,6 +274,7 @@ def gather_global(
         "id": [None] * sum(counts),
         "present": {},
         LOCAL_KEY: Share(start, start + n_local, world_size()),
+        OWN_KEY: batch,
     }
     for key in sorted({k for m in metas for k in m["present"]} | set(keys)):
         mask = batch.get("present", {}).get(key)
@@ -285,3 +288,18 @@ def gather_global(
             x = torch.zeros((0, *tail), dtype=dtype, device=device)
         global_batch[key] = _gather(x, rows, grad=False)
     return out, global_batch
+
+
+def encode_own_rows(
+    encode: Callable[[dict[str, Any]], dict[str, Features]], batch: dict[str, Any]
+) -> dict[str, Features]:
+    """`encode(batch)` (a teacher's or a momentum model's features, without gradient) on a gathered
+    global batch, computed by each rank for its own rows only and gathered: for an encoder that
+    treats rows independently (eval mode) the same features as encoding the whole batch on every
+    rank, at 1/world of the compute. Call it on every rank, in step."""
+    local = batch.get(OWN_KEY)
+    if local is None:
+        return encode(batch)
+    with torch.no_grad():
+        features = encode(local)
+    return gather_global(features, local)[0]

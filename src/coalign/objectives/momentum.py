@@ -25,8 +25,9 @@ j of the queue is a negative for every row. After the loss the batch's momentum 
 the queues (the oldest leave first); a queue that is not full yet contributes the entries it has.
 The queues are buffers: checkpointed with the run, so resume continues the same queue.
 
-Under several ranks the Task hands objectives the global batch, so every rank computes the same
-momentum features and pushes the same rows: the queues stay identical without a collective.
+Under several ranks the Task hands objectives the global batch: each rank encodes its own rows with
+the momentum model and the features are gathered (`encode_own_rows`), so every rank holds the same
+momentum features and pushes the same rows: the queues stay identical.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch import nn
 from coalign.models.ema import EMA
 from coalign.models.model import Features, MultimodalModel
 from coalign.objectives.base import LearnedScale, Objective, ObjectiveConfig, TemperatureOptions, paired
+from coalign.objectives.distributed import encode_own_rows
 from coalign.registry import OBJECTIVES, ConfigError
 
 
@@ -78,7 +80,8 @@ def momentum_features(ema: EMA, batch: dict[str, Any], keys: tuple[str, ...]) ->
     cache = ema.__dict__.get("_cache")
     if cache is not None and cache[0] is batch and cache[1] == keys:
         return cache[2]
-    features = ema({k: batch[k] for k in keys})
+    # each rank encodes its own rows, then the features are gathered (objectives/distributed.py)
+    features = encode_own_rows(lambda part: ema({k: part[k] for k in keys if k in part}), batch)
     ema.__dict__["_cache"] = (batch, keys, features)
     return features
 

@@ -24,6 +24,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from coalign.data.sources.base import SkipCounter
 
@@ -75,10 +76,14 @@ def shutdown(d: Dist) -> None:
 def average_gradients(module: torch.nn.Module, d: Dist) -> None:
     """Mean of every parameter's gradient over the ranks, in one flat all-reduce. A parameter that
     got no gradient on a rank counts as zero there; one that got none on any rank keeps `None`, so
-    the optimizer leaves it alone (no weight decay, no moment decay), as in a single process."""
+    the optimizer leaves it alone (no weight decay, no moment decay), as in a single process.
+    Sharded parameters (FSDP's DTensors, `train/fsdp.py`) are left out: their backward already
+    reduce-scattered the mean."""
     if not d.active:
         return
-    params = [p for p in module.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    if not params:
+        return
     device = params[0].device if params else torch.device("cpu")
     missing = torch.tensor([p.grad is None for p in params], dtype=torch.int32, device=device)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])

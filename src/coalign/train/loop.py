@@ -30,7 +30,13 @@ from coalign.build import (
     init_checkpoint,
     prepare_transforms,
 )
-from coalign.checkpoint import checkpoint_step, clean_partial, latest_checkpoint, load_state
+from coalign.checkpoint import (
+    checkpoint_step,
+    clean_partial,
+    latest_checkpoint,
+    load_state,
+    load_weights,
+)
 from coalign.config import Recipe, load_recipe, save_resolved
 from coalign.data.collate import batch_size, split_batch
 from coalign.data.loader import train_batches
@@ -39,7 +45,7 @@ from coalign.data.transforms.base import Pipeline, Transform
 from coalign.evaluate.results import RUN_RESULTS, Results, format_table, step_results_path, write_results
 from coalign.evaluate.run import evaluate
 from coalign.io import atomic_write_json
-from coalign.models.model import Features
+from coalign.models.model import Features, MultimodalModel
 from coalign.objectives.task import Task
 from coalign.runtime import Runtime
 from coalign.train.distributed import (
@@ -50,8 +56,9 @@ from coalign.train.distributed import (
     reduce_skips,
     sync_batch_norm,
 )
+from coalign.train.fsdp import PlainLayout, clip_grad_norm, shard_task, whole_model
 from coalign.train.log import MetricLogger
-from coalign.train.optim import build_optimizer, build_scheduler
+from coalign.train.optim import build_optimizer, build_scheduler, plain_group_names
 from coalign.train.state import TrainState, rng_state, set_rng_state
 
 log = logging.getLogger("coalign")
@@ -183,17 +190,31 @@ def setup(
     task, note = sync_batch_norm(task, d, runtime.device)
     notes += [note] if note else []
     task = task.to(runtime.device)
+    sharded = cfg.fsdp and d.active
+    if cfg.fsdp and not d.active:
+        notes.append("train.fsdp: one process holds the whole model, nothing to shard: trained plainly")
+    if sharded:  # the whole weights first (every rank reads them), then shard (train/fsdp.py)
+        if checkpoint is not None:
+            task.load_state_dict(load_weights(checkpoint))
+        broadcast_state(task, d)
+        notes.append(shard_task(task, runtime.device))
     if cfg.compile:  # in place, per tower: state_dict keys (checkpoints) stay those of the plain model
         for tower in task.model.towers.values():
             tower.compile()
-    optimizer = build_optimizer(task, cfg, task.lr_scales(recipe.objectives))
-    state = TrainState(task, optimizer, build_scheduler(optimizer, cfg))
+    scales = task.lr_scales(recipe.objectives)
+    optimizer = build_optimizer(task, cfg, scales)
+    layout = PlainLayout(task, optimizer, plain_group_names(task, scales)) if sharded else None
+    state = TrainState(task, optimizer, build_scheduler(optimizer, cfg), layout=layout)
     if checkpoint is not None:
-        state.restore(checkpoint)
+        if sharded:  # the weights are in already; the optimizer state goes into the shards
+            state.load_state_dict(load_state(checkpoint))
+        else:
+            state.restore(checkpoint)
         notes.append(f"resuming from step {checkpoint_step(checkpoint)} ({checkpoint})")
     elif resume:
         notes.append(f"'{run_dir}' has no checkpoint left: starting again from step 0")
-    broadcast_state(task, d)
+    if not sharded:
+        broadcast_state(task, d)
     pipeline = Pipeline(transforms, recipe.data.drop_modalities)
     return Session(recipe, run_dir, runtime, state, source, pipeline, eval_sources, eval_transforms, notes, d)
 
@@ -218,20 +239,23 @@ def train_step(
     cfg = recipe.train
     n = batch_size(batch)
     state.skipped.update(SkipCounter.from_batch(batch))
-    total = n
+    total = least = n
     if d.active:  # every rank must take the same branch: decide on the global count
-        count = torch.tensor([n], device=runtime.device)
-        torch.distributed.all_reduce(count)
-        total = int(count.item())
+        counts = [torch.zeros(1, dtype=torch.long, device=runtime.device) for _ in range(d.world)]
+        torch.distributed.all_gather(counts, torch.tensor([n], device=runtime.device))
+        every = torch.cat(counts).tolist()  # the one host sync
+        total, least = sum(every), min(every)
     if total < 2:
         state.skipped["small_batch"] += n
         state.scheduler.step()
         state.step += 1
         return None
+    # as many micro-batches on every rank (FSDP all-gathers a tower's weights in each forward)
+    accumulate = cfg.accumulate if least >= cfg.accumulate else 1
     state.optimizer.zero_grad(set_to_none=True)
-    out = forward_backward(state.task, batch, cfg.accumulate, runtime)
+    out = forward_backward(state.task, batch, accumulate, runtime)
     average_gradients(state.task, d)
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.task.parameters(), cfg.grad_clip or math.inf)
+    grad_norm = clip_grad_norm(list(state.task.parameters()), cfg.grad_clip or math.inf)
     state.optimizer.step()
     state.task.after_step()  # momentum models / EMA teachers follow the new weights
     state.scheduler.step()
@@ -291,11 +315,19 @@ def _since(now: SkipCounter, before: SkipCounter) -> SkipCounter:
     return SkipCounter(counts, rows)
 
 
-def run_eval(session: Session, logger: MetricLogger) -> Results:
+def eval_model(session: Session) -> MultimodalModel | None:
+    """The model rank 0 evaluates (None elsewhere); under FSDP a whole copy, gathered by every rank."""
+    state, d = session.state, session.dist
+    if state.layout is None:
+        return state.task.model if d.main else None
+    return whole_model(state.weights(), session.recipe, session.pipeline.transforms, session.runtime.device)
+
+
+def run_eval(session: Session, logger: MetricLogger, model: MultimodalModel | None = None) -> Results:
     """Evaluate the model as it is now: log the flat view, write RUN/eval/step_N.json."""
     recipe, step = session.recipe, session.state.step
     results = evaluate(
-        session.state.task.model,
+        model if model is not None else session.state.task.model,
         session.eval_transforms,
         session.eval_sources,
         recipe.eval.evaluators,
@@ -362,8 +394,8 @@ def train(
             merged = SkipCounter(counted, counted.rows)
             merged.update(reduce_skips(_since(state.skipped, counted), d))
             state.skipped = counted = merged
-        if d.main:
-            state.save(session.run_dir, cfg.keep_checkpoints)
+        if d.main or state.layout is not None:  # FSDP: every rank gathers, rank 0 writes
+            state.save(session.run_dir, cfg.keep_checkpoints, write=d.main)
         d.barrier()
 
     results: Results | None = None
@@ -377,12 +409,17 @@ def train(
                 if d.main and (state.step % cfg.log_every == 0 or state.step == end):
                     _log_step(logger, state, done, started)
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+                model = eval_model(session)
                 if d.main:  # evaluation runs once, not once per rank
-                    run_eval(session, logger)
+                    run_eval(session, logger, model)
                 d.barrier()
             if state.step % cfg.checkpoint_every == 0 or state.step == end:
                 save()
     except KeyboardInterrupt:
+        if state.layout is not None:  # gathering the shards needs every rank, which may be gone
+            logger.write(f"interrupted at step {state.step}: FSDP saves at checkpoints only ({run_dir})")
+            logger.close()
+            raise
         logger.write(
             f"interrupted at step {state.step}: saving a checkpoint; continue with --resume {run_dir}"
         )
@@ -391,8 +428,9 @@ def train(
         logger.close()
         raise
     seconds = time.perf_counter() - started
+    model = eval_model(session) if state.step >= cfg.steps else None
     if state.step >= cfg.steps and d.main:
-        results = run_eval(session, logger)
+        results = run_eval(session, logger, model)
         write_results(session.run_dir / RUN_RESULTS, results)
     if d.main:
         atomic_write_json(

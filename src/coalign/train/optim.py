@@ -6,8 +6,23 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from coalign.config import TrainConfig
+
+
+def _grouped(
+    module: nn.Module, lr_scales: dict[str, float] | None, split_sharded: bool
+) -> dict[tuple[bool, float, bool], list[tuple[str, nn.Parameter]]]:
+    """(decays, lr scale, sharded) -> the trainable (name, parameter)s of that kind, in order."""
+    groups: dict[tuple[bool, float, bool], list[tuple[str, nn.Parameter]]] = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            scale = next((s for prefix, s in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
+            sharded = split_sharded and isinstance(p, DTensor)
+            groups.setdefault((p.ndim >= 2, scale, sharded), []).append((name, p))
+    # matrices first, then by scale; sharded (FSDP's DTensors) before whole ones of the same kind
+    return dict(sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1], not kv[0][2])))
 
 
 def param_groups(
@@ -17,16 +32,18 @@ def param_groups(
 
     `lr_scales` maps a parameter-name prefix (e.g. "objectives.0.") to a learning-rate multiplier:
     an objective's own scalars (SigLIP's bias) may need to travel further than a short run allows.
+    Under FSDP the sharded parameters (DTensors) and the whole ones of each kind are separate groups:
+    one fused AdamW call cannot mix the two (`train/fsdp.py` maps the state to the plain layout).
     """
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            scale = next((s for prefix, s in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
-            groups.setdefault((p.ndim >= 2, scale), []).append(p)
     return [
-        {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale}
-        for (decays, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+        {"params": [p for _, p in named], "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale}
+        for (decays, scale, _), named in _grouped(module, lr_scales, split_sharded=True).items()
     ]
+
+
+def plain_group_names(module: nn.Module, lr_scales: dict[str, float] | None = None) -> list[list[str]]:
+    """The parameter names of each group as one process (no sharding) would have them."""
+    return [[n for n, _ in named] for named in _grouped(module, lr_scales, split_sharded=False).values()]
 
 
 def build_optimizer(

@@ -44,12 +44,24 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     step: int = 0
     skipped: SkipCounter = field(default_factory=SkipCounter)
+    # FSDP (train/fsdp.py): converts the sharded optimizer's state to the plain layout and back;
+    # with one, `weights`, `state_dict` and `save` are collectives that every rank calls
+    layout: Any = None
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the task, whole (under FSDP gathered on rank 0; empty elsewhere)."""
+        if self.layout is None:
+            return self.task.state_dict()
+        from coalign.train.fsdp import full_weights
+
+        return full_weights(self.task)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights (those go to safetensors)."""
+        plain = self.layout
         return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizer": plain.optimizer_state() if plain else self.optimizer.state_dict(),
+            "scheduler": plain.scheduler_state(self.scheduler) if plain else self.scheduler.state_dict(),
             "rng": rng_state(),
             "step": self.step,
             "data_position": self.step,  # batches consumed; the loader's order is a function of (seed, step)
@@ -57,16 +69,22 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if self.layout is None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:
+            self.layout.load_optimizer_state(state["optimizer"])
+            self.layout.load_scheduler_state(self.scheduler, state["scheduler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         skipped = state.get("skipped", {})
         # {"counts", "rows"}; checkpoints from before rows were kept hold plain counts
         self.skipped = SkipCounter.from_record(skipped) if "counts" in skipped else SkipCounter(skipped)
 
-    def save(self, run_dir: Path, keep: int) -> Path:
-        return save_checkpoint(run_dir, self.step, self.task.state_dict(), self.state_dict(), keep)
+    def save(self, run_dir: Path, keep: int, write: bool = True) -> Path | None:
+        """Write a checkpoint (under FSDP every rank calls it, and only the one with `write` writes)."""
+        weights, state = self.weights(), self.state_dict()
+        return save_checkpoint(run_dir, self.step, weights, state, keep) if write else None
 
     def restore(self, checkpoint: Path) -> None:
         self.task.load_state_dict(load_weights(checkpoint))
