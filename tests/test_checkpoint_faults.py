@@ -28,7 +28,8 @@ from coalign.checkpoint import (
     save_checkpoint,
 )
 from coalign.cli import main
-from coalign.train.loop import DEMO_MARKER, train
+from coalign.train.loop import train
+from coalign.train.session import DEMO_MARKER
 
 
 def _truncate(path) -> None:

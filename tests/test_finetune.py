@@ -16,7 +16,8 @@ from coalign.data.transforms.text import BPETextTransform, train_bpe
 from coalign.interpolate import interpolate_weights
 from coalign.registry import ConfigError
 from coalign.runtime import Runtime
-from coalign.train.loop import setup, train, train_step
+from coalign.train.loop import train, train_step
+from coalign.train.session import setup
 
 TINY = [  # the demo at a tiny size (not --smoke, which would cut the text tower to one block)
     "data.train.size=64",

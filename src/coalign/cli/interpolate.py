@@ -41,7 +41,7 @@ def add_interpolate(sub) -> None:
 
 def cmd_interpolate(args) -> int:
     from coalign.interpolate import Pair, check_alphas
-    from coalign.train.loop import check_run_dir
+    from coalign.train.session import check_run_dir
 
     if args.alpha is not None:
         try:

@@ -95,7 +95,8 @@ def cmd_demo(args) -> int:
     import shutil
 
     from coalign.config import load_recipe
-    from coalign.train.loop import DEMO_MARKER, train
+    from coalign.train.loop import train
+    from coalign.train.session import DEMO_MARKER
 
     recipe = load_recipe("demo", args.overrides, smoke=args.smoke)
     out: Path = args.out
