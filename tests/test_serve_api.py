@@ -147,6 +147,8 @@ def test_health_page_and_static_files(client, index):
         "items": 12,
         "modalities": ["image", "text"],
         "auth": False,
+        "embed_dim": DIM,
+        "shards": None,
     }
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -382,7 +384,10 @@ def test_serve_command_builds_the_app_with_the_env_token(monkeypatch, index):
     args = _serve_args("runs/demo", "emb/demo", "--port", "9001", "--max-k", "7")
     assert args.func(args) == 0
     assert ran["host"] == "127.0.0.1" and ran["port"] == 9001
-    assert loaded == {"a": (Path("emb/demo"),), "kw": {"checkpoint": Path("runs/demo"), "device": "cpu"}}
+    assert loaded == {
+        "a": (Path("emb/demo"),),
+        "kw": {"checkpoint": Path("runs/demo"), "device": "cpu", "shards": None},
+    }
     client = TestClient(ran["app"])
     assert client.get("/metrics").status_code == 401
     r = client.post("/search", json={"text": "a", "k": 8}, headers={"Authorization": "Bearer from-env"})

@@ -119,7 +119,32 @@ class SearchIndex:
         search (a worker serving part of the corpus; default all)."""
         index_dir = Path(index_dir).resolve()
         manifest = finished_manifest(index_dir)
-        return cls(index_dir, manifest, Path(checkpoint or manifest["checkpoint"]), device, mmap, shards)
+        checkpoint = Path(checkpoint or manifest["checkpoint"])
+        index = cls(index_dir, manifest, checkpoint, device, mmap, shards)
+        index.shard_info()  # a bad --shards fails here, before any query
+        return index
+
+    def shard_info(self) -> dict[str, list[int] | int] | None:
+        """Of an index built with --shards: {"served": the parts this process searches, "total": how
+        many there are}; None for a single-file index. Refuses parts that do not exist, and --shards
+        over an index that is not sharded."""
+        layouts = [read_layout(self.index_dir, m) for m in self.modalities]
+        total = next((len(lay["parts"]) for lay in layouts if lay is not None), None)
+        if total is None:
+            if self.shards is not None:
+                raise ConfigError(
+                    f"--shards {' '.join(map(str, self.shards))}: '{self.index_dir}' has no sharded index; "
+                    f"build one with `coalign index {self.index_dir} --shards N`"
+                )
+            return None
+        served = list(range(total)) if self.shards is None else sorted(self.shards)
+        bad = [s for s in served if not (isinstance(s, int) and 0 <= s < total)]
+        if bad or not served or len(set(served)) != len(served):
+            raise ConfigError(
+                f"--shards {' '.join(map(str, self.shards or []))}: the index in '{self.index_dir}' has "
+                f"parts 0..{total - 1}; give distinct ones of them"
+            )
+        return {"served": served, "total": total}
 
     def __len__(self) -> int:
         return self._meta.num_rows

@@ -92,11 +92,18 @@ class ErrorBody(BaseModel):
     detail: Any  # required, may be null
 
 
+class ShardInfo(BaseModel):
+    served: list[int]  # the parts of the sharded index this server searches
+    total: int  # how many parts the index has
+
+
 class Health(BaseModel):
     status: str
     items: int
     modalities: list[str]
     auth: bool
+    embed_dim: int
+    shards: ShardInfo | None  # None: a single-file index (or exact search)
 
 
 class EmbedOne(BaseModel):
@@ -132,6 +139,9 @@ def _exactly_one(fields: Iterable[str]) -> dict[str, Any]:
     return {"oneOf": [{"required": [f], "properties": {f: {"not": {"type": "null"}}}} for f in fields]}
 
 
+QUERY_FIELDS = ("text", "image", "vector", "id")  # a search names exactly one
+
+
 def _described(tp: Any, **schema: Any) -> Any:
     """`tp` with JSON Schema keywords added to its own schema (inside the non-null branch of an optional
     field), for the schema only: the app checks these limits itself, naming them in its errors."""
@@ -163,9 +173,7 @@ def request_models(limits: Limits, modalities: list[str], embed_dim: int, can_re
     )
 
     class SearchRequest(BaseModel):
-        model_config = ConfigDict(
-            extra="forbid", strict=True, json_schema_extra=_exactly_one(("text", "image", "vector", "id"))
-        )
+        model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one(QUERY_FIELDS))
         text: QueryText | None = None
         image: Image64 | None = None
         vector: Vector | None = None
