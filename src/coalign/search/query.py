@@ -30,6 +30,7 @@ from coalign.search import (
     open_metadata,
     thumbnail_file,
 )
+from coalign.search.combine import COMBINE, combine_vectors
 from coalign.search.filters import PREFILTER_MAX, LabelIndex, selector_search
 from coalign.search.index import apply_search_params, read_report
 from coalign.search.shards import ShardedIndex, open_sharded, read_layout
@@ -257,8 +258,10 @@ class SearchIndex:
         embeddings (composed queries: "this picture, but red"); "product": their elementwise product,
         so that the inner product with a stored item is Symile's multilinear score of the three
         (retrieval given the rest)."""
-        if combine not in ("sum", "product"):
+        if combine not in COMBINE:
             raise ConfigError(f"combine must be 'sum' or 'product', got '{combine}'")
+        if text is None and image is None:
+            raise ConfigError("a query needs a text, an image or both")
         parts, w = [], []
         if text is not None:
             parts.append(self.encode_text([text])[0])
@@ -266,18 +269,7 @@ class SearchIndex:
         if image is not None:
             parts.append(self.encode_image([image])[0])
             w.append(weights[1])
-        if not parts:
-            raise ConfigError("a query needs a text, an image or both")
-        if combine == "product":
-            q = np.prod(parts, axis=0)
-        else:
-            if any(v < 0 for v in w) or sum(w) <= 0:
-                raise ConfigError(f"query weights must be >= 0 and not all 0, got {tuple(weights)}")
-            q = np.sum([v * p for v, p in zip(w, parts, strict=True)], axis=0)
-        norm = np.linalg.norm(q)
-        if not norm > 0:
-            raise ConfigError("the combined query vector is zero; give other weights or combine='sum'")
-        return (q / norm)[None].astype(np.float32)
+        return combine_vectors(parts, w, combine)
 
     def _label_index(self) -> LabelIndex:
         with self._lock:

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coalign.data.sources.base import SampleError
 from coalign.registry import ConfigError
+from coalign.search.combine import combine_vectors
 from coalign.serve import schemas
 from coalign.serve.bodies import ApiError, check_image, decode_base64, hit_json, only_one, takes
 from coalign.serve.guard import Guard, error_response, is_open
@@ -152,6 +153,25 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
             raise ApiError(404, "item has no stored image to search by", {"id": short(item_id)})
         return encode_image(thumb)
 
+    def combined_vector(c) -> np.ndarray:
+        """A text and an image as one query (coalign.search.query.combine_vectors); the schema's rules
+        (at least one part, weights > 0) checked here too, each refusal naming its rule."""
+        if c.text is None and c.image is None:
+            raise ApiError(422, "a combined query needs a text, an image or both", {"given": []})
+        if len(c.weights) != 2 or not all(math.isfinite(w) and w > 0 for w in c.weights):
+            raise ApiError(422, "weights must be 2 numbers > 0 (text, image)", {"got": c.weights})
+        parts, weights = [], []
+        if c.text is not None:
+            parts.append(encode_texts([c.text])[0])
+            weights.append(c.weights[0])
+        if c.image is not None:
+            parts.append(encode_image(decode_base64(c.image))[0])
+            weights.append(c.weights[1])
+        try:
+            return combine_vectors(parts, weights, c.combine)
+        except ConfigError as err:  # a product of embeddings that is zero: no direction to search by
+            raise ApiError(400, "cannot combine these parts", str(err)) from None
+
     install_errors(app)
     # Which parts of a sharded index this server searches: what a front checks before it merges workers.
     shards = index.shard_info() if hasattr(index, "shard_info") else None
@@ -219,6 +239,8 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
             vectors = encode_image(decode_base64(req.image))
         elif field == "id":
             vectors = item_vector(req.id)
+        elif field == "combined":
+            vectors = combined_vector(req.combined)
         else:
             vec = np.asarray(req.vector, dtype=np.float64)[None]
             # Scaled by its largest entry first, so that neither 1e-320 nor 1e308 under- or overflows
