@@ -49,6 +49,12 @@ def add_serve(sub) -> None:
         metavar="PART",
         help="of an index built with --shards: serve only these parts (a worker behind `serve-front`)",
     )
+    p.add_argument(
+        "--onnx",
+        type=Path,
+        metavar="DIR",
+        help="encode queries with onnxruntime, from the towers `coalign export onnx CHECKPOINT DIR` wrote",
+    )
     p.set_defaults(func=cmd_serve)
 
     f = sub.add_parser(
@@ -124,7 +130,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     limits = _limits(args)
-    index = SearchIndex.load(args.index, checkpoint=args.checkpoint, device=args.device, shards=args.shards)
+    extra = {} if args.onnx is None else {"onnx": args.onnx}
+    index = SearchIndex.load(
+        args.index, checkpoint=args.checkpoint, device=args.device, shards=args.shards, **extra
+    )
     if "text" in index.modalities:  # load the model now: a bad checkpoint fails here, not on a query
         index.encode_text(["warm up"])
     app = create_app(index, token=token, limits=limits)

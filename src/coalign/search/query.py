@@ -11,7 +11,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -34,6 +34,9 @@ from coalign.search.combine import COMBINE, combine_vectors
 from coalign.search.filters import PREFILTER_MAX, LabelIndex, selector_search
 from coalign.search.index import apply_search_params, read_report
 from coalign.search.shards import ShardedIndex, open_sharded, read_layout
+
+if TYPE_CHECKING:
+    from coalign.search.onnx_towers import OnnxTowers
 
 
 @dataclass
@@ -82,6 +85,7 @@ class SearchIndex:
         device: str,
         mmap: bool | None = None,
         shards: list[int] | None = None,
+        onnx: OnnxTowers | None = None,
     ):
         self.index_dir = index_dir
         self.manifest = manifest
@@ -99,6 +103,7 @@ class SearchIndex:
         if not np.array_equal(rows, np.arange(len(rows))):
             raise ValueError(f"'{index_dir / METADATA}' rows are not 0..n-1; re-run `coalign embed`")
         self.shards = shards  # of a sharded index, the parts this process searches (None: all)
+        self.onnx = onnx  # encode queries with these onnxruntime towers instead of torch
         self._lock = threading.Lock()
         self._labels: LabelIndex | None = None
         self._run = None
@@ -112,16 +117,23 @@ class SearchIndex:
         device: str = "cpu",
         mmap: bool | None = None,
         shards: list[int] | None = None,
+        onnx: str | Path | None = None,
     ) -> SearchIndex:
         """index_dir is the folder `coalign embed` wrote (and `coalign index` added index/ to). The
         checkpoint defaults to the one recorded in index_dir/manifest.json. `mmap`: memory-map the
         FAISS index (or, without one, the embedding shards) instead of reading it into memory; None:
         as `coalign index --mmap` recorded. `shards`: of an index built with --shards, the parts to
-        search (a worker serving part of the corpus; default all)."""
+        search (a worker serving part of the corpus; default all). `onnx`: a folder from `coalign
+        export onnx` whose towers encode the queries (the run still gives the transforms)."""
         index_dir = Path(index_dir).resolve()
         manifest = finished_manifest(index_dir)
+        towers = None
+        if onnx is not None:
+            from coalign.search.onnx_towers import OnnxTowers
+
+            towers = OnnxTowers(onnx, threads=torch.get_num_threads())
         checkpoint = Path(checkpoint or manifest["checkpoint"])
-        index = cls(index_dir, manifest, checkpoint, device, mmap, shards)
+        index = cls(index_dir, manifest, checkpoint, device, mmap, shards, towers)
         index.shard_info()  # a bad --shards fails here, before any query
         return index
 
@@ -170,12 +182,19 @@ class SearchIndex:
                         f"checkpoint '{self.checkpoint}' embeds to {run.model.embed_dim} dimensions but "
                         f"'{self.index_dir}' holds {self.embed_dim}-dimensional embeddings"
                     )
+                if self.onnx is not None and self.onnx.step not in (None, run.step):
+                    raise ConfigError(
+                        f"--onnx '{self.onnx.folder}' was exported at step {self.onnx.step} but the served "
+                        f"checkpoint '{self.checkpoint}' is step {run.step}: export it again"
+                    )
                 self._run = run
             return self._run
 
     @torch.no_grad()
     def _encode(self, modality: str, x: torch.Tensor) -> np.ndarray:
         run = self._loaded_run()
+        if self.onnx is not None:
+            return self.onnx.encode(modality, x.cpu().numpy(), self.embed_dim)
         return run.model.encode(modality, x.to(self.device)).float().cpu().numpy()
 
     def _transform(self, modality: str):
