@@ -97,7 +97,7 @@ class RunIndex(FakeIndex):
         self.checkpoint = run_dir
         self._run = None
 
-    def _loaded_run(self):
+    def loaded_run(self):
         self._run = self._run or load_run(self.checkpoint)
         return self._run
 

@@ -147,6 +147,8 @@ def test_health_page_and_static_files(client, index):
         "items": 12,
         "modalities": ["image", "text"],
         "auth": False,
+        "embed_dim": DIM,
+        "shards": None,
     }
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -382,7 +384,10 @@ def test_serve_command_builds_the_app_with_the_env_token(monkeypatch, index):
     args = _serve_args("runs/demo", "emb/demo", "--port", "9001", "--max-k", "7")
     assert args.func(args) == 0
     assert ran["host"] == "127.0.0.1" and ran["port"] == 9001
-    assert loaded == {"a": (Path("emb/demo"),), "kw": {"checkpoint": Path("runs/demo"), "device": "cpu"}}
+    assert loaded == {
+        "a": (Path("emb/demo"),),
+        "kw": {"checkpoint": Path("runs/demo"), "device": "cpu", "shards": None},
+    }
     client = TestClient(ran["app"])
     assert client.get("/metrics").status_code == 401
     r = client.post("/search", json={"text": "a", "k": 8}, headers={"Authorization": "Bearer from-env"})
@@ -426,3 +431,85 @@ def test_end_to_end_over_a_real_index(real_index):
     assert_error(client.post("/search", json={"image": b64(png[: len(png) // 2])}), 400, "undecodable")
     assert client.get("/items/..%2F..%2Fmanifest.json/thumbnail").status_code == 404
     assert client.get("/items/..%2Fmanifest.json").status_code == 404
+
+
+# --------------------------------------------------------------------------------- combined queries
+
+
+def test_combined_queries_weight_a_text_and_an_image(client, index):
+    from coalign.search.combine import combine_vectors
+
+    png = (index.root / "thumbnails" / "4.png").read_bytes()
+    text_vec, image_vec = index.encode_text(["a red square"])[0], index.encode_image([png])[0]
+    for weights, combine in (
+        ([0.7, 0.3], "sum"),
+        ([1e-300, 2e-300], "sum"),
+        ([1e308, 1.0], "sum"),
+        ([1, 1], "product"),
+    ):
+        body = {
+            "combined": {"text": "a red square", "image": b64(png), "weights": weights, "combine": combine},
+            "k": 5,
+        }
+        got = client.post("/search", json=body).json()["results"]
+        q = combine_vectors([text_vec, image_vec], weights, combine)
+        want = index.search(q, 5)[0]
+        assert [(r["id"], round(r["score"], 5)) for r in got] == [(h.id, round(h.score, 5)) for h in want]
+    # Only the ratio of the weights counts; one part alone is that part's query.
+    a = client.post("/search", json={"combined": {"text": "a", "image": b64(png), "weights": [2, 6]}}).json()
+    b = client.post(
+        "/search", json={"combined": {"text": "a", "image": b64(png), "weights": [0.25, 0.75]}}
+    ).json()
+    assert [(r["id"], round(r["score"], 6)) for r in a["results"]] == [
+        (r["id"], round(r["score"], 6)) for r in b["results"]
+    ]
+    alone = client.post("/search", json={"combined": {"image": b64(png), "weights": [0.1, 5]}, "k": 4}).json()
+    assert alone["results"] == client.post("/search", json={"image": b64(png), "k": 4}).json()["results"]
+
+
+@pytest.mark.parametrize(
+    ("combined", "words"),
+    [
+        ({}, "text, an image or both"),
+        ({"text": None, "image": None}, "text, an image or both"),
+        ({"text": "a", "weights": [0, 1]}, "weights"),
+        ({"text": "a", "weights": [-1, 1]}, "weights"),
+        ({"text": "a", "weights": [1]}, "weights"),
+        ({"text": "a", "weights": [1, 1, 1]}, "weights"),
+        ({"text": "a", "weights": [True, 1]}, "invalid request"),
+        ({"text": "a", "combine": "max"}, "invalid request"),
+        ({"text": "a", "colour": "red"}, "invalid request"),
+        ({"text": " "}, "text is empty"),
+    ],
+)
+def test_a_bad_combined_query_is_refused_naming_the_rule(client, combined, words):
+    assert_error(client.post("/search", json={"combined": combined}), 422, words)
+
+
+def test_combined_is_one_query_field_and_documented(client, index):
+    assert_error(client.post("/search", json={"text": "a", "combined": {"text": "a"}}), 422, "exactly one")
+    assert_error(client.post("/search", json={"combined": {"image": "not base64!"}}), 400, "base64")
+    doc = client.get("/openapi.json").json()["components"]["schemas"]
+    combined = doc["Combined"]
+    assert combined["anyOf"] == [
+        {"required": ["text"], "properties": {"text": {"not": {"type": "null"}}}},
+        {"required": ["image"], "properties": {"image": {"not": {"type": "null"}}}},
+    ]
+    weights = combined["properties"]["weights"]
+    assert (weights["minItems"], weights["maxItems"], weights["items"]["exclusiveMinimum"]) == (2, 2, 0)
+    assert {"required": ["combined"], "properties": {"combined": {"not": {"type": "null"}}}} in doc[
+        "SearchRequest"
+    ]["oneOf"]
+
+
+@pytest.mark.slow
+def test_a_combined_query_is_the_cli_query_over_a_real_index(real_index):
+    client = TestClient(create_app(real_index))
+    first = real_index.item("0") or real_index.search(real_index.encode_text(["a"]), 1)[0][0]
+    png = real_index.thumbnail_path(first.id).read_bytes()
+    body = {"combined": {"text": "a red circle", "image": b64(png), "weights": [0.7, 0.3]}, "k": 6}
+    got = client.post("/search", json=body).json()["results"]
+    q = real_index.encode_query("a red circle", png, (0.7, 0.3))  # what `coalign search --text --image` runs
+    want = real_index.search(q, 6)[0]
+    assert [r["id"] for r in got] == [h.id for h in want]
+    np.testing.assert_allclose([r["score"] for r in got], [h.score for h in want], atol=1e-5)

@@ -5,12 +5,11 @@ Shard s covers the source indices [s * shard_size, (s + 1) * shard_size). Sample
 over the kept samples in source order, which makes the numbering deterministic: a resumed run writes
 exactly what an uninterrupted one would. A shard's files are all written (atomically) before the
 manifest marks it finished, and a restart recomputes only the shards the manifest does not list.
+What one sample becomes (inputs, metadata, thumbnail, or a skip) is coalign.search.samples.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import os
 import time
@@ -23,15 +22,11 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import yaml
-from PIL import Image
 from tqdm import tqdm
 
 from coalign.build import LoadedRun, build_source, load_run
 from coalign.config import Recipe, SourceSpec
-from coalign.data.sample import first_caption
 from coalign.data.sources.base import SampleError, SkipCounter, Source
-from coalign.data.transforms.base import Transform
-from coalign.data.transforms.image import decode_image
 from coalign.registry import ConfigError
 from coalign.runtime import Runtime
 from coalign.search import (
@@ -47,10 +42,9 @@ from coalign.search import (
     write_manifest,
     write_parquet,
 )
+from coalign.search.samples import Prepared, Skip
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl"}
-# A missing value is counted under the reason its transform would give (the sources use the same keys).
-MISSING_REASON = {"text": "empty_caption", "image": "missing_image"}
 # What must match for a restart to continue an existing OUT rather than mix two different embeddings.
 IDENTITY_KEYS = (
     "checkpoint",
@@ -126,64 +120,6 @@ def carried_modalities(run: LoadedRun, source: Source, probe: int = 64) -> list[
     if len(source) and not found:
         raise ConfigError(f"the source's samples carry none of the model's modalities ({', '.join(wanted)})")
     return found
-
-
-class Skip(NamedTuple):
-    """What `Prepared` gives for a sample it cannot use."""
-
-    reason: str
-    index: int
-
-
-class Prepared(torch.utils.data.Dataset):
-    """Source index -> transformed inputs, metadata and thumbnail bytes; or the SampleError's reason.
-
-    Decoding (the slow part for file sources) happens here, so DataLoader workers can share it."""
-
-    def __init__(self, source: Source, transforms: dict[str, Transform], modalities: list[str], thumb: int):
-        self.source, self.transforms, self.modalities, self.thumb = source, transforms, modalities, thumb
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> dict[str, Any] | Skip:
-        try:
-            raw = self.source[index]
-            inputs, png = {}, None
-            for m in self.modalities:
-                value = raw.get(m)
-                if value is None:
-                    raise SampleError(MISSING_REASON.get(m, f"missing_{m}"))
-                transform = self.transforms[m]
-                if (
-                    m == "image"
-                ):  # decode once (under the transform's pixel limit): for the model and the thumbnail
-                    value = transform.decode(value) if hasattr(transform, "decode") else decode_image(value)
-                    png = thumbnail_png(value, self.thumb) if self.thumb else None
-                inputs[m] = transform(value, np.random.default_rng(index))
-        except SampleError as err:
-            return Skip(err.reason, index)
-        image = raw.get("image")
-        return {
-            "inputs": inputs,
-            "png": png,
-            "meta": {
-                "id": str(raw.get("id", index)),
-                "path": str(image) if isinstance(image, str | Path) else None,
-                "caption": first_caption(raw.get("text")),
-                "labels": json.dumps({k: int(v) for k, v in (raw.get("label") or {}).items()}),
-                "source_index": index,
-            },
-        }
-
-
-def thumbnail_png(image: Image.Image, size: int) -> bytes:
-    if max(image.size) > size:
-        image = image.copy()
-        image.thumbnail((size, size), Image.BICUBIC)  # keeps the aspect ratio
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _as_list(batch: list) -> list:

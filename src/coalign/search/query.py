@@ -11,7 +11,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -30,9 +30,13 @@ from coalign.search import (
     open_metadata,
     thumbnail_file,
 )
+from coalign.search.combine import COMBINE, combine_vectors
 from coalign.search.filters import PREFILTER_MAX, LabelIndex, selector_search
 from coalign.search.index import apply_search_params, read_report
 from coalign.search.shards import ShardedIndex, open_sharded, read_layout
+
+if TYPE_CHECKING:
+    from coalign.search.onnx_towers import OnnxTowers
 
 
 @dataclass
@@ -81,6 +85,7 @@ class SearchIndex:
         device: str,
         mmap: bool | None = None,
         shards: list[int] | None = None,
+        onnx: OnnxTowers | None = None,
     ):
         self.index_dir = index_dir
         self.manifest = manifest
@@ -98,6 +103,7 @@ class SearchIndex:
         if not np.array_equal(rows, np.arange(len(rows))):
             raise ValueError(f"'{index_dir / METADATA}' rows are not 0..n-1; re-run `coalign embed`")
         self.shards = shards  # of a sharded index, the parts this process searches (None: all)
+        self.onnx = onnx  # encode queries with these onnxruntime towers instead of torch
         self._lock = threading.Lock()
         self._labels: LabelIndex | None = None
         self._run = None
@@ -111,15 +117,47 @@ class SearchIndex:
         device: str = "cpu",
         mmap: bool | None = None,
         shards: list[int] | None = None,
+        onnx: str | Path | None = None,
     ) -> SearchIndex:
         """index_dir is the folder `coalign embed` wrote (and `coalign index` added index/ to). The
         checkpoint defaults to the one recorded in index_dir/manifest.json. `mmap`: memory-map the
         FAISS index (or, without one, the embedding shards) instead of reading it into memory; None:
         as `coalign index --mmap` recorded. `shards`: of an index built with --shards, the parts to
-        search (a worker serving part of the corpus; default all)."""
+        search (a worker serving part of the corpus; default all). `onnx`: a folder from `coalign
+        export onnx` whose towers encode the queries (the run still gives the transforms)."""
         index_dir = Path(index_dir).resolve()
         manifest = finished_manifest(index_dir)
-        return cls(index_dir, manifest, Path(checkpoint or manifest["checkpoint"]), device, mmap, shards)
+        towers = None
+        if onnx is not None:
+            from coalign.search.onnx_towers import OnnxTowers
+
+            towers = OnnxTowers(onnx, threads=torch.get_num_threads())
+        checkpoint = Path(checkpoint or manifest["checkpoint"])
+        index = cls(index_dir, manifest, checkpoint, device, mmap, shards, towers)
+        index.shard_info()  # a bad --shards fails here, before any query
+        return index
+
+    def shard_info(self) -> dict[str, list[int] | int] | None:
+        """Of an index built with --shards: {"served": the parts this process searches, "total": how
+        many there are}; None for a single-file index. Refuses parts that do not exist, and --shards
+        over an index that is not sharded."""
+        layouts = [read_layout(self.index_dir, m) for m in self.modalities]
+        total = next((len(lay["parts"]) for lay in layouts if lay is not None), None)
+        if total is None:
+            if self.shards is not None:
+                raise ConfigError(
+                    f"--shards {' '.join(map(str, self.shards))}: '{self.index_dir}' has no sharded index; "
+                    f"build one with `coalign index {self.index_dir} --shards N`"
+                )
+            return None
+        served = list(range(total)) if self.shards is None else sorted(self.shards)
+        bad = [s for s in served if not (isinstance(s, int) and 0 <= s < total)]
+        if bad or not served or len(set(served)) != len(served):
+            raise ConfigError(
+                f"--shards {' '.join(map(str, self.shards or []))}: the index in '{self.index_dir}' has "
+                f"parts 0..{total - 1}; give distinct ones of them"
+            )
+        return {"served": served, "total": total}
 
     def __len__(self) -> int:
         return self._meta.num_rows
@@ -133,7 +171,7 @@ class SearchIndex:
 
     # ------------------------------------------------------------------------------------- encoding
 
-    def _loaded_run(self):
+    def loaded_run(self):
         with self._lock:
             if self._run is None:
                 from coalign.build import load_run  # here, so that loading an index stays fast
@@ -144,16 +182,23 @@ class SearchIndex:
                         f"checkpoint '{self.checkpoint}' embeds to {run.model.embed_dim} dimensions but "
                         f"'{self.index_dir}' holds {self.embed_dim}-dimensional embeddings"
                     )
+                if self.onnx is not None and self.onnx.step not in (None, run.step):
+                    raise ConfigError(
+                        f"--onnx '{self.onnx.folder}' was exported at step {self.onnx.step} but the served "
+                        f"checkpoint '{self.checkpoint}' is step {run.step}: export it again"
+                    )
                 self._run = run
             return self._run
 
     @torch.no_grad()
     def _encode(self, modality: str, x: torch.Tensor) -> np.ndarray:
-        run = self._loaded_run()
+        run = self.loaded_run()
+        if self.onnx is not None:
+            return self.onnx.encode(modality, x.cpu().numpy(), self.embed_dim)
         return run.model.encode(modality, x.to(self.device)).float().cpu().numpy()
 
     def _transform(self, modality: str):
-        run = self._loaded_run()
+        run = self.loaded_run()
         if modality not in run.model.modalities or modality not in run.transforms:
             raise ConfigError(
                 f"the model cannot encode '{modality}'; it encodes {', '.join(run.model.modalities)}"
@@ -232,8 +277,10 @@ class SearchIndex:
         embeddings (composed queries: "this picture, but red"); "product": their elementwise product,
         so that the inner product with a stored item is Symile's multilinear score of the three
         (retrieval given the rest)."""
-        if combine not in ("sum", "product"):
+        if combine not in COMBINE:
             raise ConfigError(f"combine must be 'sum' or 'product', got '{combine}'")
+        if text is None and image is None:
+            raise ConfigError("a query needs a text, an image or both")
         parts, w = [], []
         if text is not None:
             parts.append(self.encode_text([text])[0])
@@ -241,18 +288,7 @@ class SearchIndex:
         if image is not None:
             parts.append(self.encode_image([image])[0])
             w.append(weights[1])
-        if not parts:
-            raise ConfigError("a query needs a text, an image or both")
-        if combine == "product":
-            q = np.prod(parts, axis=0)
-        else:
-            if any(v < 0 for v in w) or sum(w) <= 0:
-                raise ConfigError(f"query weights must be >= 0 and not all 0, got {tuple(weights)}")
-            q = np.sum([v * p for v, p in zip(w, parts, strict=True)], axis=0)
-        norm = np.linalg.norm(q)
-        if not norm > 0:
-            raise ConfigError("the combined query vector is zero; give other weights or combine='sum'")
-        return (q / norm)[None].astype(np.float32)
+        return combine_vectors(parts, w, combine)
 
     def _label_index(self) -> LabelIndex:
         with self._lock:

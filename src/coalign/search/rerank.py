@@ -31,7 +31,7 @@ _lock = threading.Lock()
 def supports_rerank(index) -> bool:
     """Whether the index's run has a fusion part with a text side (what re-ranking scores pairs with)."""
     try:
-        fusion = getattr(index._loaded_run().model, "fusion", None)
+        fusion = getattr(index.loaded_run().model, "fusion", None)
     except (AttributeError, OSError, ValueError):  # an index without a loadable run
         return False
     return fusion is not None and "text" in (fusion.query, fusion.context)
@@ -43,7 +43,7 @@ def check_rerank(index: SearchIndex, k: int, modality: str, text_query: bool) ->
         raise ConfigError(f"rerank must be a positive number of hits to re-rank, got {k}")
     if not text_query:
         raise ConfigError("rerank scores (text, item) pairs: it needs a text query")
-    fusion = getattr(index._loaded_run().model, "fusion", None)
+    fusion = getattr(index.loaded_run().model, "fusion", None)
     pair = () if fusion is None else (fusion.query, fusion.context)
     if "text" not in pair or modality not in pair:
         raise ConfigError(
@@ -71,7 +71,7 @@ def _source_items(index: SearchIndex):
 def rerank_hits(index: SearchIndex, text: str, hits: list[Hit], k: int, modality: str = "image") -> list[Hit]:
     """`hits` (best first) with the first k re-ordered by ITM probability of (text, item)."""
     check_rerank(index, k, modality, text_query=True)
-    run = index._loaded_run()
+    run = index.loaded_run()
     model, device = run.model, next(run.model.parameters()).device
     head, rest = hits[:k], hits[k:]
     if not head:

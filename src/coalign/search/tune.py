@@ -12,7 +12,8 @@
 
 All IVF candidates share one coarse quantizer (k-means on a sample of the rows, never on all of
 them) and one assignment of the rows to its lists, so each costs only its own encoder and add.
-A target no candidate reaches is refused with the best recall found.
+A target no candidate reaches is refused with the best recall found. This file builds; the held-out
+queries, recall, latency and the parameter sweep that judge each build are in coalign.search.holdout.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import numpy as np
 from tqdm import tqdm
 
 from coalign.registry import ConfigError
+from coalign.search.holdout import CHUNK, Holdout, sweep
 from coalign.search.index import HNSW_EF_CONSTRUCTION, HNSW_M, _pq_m, apply_search_params
 
-CHUNK = 32_768  # rows added per call: the progress bar's step, and a bounded float32 copy
 KINDS = ("flat", "ivf-flat", "ivf-sqfp16", "ivf-sq8", "ivf-pq", "ivf-pq-refine", "hnsw", "hnsw-sq8")
 HNSW_TRIAL = 5000  # rows of the trial build that predicts an HNSW build time
 
@@ -78,50 +79,6 @@ def candidates(n: int, d: int) -> list[Candidate]:
         Candidate("hnsw", f"HNSW{HNSW_M}", n * d * 4 + graph, axis="efSearch", values=efs),
         Candidate("hnsw-sq8", f"HNSW{HNSW_M},SQ8", n * d + graph, axis="efSearch", values=efs),
     ]
-
-
-class Holdout:
-    """Held-out query rows, and the exact k-th best score of each over the other rows."""
-
-    def __init__(self, x: np.ndarray, count: int, k: int, seed: int):
-        n = len(x)
-        rng = np.random.default_rng(seed)
-        self.held = np.sort(rng.choice(n, size=count, replace=False))
-        mask = np.zeros(n, dtype=bool)
-        mask[self.held] = True
-        self.kept = np.flatnonzero(~mask)  # index position -> row, while tuning
-        self.q = np.ascontiguousarray(x[self.held])
-        self.k = k
-        best = np.full((count, 0), -np.inf, dtype=np.float32)
-        step = CHUNK // 2  # (count, step) scores at a time
-        for a in range(0, n, step):
-            s = self.q @ x[a : a + step].T
-            s[:, mask[a : a + step]] = -np.inf  # a query is not its own neighbour
-            s = np.concatenate([best, s], axis=1)
-            best = -np.partition(-s, min(k, s.shape[1]) - 1, axis=1)[:, :k]
-        self.kth = np.sort(best, axis=1)[:, 0]  # (count,)
-        self.x = x
-
-    def recall(self, ids: np.ndarray) -> float:
-        """Share of returned results scoring at least the exact k-th (ties in any order count)."""
-        valid = ids >= 0
-        rows = self.kept[np.where(valid, ids, 0)]
-        scores = np.einsum("qd,qkd->qk", self.q, self.x[rows])
-        return float((valid & (scores >= self.kth[:, None] - 1e-5)).sum() / ids.size)
-
-
-def latency_ms(index: faiss.Index, q: np.ndarray, k: int, most: int = 200, budget_s: float = 3.0):
-    """(p50, p99) of one-query searches over up to `most` queries (fewer once `budget_s` is spent)."""
-    index.search(q[:1], k)  # warm caches and thread pools
-    times, start = [], time.perf_counter()
-    for i in range(min(len(q), most)):
-        t = time.perf_counter()
-        index.search(q[i : i + 1], k)
-        times.append(time.perf_counter() - t)
-        if time.perf_counter() - start > budget_s and len(times) >= 5:
-            break
-    ms = 1000 * np.array(times)
-    return round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 99)), 3)
 
 
 class SharedIVF:
@@ -200,43 +157,6 @@ def _new_index(cand: Candidate, d: int) -> faiss.Index:
     if isinstance(hnsw, faiss.IndexHNSW):
         hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     return index
-
-
-def sweep(index: faiss.Index, cand: Candidate, hold: Holdout, target: float) -> dict:
-    """The cheapest setting(s) reaching `target`, the fastest of them timed; or the best recall seen."""
-    best = (-1.0, "")
-    reached = []  # (params, recall, batch_qps)
-    values: list[int | None] = list(cand.values) or [None]
-    for kf in cand.k_factors:
-        for v in values:
-            params = cand.params(v, kf)
-            apply_search_params(index, params)
-            t = time.perf_counter()
-            ids = index.search(hold.q, hold.k)[1]
-            qps = len(hold.q) / max(time.perf_counter() - t, 1e-9)
-            recall = hold.recall(ids)
-            best = max(best, (recall, params))
-            if recall >= target:
-                reached.append((params, recall, qps))
-                values = [u for u in values if u is None or u <= v]  # more re-ranking needs no more probes
-                break
-    if not reached:
-        return {"status": "below target", "best_recall": round(best[0], 4), "best_params": best[1]}
-    timed = []
-    for params, recall, qps in reached:
-        apply_search_params(index, params)
-        p50, p99 = latency_ms(index, hold.q, hold.k)
-        timed.append((p50, p99, params, recall, qps))
-    p50, p99, params, recall, qps = min(timed)
-    return {
-        "status": "reaches target",
-        "params": params,
-        "recall": round(recall, 4),
-        "p50_ms": p50,
-        "p99_ms": p99,
-        "batch_qps": round(qps, 1),
-        "best_recall": round(best[0], 4),
-    }
 
 
 class Tuner:

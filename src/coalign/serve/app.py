@@ -9,16 +9,12 @@ optional bearer token, and the body size limit (see coalign.serve.guard).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import math
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
-from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, File, Form, UploadFile
@@ -27,19 +23,20 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coalign.data.sources.base import SampleError
 from coalign.registry import ConfigError
+from coalign.search.combine import combine_vectors
 from coalign.serve import schemas
+from coalign.serve.bodies import ApiError, check_image, decode_base64, hit_json, only_one, takes
 from coalign.serve.caption import add_caption_route
 from coalign.serve.guard import Guard, error_response, is_open
 from coalign.serve.metrics import Metrics
 from coalign.serve.schemas import EmbedMany, EmbedOne, Health, Item, SearchResults, Text, short
 
 if TYPE_CHECKING:
-    from coalign.search.query import Hit, SearchIndex
+    from coalign.search.query import SearchIndex
 
 STATIC = Path(__file__).parent / "static"
 
@@ -56,79 +53,6 @@ class Limits:
         for name, value in vars(self).items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Limits.{name} must be a positive integer, got {value!r}")
-
-
-class ApiError(Exception):
-    """An answer to a bad request: `status`, a short `error` and a `detail` naming what to fix."""
-
-    def __init__(self, status: int, error: str, detail: Any = None):
-        super().__init__(error)
-        self.status, self.error, self.detail = status, error, detail
-
-
-def _decode_base64(value: str) -> bytes:
-    if value.startswith("data:"):  # data:image/png;base64,....
-        value = value.partition(",")[2]
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(
-            400, "image is not valid base64", "send the image file's bytes base64-encoded"
-        ) from None
-
-
-def _check_image(data: bytes, limits: Limits) -> None:
-    """Refuse undecodable or oversized images from the header alone, before anything decodes pixels."""
-    if not data:
-        raise ApiError(400, "undecodable image", "the image is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-    except Exception as err:  # PIL raises many types for garbage; all mean the same to a client
-        raise ApiError(400, "undecodable image", f"not an image file PIL can read ({err})") from None
-    if w * h > limits.max_image_pixels:
-        detail = {"limit": "max_image_pixels", "max_image_pixels": limits.max_image_pixels, "got": w * h}
-        raise ApiError(413, "image too large", detail)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _thumbnail_url(item_id: str) -> str:
-    return f"/items/{quote(item_id, safe='')}/thumbnail"
-
-
-def _hit_json(hit: Hit) -> dict[str, Any]:
-    return {
-        "id": hit.id,
-        "score": float(hit.score),
-        "caption": hit.caption,
-        "labels": _jsonable(hit.labels or {}),
-        "thumbnail": _thumbnail_url(hit.id),
-    }
-
-
-def _only_one(req: BaseModel, fields: tuple[str, ...]) -> str:
-    given = [f for f in fields if getattr(req, f) is not None]
-    if len(given) != 1:
-        raise ApiError(422, f"give exactly one of: {', '.join(fields)}", {"given": given})
-    return given[0]
-
-
-def _takes(**types):
-    """Give a route's parameters these annotations: types built for this app (they carry its limits),
-    which the module's string annotations could not name."""
-
-    def mark(fn):
-        fn.__annotations__.update(types)
-        return fn
-
-    return mark
 
 
 def create_app(index: SearchIndex, token: str | None = None, limits: Limits | None = None) -> FastAPI:
@@ -164,7 +88,7 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
 
     def encode_image(image: bytes | Path) -> np.ndarray:
         if isinstance(image, bytes):
-            _check_image(image, limits)
+            check_image(image, limits)
         try:
             with model_lock:
                 return np.asarray(index.encode_image([image]), dtype=np.float32)
@@ -218,7 +142,7 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
 
                 hits = rerank_hits(index, rerank[0], hits, rerank[1], modality)[:k]
         return {
-            "results": [_hit_json(h) for h in hits],
+            "results": [hit_json(h) for h in hits],
             "took_ms": round((time.perf_counter() - started) * 1e3, 2),
         }
 
@@ -230,22 +154,28 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
             raise ApiError(404, "item has no stored image to search by", {"id": short(item_id)})
         return encode_image(thumb)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request, err: ApiError):
-        return error_response(err.status, err.error, err.detail)
+    def combined_vector(c) -> np.ndarray:
+        """A text and an image as one query (coalign.search.query.combine_vectors); the schema's rules
+        (at least one part, weights > 0) checked here too, each refusal naming its rule."""
+        if c.text is None and c.image is None:
+            raise ApiError(422, "a combined query needs a text, an image or both", {"given": []})
+        if len(c.weights) != 2 or not all(math.isfinite(w) and w > 0 for w in c.weights):
+            raise ApiError(422, "weights must be 2 numbers > 0 (text, image)", {"got": c.weights})
+        parts, weights = [], []
+        if c.text is not None:
+            parts.append(encode_texts([c.text])[0])
+            weights.append(c.weights[0])
+        if c.image is not None:
+            parts.append(encode_image(decode_base64(c.image))[0])
+            weights.append(c.weights[1])
+        try:
+            return combine_vectors(parts, weights, c.combine)
+        except ConfigError as err:  # a product of embeddings that is zero: no direction to search by
+            raise ApiError(400, "cannot combine these parts", str(err)) from None
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, err: RequestValidationError):
-        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in err.errors()]
-        return error_response(422, "invalid request", detail)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, err: StarletteHTTPException):
-        return error_response(err.status_code, str(err.detail), None, headers=getattr(err, "headers", None))
-
-    @app.get("/", include_in_schema=False)
-    def page():
-        return FileResponse(STATIC / "index.html")
+    install_errors(app)
+    # Which parts of a sharded index this server searches: what a front checks before it merges workers.
+    shards = index.shard_info() if hasattr(index, "shard_info") else None
 
     @app.get("/health", response_model=Health)
     def health():
@@ -254,6 +184,8 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
             "items": len(index),
             "modalities": list(index.modalities),
             "auth": bool(token),
+            "embed_dim": int(index.embed_dim),
+            "shards": shards,
         }
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
@@ -269,16 +201,16 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
     errors = {**schemas.BAD_CONTENT, **schemas.INVALID}
 
     @app.post("/embed", response_model=EmbedOne | EmbedMany, responses=errors)
-    @_takes(req=EmbedRequest)
+    @takes(req=EmbedRequest)
     def embed(req):
-        field = _only_one(req, ("text", "texts", "image"))
+        field = only_one(req, ("text", "texts", "image"))
         if field == "texts":
             if not 1 <= len(req.texts) <= limits.max_batch:
                 detail = {"limit": "max_batch", "max_batch": limits.max_batch, "got": len(req.texts)}
                 raise ApiError(422, "texts must hold 1 to max_batch items", detail)
             emb = encode_texts(req.texts)
             return {"modality": "text", "embeddings": emb.tolist(), "dim": int(emb.shape[1])}
-        emb = encode_texts([req.text]) if field == "text" else encode_image(_decode_base64(req.image))
+        emb = encode_texts([req.text]) if field == "text" else encode_image(decode_base64(req.image))
         return {
             "modality": "text" if field == "text" else "image",
             "embedding": emb[0].tolist(),
@@ -286,10 +218,10 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
         }
 
     @app.post("/search", response_model=SearchResults, responses={**errors, **schemas.NOT_FOUND})
-    @_takes(req=SearchRequest)
+    @takes(req=SearchRequest)
     def search(req):
         started = time.perf_counter()
-        field = _only_one(req, ("text", "image", "vector", "id"))
+        field = only_one(req, schemas.QUERY_FIELDS)
         check_k(req.k)
         check_filter(req.filter)
         modality = target_modality(req.modality)
@@ -305,9 +237,11 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
         if field == "text":
             vectors = encode_texts([req.text])
         elif field == "image":
-            vectors = encode_image(_decode_base64(req.image))
+            vectors = encode_image(decode_base64(req.image))
         elif field == "id":
             vectors = item_vector(req.id)
+        elif field == "combined":
+            vectors = combined_vector(req.combined)
         else:
             vec = np.asarray(req.vector, dtype=np.float64)[None]
             # Scaled by its largest entry first, so that neither 1e-320 nor 1e308 under- or overflows
@@ -322,7 +256,7 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
         return run_search(vectors, req.k, modality, started, req.filter, rerank)
 
     @app.post("/search/image", response_model=SearchResults, responses=errors)
-    @_takes(
+    @takes(
         # "image-file": the bytes of an image file; that they decode is checked (400).
         file=Annotated[UploadFile, File(json_schema_extra={"format": "image-file"})],
         # A form has no null, and FastAPI reads an empty field as absent: "" is documented as the default.
@@ -360,11 +294,37 @@ def create_app(index: SearchIndex, token: str | None = None, limits: Limits | No
         hit = index.item(item_id)
         if hit is None:
             raise ApiError(404, "unknown item", {"id": short(item_id)})
-        out = _hit_json(hit)
+        out = hit_json(hit)
         del out["score"]  # a score means nothing here; `path` is never sent: server paths stay private
         return out
 
     add_caption_route(app, index, limits, model_lock)  # POST /caption, when the run has a caption decoder
+    return finish(app, metrics, token, limits)
+
+
+def install_errors(app: FastAPI) -> None:
+    """Every refusal as ErrorBody JSON: the app's own, FastAPI's validation and Starlette's 404 / 405."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, err: ApiError):
+        return error_response(err.status, err.error, err.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, err: RequestValidationError):
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in err.errors()]
+        return error_response(422, "invalid request", detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, err: StarletteHTTPException):
+        return error_response(err.status_code, str(err.detail), None, headers=getattr(err, "headers", None))
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html")
+
+
+def finish(app: FastAPI, metrics: Metrics, token: str | None, limits: Limits) -> FastAPI:
+    """The OpenAPI document with what the Guard answers, the static files, and the Guard itself."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

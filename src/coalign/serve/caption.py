@@ -80,35 +80,32 @@ def add_caption_route(app: FastAPI, index: Any, limits: Any, model_lock: Any) ->
 
     from coalign.models.generate import Captioner, Decoding
     from coalign.registry import ConfigError
-    from coalign.serve import app as server
+    from coalign.serve import schemas
+    from coalign.serve.bodies import ApiError, check_image, decode_base64, only_one, takes
 
     CaptionRequest = caption_request(limits.max_batch)
     state: dict[str, Any] = {}
 
     def captioner() -> tuple[Captioner, Any, Any]:
         if "captioner" not in state:
-            run = index._loaded_run()  # the model the index encodes queries with, loaded once
+            run = index.loaded_run()  # the model the index encodes queries with, loaded once
             decoder = run.model.decoder
             text = run.transforms[decoder.text]
             state["captioner"] = (Captioner.of(run.model, text), text, run.transforms[decoder.context])
         return state["captioner"]
 
-    responses = {**server.schemas.BAD_CONTENT, **INVALID}
+    responses = {**schemas.BAD_CONTENT, **INVALID}
 
     @app.post("/caption", response_model=Captions, responses=responses)
-    @server._takes(req=CaptionRequest)
+    @takes(req=CaptionRequest)
     def caption(req):
         started = time.perf_counter()
-        field = server._only_one(req, ("image", "images"))
+        field = only_one(req, ("image", "images"))
         if req.beam is not None and req.top_p is not None:
-            raise server.ApiError(422, "give beam or top_p, not both", {"given": ["beam", "top_p"]})
-        data = (
-            [server._decode_base64(req.image)]
-            if field == "image"
-            else [server._decode_base64(i) for i in req.images]
-        )
+            raise ApiError(422, "give beam or top_p, not both", {"given": ["beam", "top_p"]})
+        data = [decode_base64(req.image)] if field == "image" else [decode_base64(i) for i in req.images]
         for blob in data:
-            server._check_image(blob, limits)
+            check_image(blob, limits)
         with model_lock:
             cap, text, image_transform = captioner()
             try:
@@ -121,12 +118,12 @@ def add_caption_route(app: FastAPI, index: Any, limits: Any, model_lock: Any) ->
                 )
                 cap.length(decoding)
             except ConfigError as err:  # max_length beyond the text tower's positions
-                raise server.ApiError(422, "max_length too long", str(err)) from None
+                raise ApiError(422, "max_length too long", str(err)) from None
             rng = np.random.default_rng(0)
             try:
                 images = torch.stack([image_transform(blob, rng) for blob in data])
             except SampleError as err:
-                raise server.ApiError(400, "undecodable image", str(err)) from None
+                raise ApiError(400, "undecodable image", str(err)) from None
             device = next(cap.model.parameters()).device
             out = cap.generate(images.to(device), decoding)
             texts = cap.texts(text, out)

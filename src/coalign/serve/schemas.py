@@ -11,7 +11,7 @@ itself so that each refusal names the limit (`max_k`, `max_text_chars`, ...).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
 
@@ -92,11 +92,18 @@ class ErrorBody(BaseModel):
     detail: Any  # required, may be null
 
 
+class ShardInfo(BaseModel):
+    served: list[int]  # the parts of the sharded index this server searches
+    total: int  # how many parts the index has
+
+
 class Health(BaseModel):
     status: str
     items: int
     modalities: list[str]
     auth: bool
+    embed_dim: int
+    shards: ShardInfo | None  # None: a single-file index (or exact search)
 
 
 class EmbedOne(BaseModel):
@@ -132,6 +139,15 @@ def _exactly_one(fields: Iterable[str]) -> dict[str, Any]:
     return {"oneOf": [{"required": [f], "properties": {f: {"not": {"type": "null"}}}} for f in fields]}
 
 
+def _at_least_one(fields: Iterable[str]) -> dict[str, Any]:
+    """JSON Schema for "at least one of these fields is given and not null"."""
+    return {"anyOf": [{"required": [f], "properties": {f: {"not": {"type": "null"}}}} for f in fields]}
+
+
+QUERY_FIELDS = ("text", "image", "vector", "id", "combined")  # a search names exactly one
+PARTS = ("text", "image")  # a combined query has at least one
+
+
 def _described(tp: Any, **schema: Any) -> Any:
     """`tp` with JSON Schema keywords added to its own schema (inside the non-null branch of an optional
     field), for the schema only: the app checks these limits itself, naming them in its errors."""
@@ -162,14 +178,27 @@ def request_models(limits: Limits, modalities: list[str], embed_dim: int, can_re
         list[float], minItems=embed_dim, maxItems=embed_dim, **{"not": {"items": {"const": 0}}}
     )
 
+    # A part's weight in a combined query: > 0 (a part that should not count is left out), any size:
+    # only the ratio of the two matters.
+    Weight = _described(float, exclusiveMinimum=0)
+
+    class Combined(BaseModel):
+        """A text and an image as one query (composed retrieval: "this picture, but red"): the weighted
+        sum of their normalised embeddings, or with "product" their elementwise product (Symile)."""
+
+        model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_at_least_one(PARTS))
+        text: QueryText | None = None
+        image: Image64 | None = None
+        weights: _described(list[Weight], minItems=2, maxItems=2) = [0.5, 0.5]  # (text, image)
+        combine: Literal["sum", "product"] = "sum"
+
     class SearchRequest(BaseModel):
-        model_config = ConfigDict(
-            extra="forbid", strict=True, json_schema_extra=_exactly_one(("text", "image", "vector", "id"))
-        )
+        model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one(QUERY_FIELDS))
         text: QueryText | None = None
         image: Image64 | None = None
         vector: Vector | None = None
         id: Text | None = None
+        combined: Combined | None = None
         k: K = 10
         # Which index to search; default "image" when there is one. An unknown name answers 400.
         modality: _described(Text, enum=modalities) | None = None
