@@ -172,6 +172,7 @@ class SearchIndex:
     # ------------------------------------------------------------------------------------- encoding
 
     def loaded_run(self):
+        """The run that embeds queries (and re-ranks, and captions), loaded on first use, once."""
         with self._lock:
             if self._run is None:
                 from coalign.build import load_run  # here, so that loading an index stays fast
