@@ -260,15 +260,17 @@ def test_a_run_with_a_part_siglip_lacks_is_refused_by_name(siglip_run, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_a_spiece_only_folder_is_refused_with_the_reason(hf_folder, tmp_path):
+def test_a_folder_without_a_tokenizer_is_refused_naming_both_kinds(hf_folder, tmp_path):
+    """(spiece.model-only folders convert: test_convert_hf_siglip_spm.py)"""
     import shutil
 
     folder, _ = hf_folder
-    only = tmp_path / "siglip"
-    shutil.copytree(folder, only, ignore=shutil.ignore_patterns("tokenizer*.json"))
-    (only / "spiece.model").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="spiece.model, a sentencepiece model"):
-        import_hf(only, tmp_path / "run")
+    bare = tmp_path / "siglip"
+    shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("tokenizer*.json"))
+    with pytest.raises(
+        FileNotFoundError, match=r"no tokenizer: SigLIP's is a spiece.model .* or a tokenizer.json"
+    ):
+        import_hf(bare, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 

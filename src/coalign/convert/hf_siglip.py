@@ -13,8 +13,10 @@ SiglipModel's `logit_scale` and `logit_bias`.
 Tokenizer: a fast tokenizer (`tokenizer.json`), which transformers 5 loads for a SigLIP folder with no
 extra package (`AutoTokenizer` reads the `tokenizer_class` the folder's tokenizer_config.json names),
 and which coalign's `bpe` text transform reads with the same `tokenizers` library, so both give the
-same ids. The released google/siglip-* folders carry only `spiece.model` (SiglipTokenizer, which needs
-sentencepiece); those are refused with a message saying so.
+same ids. The released google/siglip-* folders carry only `spiece.model`: those convert with the
+`siglip_spm` text transform, which tokenizes through transformers' SiglipTokenizer itself (it needs
+sentencepiece), and export writes that spiece.model back. Either way the ids are checked against the
+folder's own tokenizer before anything is written.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from coalign.convert.hf import (
     write_folder,
 )
 from coalign.convert.run import ConversionError, placeholder_data, write_run
+from coalign.data.transforms.siglip_spm import SPIECE_FILE, read_tokenizer
 from coalign.data.transforms.text import TOKENIZER_FILE
 
 IMG, TXT = "towers.image", "towers.text"
@@ -130,7 +133,7 @@ def siglip_config(run: LoadedRun) -> dict[str, Any]:
         "data.transforms.text.transform": (recipe.data.transforms["text"].transform, "bpe"),
     }
     for where, (got, need) in wrong.items():
-        if got != need:
+        if got != need and not (where.startswith("data.") and got == "siglip_spm"):
             raise ConversionError(
                 f"{where} '{got}' has no Hugging Face SigLIP equivalent (only '{need}' exports)"
             )
@@ -230,7 +233,9 @@ def export_siglip(run: LoadedRun, out: Path, transformers) -> Path:
     model = transformers.SiglipModel(config)
     model.load_state_dict(weights, strict=True)
     pre = preprocessor_config(run) | {"image_processor_type": "SiglipImageProcessor"}
-    tokenizer = fast_tokenizer(run, transformers)
+    spm = run.recipe.data.transforms["text"].transform == "siglip_spm"
+    # SiglipTokenizer's spiece.model as the run keeps it, or the run's tokenizer.json as a fast one
+    tokenizer = run.transforms["text"].tokenizer if spm else fast_tokenizer(run, transformers)
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -265,14 +270,17 @@ def import_siglip(folder: Path, out: Path, name: str | None, transformers) -> Lo
         raise ConversionError(f"vision_config.num_channels is {v.num_channels}; coalign's images have 3")
     tokenizer = folder_tokenizer(folder, transformers)
     length = min(t.max_position_embeddings, tokenizer.model_max_length)
-    text_t = {
-        "transform": "bpe",
-        "context_length": length,
-        # what describe() reports before the file is read (the transform's floor: 256 bytes + 3)
-        "vocab_size": max(min(len(tokenizer), t.vocab_size), 259),
-        "pad_token": tokenizer.pad_token,
-        **added_specials(tokenizer),
-    }
+    if isinstance(tokenizer, transformers.PreTrainedTokenizerFast):
+        text_t = {
+            "transform": "bpe",
+            "context_length": length,
+            # what describe() reports before the file is read (the transform's floor: 256 bytes + 3)
+            "vocab_size": max(min(len(tokenizer), t.vocab_size), 259),
+            "pad_token": tokenizer.pad_token,
+            **added_specials(tokenizer),
+        }
+    else:  # SiglipTokenizer's spiece.model, read by the same class: `</s>` ends a caption
+        text_t = {"transform": "siglip_spm", "context_length": length}
 
     def tower(cfg) -> dict[str, Any]:
         return {
@@ -285,7 +293,7 @@ def import_siglip(folder: Path, out: Path, name: str | None, transformers) -> Lo
         }
 
     image_t = read_preprocessing(folder, v.image_size, crop=False, mean=(0.5,) * 3, std=(0.5,) * 3)
-    eos = text_t.get("eos_token")
+    eos = text_t.get("eos_token", tokenizer.eos_token if text_t["transform"] == "siglip_spm" else None)
     recipe = {
         "name": name or Path(out).name,
         "data": placeholder_data({"image": image_t, "text": text_t}),
@@ -325,15 +333,17 @@ def import_siglip(folder: Path, out: Path, name: str | None, transformers) -> Lo
 
 def folder_tokenizer(folder: Path, transformers):
     """The folder's tokenizer.json as the fast tokenizer transformers builds from it (its
-    tokenizer_config.json's special tokens and length), or a one-line error."""
-    if not (folder / TOKENIZER_FILE).is_file():
-        hint = (
-            ": it has SiglipTokenizer's spiece.model, a sentencepiece model coalign does not read"
-            if (folder / "spiece.model").is_file()
-            else ""
+    tokenizer_config.json's special tokens and length), else its spiece.model as SiglipTokenizer, or a
+    one-line error."""
+    if (folder / TOKENIZER_FILE).is_file():
+        tok = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+    elif (folder / SPIECE_FILE).is_file():
+        tok = read_tokenizer(folder)
+    else:
+        raise FileNotFoundError(
+            f"'{folder}' has no tokenizer: SigLIP's is a {SPIECE_FILE} (SiglipTokenizer) "
+            f"or a {TOKENIZER_FILE}"
         )
-        raise FileNotFoundError(f"'{folder}' has no fast tokenizer ({TOKENIZER_FILE}){hint}")
-    tok = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
     if tok.pad_token is None:
         raise ConversionError(f"'{folder}': its tokenizer has no pad_token; SigLIP pads every caption")
     return tok
@@ -360,13 +370,14 @@ def added_specials(tokenizer) -> dict[str, str]:
 
 
 def check_ids(text_t: dict[str, Any], tokenizer, folder: Path) -> None:
-    """coalign's text transform `text_t`, reading the folder's tokenizer.json, gives the ids the
+    """coalign's text transform `text_t`, reading the folder's tokenizer files, gives the ids the
     folder's tokenizer gives (padded to context_length, as SigLIP pads) on PROBES, before anything is
     written; a one-line error otherwise (never a run that silently tokenizes differently)."""
     from coalign.registry import TRANSFORMS
 
+    name = text_t["transform"]
     options = {k: v for k, v in text_t.items() if k != "transform"}
-    ours = TRANSFORMS.create("bpe", where="data.transforms.text", path=str(folder), **options).encode(PROBES)
+    ours = TRANSFORMS.create(name, where="data.transforms.text", path=str(folder), **options).encode(PROBES)
     length = text_t["context_length"]
     theirs = tokenizer(PROBES, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
     theirs = theirs["input_ids"]
