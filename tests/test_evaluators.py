@@ -63,6 +63,10 @@ def test_every_evaluator_is_a_registered_class_with_a_config(name):
         return
     if getattr(cls, "needs_fusion", False):  # scores pairs with a fusion part (tests/test_rerank.py)
         return
+    if getattr(cls, "needs_decoder", False):  # generates captions (the coca smoke run, test_recipes.py)
+        with pytest.raises(ConfigError, match="this model has none"):
+            evaluator(toy_set(), context())
+        return
     with torch.no_grad():
         records = evaluator(toy_set(), context())
     assert all(isinstance(m, Metric) and m.evaluator == name and m.dataset == "toy" for m in records)

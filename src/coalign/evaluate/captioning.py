@@ -101,6 +101,7 @@ class Captioning(Evaluator):
     Config = CaptioningConfig
     task = "captioning"
     headlines = frozenset({"cider_d", "attribute_acc"})
+    needs_decoder = True  # generates with the caption decoder (run by the coca smoke test, test_recipes.py)
 
     def __call__(self, eset: EmbeddedSet, ctx: EvalContext) -> list[Metric]:
         from coalign.models.generate import Captioner, Decoding
