@@ -29,15 +29,8 @@ from typing import Any
 import torch
 
 from coalign.build import LoadedRun
-from coalign.convert.hf import (
-    ACTS,
-    blocks_from_hf,
-    blocks_to_hf,
-    hf_towers,
-    preprocessor_config,
-    read_preprocessing,
-    write_folder,
-)
+from coalign.convert.hf import ACTS, hf_towers, preprocessor_config, read_preprocessing, write_folder
+from coalign.convert.hf_weights import blocks_from_hf, blocks_to_hf
 from coalign.convert.run import ConversionError, placeholder_data, write_run
 from coalign.data.transforms.siglip_spm import SPIECE_FILE, read_tokenizer
 from coalign.data.transforms.text import TOKENIZER_FILE
