@@ -38,3 +38,39 @@ def make_openclip(tmp_path, name, cfg, seed=0):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model.eval(), preprocess, path
+
+
+def features(out):
+    """get_*_features gives a tensor in transformers 4 and an output with the projection in 5."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def load_quietly(model_class, folder):
+    """`model_class.from_pretrained(folder)`, with its loading info and the warnings it logged."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        model, info = model_class.from_pretrained(folder, output_loading_info=True)
+    finally:
+        logger.removeHandler(handler)
+    return model.eval(), info, [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+
+
+def assert_same_embeddings(run, hf_model, images, ids, **text_inputs):
+    """A coalign run's image and text embeddings equal a transformers model's (fp32, 1e-5); the HF
+    text tower reads `text_inputs` (default: the same `ids`)."""
+    import torch.nn.functional as F
+
+    text_inputs = text_inputs or {"input_ids": ids}
+    with torch.no_grad():
+        for modality, ours, theirs in (
+            ("image", images, hf_model.get_image_features(pixel_values=images)),
+            ("text", ids, hf_model.get_text_features(**text_inputs)),
+        ):
+            expected = F.normalize(features(theirs), dim=-1)
+            torch.testing.assert_close(run.model.encode(modality, ours), expected, rtol=0, atol=1e-5)

@@ -2,7 +2,6 @@
 -> `coalign eval` -> `coalign export hf` -> transformers loads it -> the same embeddings."""
 
 import json
-import logging
 
 import pytest
 import torch
@@ -17,30 +16,11 @@ from coalign.convert.hf import export_hf, import_hf  # noqa: E402
 from coalign.convert.run import ConversionError  # noqa: E402
 from coalign.data.transforms.clip_bpe import openclip_vocabulary, read_vocabulary, write_vocabulary  # noqa: E402
 from coalign.evaluate.results import read_results  # noqa: E402
-from convert_models import SMALL, TEXTS, make_openclip  # noqa: E402
+from convert_models import SMALL, TEXTS, assert_same_embeddings, features, load_quietly, make_openclip  # noqa: E402
 
 # Hugging Face's CLIPTokenizer normalises with NFC, not ftfy + HTML unescaping as open_clip (and
 # clip_bpe) do, so captions with HTML entities are left out where its ids are compared.
 PLAIN = [t for t in TEXTS if "&" not in t]
-
-
-def features(out):
-    """get_*_features returns a tensor in transformers 4 and an output with the projection in 5."""
-    return out if torch.is_tensor(out) else out.pooler_output
-
-
-def load_quietly(folder):
-    """CLIPModel.from_pretrained, with what it logged and its loading info."""
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("transformers")
-    logger.addHandler(handler)
-    try:
-        model, info = transformers.CLIPModel.from_pretrained(folder, output_loading_info=True)
-    finally:
-        logger.removeHandler(handler)
-    return model.eval(), info, [r.getMessage() for r in records if r.levelno >= logging.WARNING]
 
 
 def hf_ids(folder, texts, length, fast):
@@ -73,7 +53,7 @@ def test_openclip_import_eval_export_hf_round_trip(tmp_path, capsys):
     assert main(["export", "hf", str(run_dir), str(hf_dir)]) == 2  # never over an existing folder
     assert "not an empty folder" in capsys.readouterr().err
 
-    hf, info, warnings = load_quietly(hf_dir)
+    hf, info, warnings = load_quietly(transformers.CLIPModel, hf_dir)
     assert not any(info.values()), info
     assert not [w for w in warnings if "key" in w.lower() or "newly initialized" in w], warnings
     run = load_run(run_dir)
@@ -146,21 +126,9 @@ def test_import_hf_gives_the_same_embeddings_and_exports_back(hf_folder, tmp_pat
     images = torch.randn(3, 3, 40, 40)
     enc = hf_ids(folder, PLAIN, 16, fast=True)
     ids = run.transforms["text"].encode(PLAIN)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            run.model.encode("image", images),
-            F.normalize(features(model.get_image_features(pixel_values=images)), dim=-1),
-            rtol=0,
-            atol=1e-5,
-        )
-        torch.testing.assert_close(
-            run.model.encode("text", ids),
-            F.normalize(features(model.get_text_features(**enc)), dim=-1),
-            rtol=0,
-            atol=1e-5,
-        )
+    assert_same_embeddings(run, model, images, ids, **enc)
     export_hf(tmp_path / "run", tmp_path / "back")
-    again, info, _ = load_quietly(tmp_path / "back")
+    again, info, _ = load_quietly(transformers.CLIPModel, tmp_path / "back")
     assert not any(info.values()), info
     mine = model.state_dict()
     for key, value in again.state_dict().items():

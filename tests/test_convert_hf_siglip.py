@@ -4,11 +4,9 @@ tensors; a coalign SigLIP-shaped run -> export -> SiglipModel.from_pretrained wi
 same embeddings; what has no SigLIP form refused by name; and the towers' SigLIP options."""
 
 import json
-import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 transformers = pytest.importorskip("transformers")
@@ -20,6 +18,7 @@ from coalign.convert.hf import export_hf, import_hf  # noqa: E402
 from coalign.convert.run import ConversionError  # noqa: E402
 from coalign.evaluate.results import read_results  # noqa: E402
 from coalign.registry import ENCODERS, ConfigError  # noqa: E402
+from convert_models import assert_same_embeddings, load_quietly  # noqa: E402
 
 TEXTS = [
     "a photo of a cat",
@@ -30,25 +29,6 @@ TEXTS = [
     "x",
 ]
 TOKENIZER_CAPTIONS = ["a photo of a cat", "two dogs running on the grass", "a red square", "the sky"] * 8
-
-
-def features(out):
-    """get_*_features gives a tensor in transformers 4 and an output with the projection in 5."""
-    return out if torch.is_tensor(out) else out.pooler_output
-
-
-def load_quietly(folder):
-    """SiglipModel.from_pretrained, with its loading info and the warnings it logged."""
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("transformers")
-    logger.addHandler(handler)
-    try:
-        model, info = transformers.SiglipModel.from_pretrained(folder, output_loading_info=True)
-    finally:
-        logger.removeHandler(handler)
-    return model.eval(), info, [r.getMessage() for r in records if r.levelno >= logging.WARNING]
 
 
 def siglip_tokenizer(length):
@@ -128,19 +108,7 @@ def test_import_gives_siglips_ids_and_embeddings_and_exports_back_the_same_tenso
     assert (ids[:, -1] == 1).all() and ids.shape == (len(TEXTS), 12)
 
     images = torch.randn(3, 3, 24, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            run.model.encode("image", images),
-            F.normalize(features(model.get_image_features(pixel_values=images)), dim=-1),
-            rtol=0,
-            atol=1e-5,
-        )
-        torch.testing.assert_close(
-            run.model.encode("text", ids),
-            F.normalize(features(model.get_text_features(input_ids=enc["input_ids"])), dim=-1),
-            rtol=0,
-            atol=1e-5,
-        )
+    assert_same_embeddings(run, model, images, ids, input_ids=enc["input_ids"])
     from coalign.checkpoint import load_weights
 
     weights = load_weights(run.checkpoint)
@@ -148,7 +116,7 @@ def test_import_gives_siglips_ids_and_embeddings_and_exports_back_the_same_tenso
     assert torch.equal(weights["objectives.0.logit_bias"], model.logit_bias.detach().reshape(()))
 
     export_hf(tmp_path / "run", tmp_path / "back")
-    again, info, warnings = load_quietly(tmp_path / "back")
+    again, info, warnings = load_quietly(transformers.SiglipModel, tmp_path / "back")
     assert not any(info.values()) and not warnings, (info, warnings)
     mine, back = model.state_dict(), again.state_dict()
     assert mine.keys() == back.keys()
@@ -192,7 +160,7 @@ def siglip_run(tmp_path_factory):
 
 def test_a_siglip_shaped_run_exports_and_transformers_gives_the_same_embeddings(siglip_run, tmp_path):
     assert main(["export", "hf", str(siglip_run), str(tmp_path / "hf")]) == 0
-    hf, info, warnings = load_quietly(tmp_path / "hf")
+    hf, info, warnings = load_quietly(transformers.SiglipModel, tmp_path / "hf")
     assert not any(info.values()) and not warnings, (info, warnings)
     run = load_run(siglip_run)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -202,19 +170,8 @@ def test_a_siglip_shaped_run_exports_and_transformers_gives_the_same_embeddings(
     assert torch.equal(enc["input_ids"], ids)
     size = run.model.towers["image"].cfg.image_size
     images = torch.randn(3, 3, size, size)
+    assert_same_embeddings(run, hf, images, ids, **enc)
     with torch.no_grad():
-        torch.testing.assert_close(
-            F.normalize(features(hf.get_image_features(pixel_values=images)), dim=-1),
-            run.model.encode("image", images),
-            rtol=0,
-            atol=1e-5,
-        )
-        torch.testing.assert_close(
-            F.normalize(features(hf.get_text_features(**enc)), dim=-1),
-            run.model.encode("text", ids),
-            rtol=0,
-            atol=1e-5,
-        )
         from coalign.checkpoint import load_weights
 
         weights = load_weights(run.checkpoint)

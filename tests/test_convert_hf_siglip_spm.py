@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
@@ -19,8 +18,9 @@ from coalign.build import load_run  # noqa: E402
 from coalign.cli import main  # noqa: E402
 from coalign.convert.hf import import_hf  # noqa: E402
 from coalign.data.transforms.siglip_spm import SiglipSPMTransform  # noqa: E402
+from convert_models import assert_same_embeddings, load_quietly  # noqa: E402
 from parts import world  # noqa: E402
-from test_convert_hf_siglip import features, load_quietly, perturb  # noqa: E402
+from test_convert_hf_siglip import perturb  # noqa: E402
 
 LENGTH = 16
 STRINGS = [
@@ -126,23 +126,6 @@ def siglip_ids(folder):
     return enc["input_ids"]
 
 
-def check_embeddings(run, model, ids):
-    images = torch.randn(3, 3, 16, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            run.model.encode("image", images),
-            F.normalize(features(model.get_image_features(pixel_values=images)), dim=-1),
-            rtol=0,
-            atol=1e-5,
-        )
-        torch.testing.assert_close(
-            run.model.encode("text", ids),
-            F.normalize(features(model.get_text_features(input_ids=ids)), dim=-1),
-            rtol=0,
-            atol=1e-5,
-        )
-
-
 def test_a_spiece_folder_imports_with_siglips_ids_and_exports_back(spm_folder, tmp_path):
     folder, model = spm_folder
     copy = tmp_path / "siglip"
@@ -160,10 +143,10 @@ def test_a_spiece_folder_imports_with_siglips_ids_and_exports_back(spm_folder, t
     # SigLIP's canonicalisation: lower case, punctuation gone (so "...!!!" is as empty as "")
     assert torch.equal(ids[0], ids[1]) and torch.equal(ids[8], ids[9]) and (ids[8] == 1).all()
     assert len(set(map(tuple, ids.tolist()))) == len(STRINGS) - 2
-    check_embeddings(run, model, ids)
+    assert_same_embeddings(run, model, torch.randn(3, 3, 16, 16), ids)
 
     assert main(["export", "hf", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
-    again, info, warnings = load_quietly(tmp_path / "back")
+    again, info, warnings = load_quietly(transformers.SiglipModel, tmp_path / "back")
     assert not any(info.values()) and not warnings, (info, warnings)
     mine, back = model.state_dict(), again.state_dict()
     assert mine.keys() == back.keys()
@@ -174,7 +157,7 @@ def test_a_spiece_folder_imports_with_siglips_ids_and_exports_back(spm_folder, t
     assert isinstance(tok, transformers.SiglipTokenizer) and tok.model_max_length == LENGTH
     enc = tok(STRINGS, padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
     assert torch.equal(enc, theirs), "the exported tokenizer pads to the run's context_length by itself"
-    check_embeddings(run, again, enc)
+    assert_same_embeddings(run, again, torch.randn(3, 3, 16, 16), enc)
 
 
 def test_a_bad_spiece_model_or_none_is_refused_before_anything_is_written(spm_folder, tmp_path):

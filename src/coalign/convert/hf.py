@@ -56,6 +56,25 @@ def hf_towers(recipe, family: str) -> None:
         )
 
 
+def require(checks: dict[str, tuple[Any, Any]], family: str) -> None:
+    """Refuse the first option `where: (got, need)` whose value has no Hugging Face `family` form."""
+    for where, (got, need) in checks.items():
+        if got != need:
+            raise ConversionError(f"{where} is {got!r}; Hugging Face {family} needs {need!r}")
+
+
+def encoder_config(cfg) -> dict[str, Any]:
+    """The transformer fields of a CLIP / SigLIP vision or text config, from a coalign tower's."""
+    return {
+        "hidden_size": cfg.width,
+        "intermediate_size": int(cfg.width * cfg.mlp_ratio),
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.heads,
+        "hidden_act": ACTS[cfg.act],
+        "layer_norm_eps": cfg.norm_eps,
+    }
+
+
 def hf_config(run: LoadedRun) -> dict[str, Any]:
     """CLIPConfig keyword arguments for a run, or ConversionError naming the part that has no HF form."""
     recipe = run.recipe
@@ -87,20 +106,10 @@ def hf_config(run: LoadedRun) -> dict[str, Any]:
         "model.towers.text.eos_id": (text.eos_id, run.transforms["text"].eot),
         "model.towers.text.pooled_proj": (text.pooled_proj, False),
     }
-    for where, (got, need) in checks.items():
-        if got != need:
-            raise ConversionError(f"{where} is {got!r}; Hugging Face CLIP needs {need!r}")
+    require(checks, "CLIP")
 
     def common(cfg) -> dict[str, Any]:
-        return {
-            "hidden_size": cfg.width,
-            "intermediate_size": int(cfg.width * cfg.mlp_ratio),
-            "num_hidden_layers": cfg.depth,
-            "num_attention_heads": cfg.heads,
-            "hidden_act": ACTS[cfg.act],
-            "layer_norm_eps": cfg.norm_eps,
-            "projection_dim": recipe.model.embed_dim,
-        }
+        return encoder_config(cfg) | {"projection_dim": recipe.model.embed_dim}
 
     tok = run.transforms["text"]
     return {

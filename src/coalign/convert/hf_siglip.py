@@ -29,7 +29,15 @@ from typing import Any
 import torch
 
 from coalign.build import LoadedRun
-from coalign.convert.hf import ACTS, hf_towers, preprocessor_config, read_preprocessing, write_folder
+from coalign.convert.hf import (
+    ACTS,
+    encoder_config,
+    hf_towers,
+    preprocessor_config,
+    read_preprocessing,
+    require,
+    write_folder,
+)
 from coalign.convert.hf_weights import blocks_from_hf, blocks_to_hf
 from coalign.convert.run import ConversionError, placeholder_data, write_run
 from coalign.data.transforms.siglip_spm import SPIECE_FILE, read_tokenizer
@@ -140,23 +148,11 @@ def siglip_config(run: LoadedRun) -> dict[str, Any]:
         "model.towers.text.pool": (text.pool, "last"),
         "model.towers.text.pooled_proj": (text.pooled_proj, True),
     }
-    for where, (got, need) in checks.items():
-        if got != need:
-            raise ConversionError(f"{where} is {got!r}; Hugging Face SigLIP needs {need!r}")
-
-    def common(cfg) -> dict[str, Any]:
-        return {
-            "hidden_size": cfg.width,
-            "intermediate_size": int(cfg.width * cfg.mlp_ratio),
-            "num_hidden_layers": cfg.depth,
-            "num_attention_heads": cfg.heads,
-            "hidden_act": ACTS[cfg.act],
-            "layer_norm_eps": cfg.norm_eps,
-        }
+    require(checks, "SigLIP")
 
     sp = run.transforms["text"].specials
     return {
-        "text_config": common(text)
+        "text_config": encoder_config(text)
         | {
             "vocab_size": text.vocab_size,
             "max_position_embeddings": text.context_length,
@@ -165,7 +161,7 @@ def siglip_config(run: LoadedRun) -> dict[str, Any]:
             "bos_token_id": sp.bos,
             "eos_token_id": sp.eos,
         },
-        "vision_config": common(image)
+        "vision_config": encoder_config(image)
         | {"image_size": image.image_size, "patch_size": image.patch_size, "vision_use_head": True},
     }
 
