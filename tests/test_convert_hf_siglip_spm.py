@@ -12,12 +12,12 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-spm = pytest.importorskip("sentencepiece")
+pytest.importorskip("sentencepiece")
 
 from coalign.build import load_run  # noqa: E402
 from coalign.cli import main  # noqa: E402
 from coalign.convert.hf import import_hf  # noqa: E402
-from coalign.data.transforms.siglip_spm import SiglipSPMTransform  # noqa: E402
+from coalign.data.transforms.siglip_spm import SiglipSPMTransform, train_spiece  # noqa: E402
 from convert_models import assert_same_embeddings, load_quietly  # noqa: E402
 from parts import world  # noqa: E402
 from test_convert_hf_siglip import perturb  # noqa: E402
@@ -66,19 +66,7 @@ def spiece(path):
     syllables = ["ka", "lo", "mi", "ran", "tse", "qu", "vor", "ny", "zé", "dü", "ph", "str", "ix", "东", "京"]
     words = WORDS + ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(300)]
     texts = [" ".join(rng.choices(words, k=rng.randint(2, 12))) for _ in range(1500)]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_prefix=str(path.with_suffix("")),
-        vocab_size=300,
-        hard_vocab_limit=False,
-        model_type="unigram",
-        character_coverage=1.0,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
-    )
+    path.write_bytes(train_spiece(texts, vocab_size=300))
     return path
 
 
