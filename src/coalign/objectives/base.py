@@ -82,6 +82,21 @@ class Objective(nn.Module):
         """Called once before the optimizer is built, with the model (to create heads that need its
         widths) and the training transforms (to check that a teacher reads the same inputs)."""
 
+    def hold_model(self, model: nn.Module) -> None:
+        """Keep the model for `forward` (`self.model`). It belongs to the Task; object.__setattr__
+        keeps nn.Module from registering it a second time here (its weights would appear twice in
+        the Task's parameters and state_dict)."""
+        object.__setattr__(self, "_model", model)
+
+    @property
+    def model(self) -> MultimodalModel:
+        model = self.__dict__.get("_model")
+        if model is None:
+            raise RuntimeError(
+                f"{self.name}: call bind(model) before using the objective (Task.from_specs does)"
+            )
+        return model
+
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -150,15 +165,4 @@ class FusedObjective(Objective):
                 f"{self.name}: modalities {list(self.cfg.modalities)} are not the towers the fusion part "
                 f"mixes ({fusion.query}, {fusion.context})"
             )
-        # The model belongs to the Task; object.__setattr__ keeps nn.Module from registering it a
-        # second time here (its weights would appear twice in the Task's parameters and state_dict).
-        object.__setattr__(self, "_model", model)
-
-    @property
-    def model(self) -> MultimodalModel:
-        model = self.__dict__.get("_model")
-        if model is None:
-            raise RuntimeError(
-                f"{self.name}: call bind(model) before using the objective (Task.from_specs does)"
-            )
-        return model
+        self.hold_model(model)

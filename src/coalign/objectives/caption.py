@@ -22,7 +22,7 @@ from torch import nn
 
 from coalign.data.sample import present_rows
 from coalign.models.decoder import valid_of
-from coalign.models.model import Features, MultimodalModel
+from coalign.models.model import Features
 from coalign.objectives.base import Objective, ObjectiveConfig, paired_tokens
 from coalign.registry import OBJECTIVES, ConfigError
 
@@ -69,15 +69,7 @@ class Caption(Objective):
                 f"caption: text '{self.cfg.text}' and image '{self.cfg.image}' are not the towers the "
                 f"decoder reads (text {decoder.text}, context {decoder.context})"
             )
-        # the model belongs to the Task: keep it unregistered here, as FusedObjective does
-        object.__setattr__(self, "_model", model)
-
-    @property
-    def model(self) -> MultimodalModel:
-        model = self.__dict__.get("_model")
-        if model is None:
-            raise RuntimeError("caption: call bind(model) before using the objective (Task.from_specs does)")
-        return model
+        self.hold_model(model)
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         text, image = self.cfg.text, self.cfg.image

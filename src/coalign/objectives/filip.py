@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coalign.models.late_interaction import late_interaction_scores
-from coalign.models.model import Features, MultimodalModel
+from coalign.models.model import Features
 from coalign.objectives.base import LearnedScale, Objective, TemperatureOptions, paired, paired_tokens
 from coalign.objectives.contrastive import info_nce, whole
 from coalign.objectives.distributed import Rows, own_rows
@@ -91,14 +91,10 @@ class FILIP(LearnedScale, Objective):
                 f"filip: modalities {list(self.cfg.modalities)}: the model has no tower for {missing}; "
                 f"towers: {', '.join(model.towers)}"
             )
-        # The model belongs to the Task; object.__setattr__ keeps nn.Module from registering it a
-        # second time here (its heads would appear twice in the Task's parameters and state_dict).
-        object.__setattr__(self, "_model", model)
+        self.hold_model(model)
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        model: MultimodalModel | None = self.__dict__.get("_model")
-        if model is None:
-            raise RuntimeError("filip: call bind(model) before using the objective (Task.from_specs does)")
+        model = self.model
         a, b = self.cfg.modalities
         for m in (a, b):
             if m not in features:

@@ -177,7 +177,7 @@ class ITC(LearnedScale, Objective):
         self.owns_momentum = False
 
     def bind(self, model: nn.Module, transforms: dict[str, Any] | None = None) -> None:
-        object.__setattr__(self, "_model", model)  # the Task's: not registered a second time
+        self.hold_model(model)
         momentum_model(self, model, self.cfg.momentum)
         if self.cfg.queue_size:
             self.queue = FeatureQueue(self.cfg.queue_size, model.embed_dim)
@@ -185,7 +185,7 @@ class ITC(LearnedScale, Objective):
     def after_step(self) -> None:
         """After each optimizer step: the momentum model moves towards the new weights."""
         if self.owns_momentum:
-            self.momentum.update(self.__dict__["_model"])
+            self.momentum.update(self.model)
             clear_momentum_cache(self.momentum)
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
