@@ -41,7 +41,7 @@ def measure(recipe, precision: str, steps: int, warmup: int = 3) -> dict:
     samples = 0
     for i in range(warmup + steps):
         if i == warmup:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             samples = 0
         batch = batches[i % len(batches)]
         with runtime.autocast():
@@ -52,11 +52,14 @@ def measure(recipe, precision: str, steps: int, warmup: int = 3) -> dict:
         samples += len(batch["id"])
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {
         "precision": precision,
         "samples_per_s": round(samples / seconds, 1),
         "step_ms": round(1000 * seconds / steps, 1),
+        # per second of this process's CPU time: on cores that other jobs share, steadier than the
+        # wall clock (with one thread it is the compute alone; on a GPU it undercounts)
+        "samples_per_cpu_s": round(samples / cpu_seconds, 1),
     }
 
 

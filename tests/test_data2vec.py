@@ -10,6 +10,7 @@ import torch
 
 from coalign.checkpoint import latest_checkpoint, load_weights
 from coalign.config import ObjectiveSpec, TrainConfig, load_recipe
+from coalign.models.ema import EMA
 from coalign.models.masking import random_keep
 from coalign.objectives.data2vec import Data2Vec, block_outputs, layer_targets
 from coalign.objectives.mae import patch_loss
@@ -111,7 +112,7 @@ def test_teacher_out_of_the_optimizer_follows_the_ema_formula(parts):
         for p in task.parameters():
             if p.requires_grad and p.grad is not None:
                 p.sub_(0.1 * p.grad.sign())
-    task.after_step()
+    task.after_step(1)
     decay = d2v.cfg.momentum
     for name, p in tower.named_parameters():
         expected = decay * before[name] + (1 - decay) * p.detach()
@@ -139,7 +140,10 @@ def test_data2vec_needs_a_patch_tower_and_enough_blocks(parts):
 
 
 @pytest.mark.slow
-def test_resume_with_the_teacher_equals_an_uninterrupted_run(tmp_path):
+def test_resume_with_the_teacher_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Killed at step 3, mid-way through the decay's rise (data2vec 2.0's schedule, two masks per
+    sample): the resumed run updates the teacher with the decays of the uninterrupted one and ends
+    with the same weights, bit for bit."""
     recipe = load_recipe(
         "data2vec",
         [
@@ -149,13 +153,28 @@ def test_resume_with_the_teacher_equals_an_uninterrupted_run(tmp_path):
             "data.batch_size=8",
             "train.steps=5",
             "train.checkpoint_every=2",
+            "objectives.1.momentum=0.5",  # a steep rise, so a wrong step shows in the teacher
+            "objectives.1.momentum_end=0.9",
+            "objectives.1.momentum_steps=4",
+            "objectives.1.num_masks=2",
         ],
         smoke=True,
     )
     assert [o.name for o in recipe.objectives] == ["clip", "data2vec"]
+    decays: list[float] = []
+    update = EMA.update
+
+    def recorded(self, source, decay=None):
+        decays.append(decay)
+        update(self, source, decay)
+
+    monkeypatch.setattr(EMA, "update", recorded)
     train(recipe, tmp_path / "full", progress=False)
+    full, decays[:] = list(decays), []
+    assert full == pytest.approx([0.6, 0.7, 0.8, 0.9, 0.9], abs=1e-12), "0.5 + 0.1 s, then 0.9"
     train(recipe, tmp_path / "cut", progress=False, stop_after=3)  # killed after step 3
     train(None, tmp_path / "cut", resume=True, progress=False)
+    assert decays == full, "the resumed run's decays are the uninterrupted run's"
     a = load_weights(latest_checkpoint(tmp_path / "full"))
     b = load_weights(latest_checkpoint(tmp_path / "cut"))
     assert a.keys() == b.keys()

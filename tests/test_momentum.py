@@ -175,7 +175,7 @@ def test_one_momentum_copy_out_of_the_optimizer_following_the_model(setup):
         for p in task.parameters():
             if p.requires_grad and p.grad is not None:
                 p.sub_(0.1 * p.grad.sign())
-    task.after_step()
+    task.after_step(1)
     expected = 0.995 * shadow_before + 0.005 * task.model.get_parameter(name)
     torch.testing.assert_close(itc.momentum.shadow.get_parameter(name), expected)
     out = task(batch)  # now the queue's 3 rows are negatives, and the copy lags the model

@@ -10,7 +10,9 @@ clipping and gradient averaging skip them. Buffers (BatchNorm statistics) are co
 
 The shadow always runs in eval mode: it gives targets, so no dropout and no random patch dropping.
 Who calls `update` decides when it happens: the objectives here do it after each optimizer step
-(`Task.after_step`), so a resumed run updates exactly as an uninterrupted one.
+(`Task.after_step`), so a resumed run updates exactly as an uninterrupted one. A decay that changes
+over training is passed to `update` by its caller as a function of the trainer's step, so it needs
+no state of its own.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ class EMA(nn.Module):
             return self.shadow(*args, **kwargs)
 
     @torch.no_grad()
-    def update(self, source: nn.Module) -> None:
-        """One EMA step towards `source`, a module with the shadow's parameter names."""
+    def update(self, source: nn.Module, decay: float | None = None) -> None:
+        """One EMA step towards `source`, a module with the shadow's parameter names, with `decay`
+        (the constructor's when None: a schedule, such as data2vec's, passes this step's)."""
+        decay = self.decay if decay is None else float(decay)
         params = dict(source.named_parameters())
         mine = list(self.shadow.named_parameters())
         missing = [n for n, _ in mine if n not in params]
@@ -55,7 +59,7 @@ class EMA(nn.Module):
         for sharded in (False, True):
             pairs = [(p, t) for p, t in pairs_of if isinstance(p, DTensor) is sharded]
             if pairs:
-                torch._foreach_lerp_([p for p, _ in pairs], [t for _, t in pairs], 1.0 - self.decay)
+                torch._foreach_lerp_([p for p, _ in pairs], [t for _, t in pairs], 1.0 - decay)
         buffers = dict(source.named_buffers())
         for name, b in self.shadow.named_buffers():
             if name in buffers:

@@ -17,7 +17,7 @@ grid for images and spectrograms, the centre's xyz for point patches), for the d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -28,6 +28,36 @@ def random_keep(batch: int, patches: int, mask_ratio: float, device: torch.devic
     k = max(1, round(patches * (1 - mask_ratio)))
     noise = torch.rand(batch, patches, device=device)
     return noise.argsort(dim=1)[:, :k].sort(dim=1).values
+
+
+def block_keep(
+    batch: int, grid: tuple[int, int], mask_ratio: float, block: int, device: torch.device
+) -> torch.Tensor:
+    """(B, K) sorted indices of the patches each sample keeps, as `random_keep` (same K), but the
+    kept patches come in contiguous blocks: data2vec 2.0's inverse block masking (Baevski et al.
+    2022, arXiv:2212.07525), which hides all but a few `block` x `block` squares of the grid, so the
+    student must predict whole regions rather than fill in single patches from their neighbours.
+
+    Squares at uniformly random centres (clipped at the grid's edges) are added to each sample's
+    visible set until it holds at least K patches; the excess is dropped at random among them (as
+    data2vec's `require_same_masks` evens the counts), so every sample keeps exactly K."""
+    rows, cols = grid
+    P = rows * cols
+    k = max(1, round(P * (1 - mask_ratio)))
+    seen = torch.zeros(batch, rows, cols, dtype=torch.bool, device=device)
+    r, c = torch.arange(rows, device=device), torch.arange(cols, device=device)
+    short = torch.ones(batch, dtype=torch.bool, device=device)
+    while short.any():  # each round adds >= 1 patch to every short sample: at most K rounds
+        top = torch.randint(0, rows, (batch, 1), device=device) - block // 2  # (B, 1) square corners
+        left = torch.randint(0, cols, (batch, 1), device=device) - block // 2
+        in_rows = (r >= top) & (r < top + block)  # (B, rows)
+        in_cols = (c >= left) & (c < left + block)  # (B, cols)
+        square = in_rows[:, :, None] & in_cols[:, None, :]  # (B, rows, cols)
+        seen |= square & short[:, None, None]
+        short = seen.flatten(1).sum(1) < k
+    # the K kept: every patch of the squares but a random few of the excess
+    score = seen.flatten(1).float() + torch.rand(batch, P, device=device) * 0.5
+    return score.topk(k, dim=1).indices.sort(dim=1).values
 
 
 def keep_patches(tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -66,6 +96,17 @@ class Patches:
     @property
     def count(self) -> int:
         return self.tokens.shape[1]
+
+    def repeat(self, times: int) -> Patches:
+        """Each sample's patches `times` times over, as consecutive rows (sample b's copy m at row
+        b * times + m): one embedding of the patches serves several masks (data2vec 2.0)."""
+        if times == 1:
+            return self
+
+        def rep(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.repeat_interleave(times, dim=0)
+
+        return replace(self, tokens=rep(self.tokens), target=rep(self.target), centres=rep(self.centres))
 
 
 def is_maskable(tower: object) -> bool:

@@ -10,20 +10,35 @@ patch (prefix tokens such as a CLS are left out):
                                                   its residual add, as data2vec reads it
 
 The student is the tower itself on the *masked* input: it encodes a random (1 - mask_ratio) of the
-patches through the tower's masking path (models/masking.py, the keep path of FLIP and MAE), and
+patches through the tower's masking path (models/masking.py, the keep path of FLIP and MAE), drawn
+uniformly or (`mask: block`) as data2vec 2.0's inverse block mask (`block_keep`: a few contiguous
+`block_size` squares visible, the rest hidden; grid towers only), and
 the light decoder of MAE (mask tokens at the hidden patches, the patches' positions, a small
 transformer) predicts y at every patch. The loss is the mean squared error at the *hidden* patches
 only (data2vec 2.0's L2 loss, averaged over the channels).
 
+Multi-mask training (data2vec 2.0, `num_masks` M): the teacher encodes each full sample once and
+the student is trained on M differently masked copies of it, the teacher's targets reused for all
+M. The tower embeds the patches once too (`Patches.repeat`), so only the student's transformer and
+the decoder run on B * M rows. Every mask hides the same number of patches, so the loss (the mean
+over every hidden patch of the B * M rows) is the mean of the M single-mask losses. M = 1 is the
+single-mask objective, draw for draw.
+
 The teacher's parameters have requires_grad=False (never in the optimizer); it is a submodule of
 the objective, so checkpoints hold it (`objectives.<i>.teacher.shadow.*`) and resume restores it
-exactly; it moves towards the tower after each optimizer step (`after_step`, called by the Task).
-The decay is constant (`momentum`); data2vec anneals it towards 1 over training.
+exactly; it moves towards the tower after each optimizer step (`after_step(step)`, called by the
+Task with the trainer's step). The decay is `momentum`, constant, or with `momentum_end` and
+`momentum_steps` data2vec's schedule (fairseq's `get_annealed_rate`): after optimizer step s
+
+    tau(s) = momentum + (momentum_end - momentum) * min(s, momentum_steps) / momentum_steps
+
+(data2vec anneals it towards 0.99999), a pure function of the step, which resume restores; at tau = 1
+the teacher is frozen and the update is skipped, as data2vec does.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import torch
@@ -31,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coalign.models.ema import EMA
-from coalign.models.masking import random_keep
+from coalign.models.masking import Patches, block_keep, random_keep
 from coalign.models.model import Features
 from coalign.objectives.base import Objective
 from coalign.objectives.mae import (
@@ -47,12 +62,37 @@ from coalign.registry import OBJECTIVES, ConfigError
 
 class Data2VecConfig(DecoderOptions):
     top_k: int = pydantic.Field(3, ge=1)  # K: how many of the teacher's last blocks are averaged
-    momentum: float = pydantic.Field(0.999, ge=0.0, lt=1.0)  # the teacher's EMA decay
+    momentum: float = pydantic.Field(0.999, ge=0.0, lt=1.0)  # the teacher's EMA decay (at step 0)
+    momentum_end: float | None = pydantic.Field(None, ge=0.0, le=1.0)  # linearly to this decay ...
+    momentum_steps: int | None = pydantic.Field(None, ge=1)  # ... over this many steps, then kept
+    num_masks: int = pydantic.Field(1, ge=1)  # M masked copies of each sample per teacher pass
+    mask: Literal["random", "block"] = "random"  # uniform patches, or data2vec 2.0's inverse blocks
+    block_size: int = pydantic.Field(3, ge=1)  # the side of the visible squares of mask: block
     instance_norm: bool = True  # each block's output instance-normalised before the average
 
     @classmethod
     def tiny(cls) -> dict:
         return {**DecoderOptions.tiny(), "top_k": 1}
+
+    @pydantic.model_validator(mode="after")
+    def _schedule_whole(self):
+        if (self.momentum_end is None) != (self.momentum_steps is None):
+            raise ValueError(
+                "momentum_end and momentum_steps go together (the decay rises from momentum to "
+                "momentum_end over momentum_steps steps); set both, or neither for a constant momentum"
+            )
+        return self
+
+
+def ema_decay(step: int, start: float, end: float | None = None, steps: int | None = None) -> float:
+    """The teacher's decay for the update after optimizer step `step` (1 after the first): `start`
+    rising linearly to `end` at step `steps`, then `end` (data2vec's `get_annealed_rate`); `start`
+    throughout when `end` is None."""
+    if end is None or steps is None:
+        return start
+    if step >= steps:
+        return end
+    return start + (end - start) * step / steps
 
 
 def layer_targets(layers: list[torch.Tensor], instance_norm: bool = True) -> torch.Tensor:
@@ -100,9 +140,15 @@ class Data2Vec(Objective):
                 f"{self.name}: top_k {self.cfg.top_k} exceeds the {depth} blocks of the "
                 f"'{self.cfg.modality}' tower; use 1..{depth}"
             )
+        probe = probe_patches(tower)
+        if self.cfg.mask == "block" and probe.grid is None:
+            raise ConfigError(
+                f"{self.name}: mask 'block' needs a grid of patches (vit, audio_transformer); the "
+                f"'{self.cfg.modality}' tower's patches have none; use mask: random"
+            )
+        self._grid = probe.grid
         object.__setattr__(self, "_tower", tower)  # the model's (the Task's): not registered twice
         self.teacher = EMA(tower, self.cfg.momentum)  # a submodule: checkpointed, out of the optimizer
-        probe = probe_patches(tower)
         c = self.cfg
         self.decoder = MaskedDecoder(
             tower.width,
@@ -114,9 +160,16 @@ class Data2Vec(Objective):
             centres=probe.centres is not None,
         )
 
-    def after_step(self) -> None:
-        """After each optimizer step: the teacher moves towards the tower."""
-        self.teacher.update(self._tower)
+    def decay_at(self, step: int) -> float:
+        """The teacher's decay after optimizer step `step` (the schedule of the module docstring)."""
+        c = self.cfg
+        return ema_decay(step, c.momentum, c.momentum_end, c.momentum_steps)
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step `step`: the teacher moves towards the tower (a frozen one stays)."""
+        decay = self.decay_at(step)
+        if decay < 1.0:
+            self.teacher.update(self._tower, decay)
 
     def targets(self, x: Any) -> torch.Tensor:
         """(B, P, D) the teacher's targets for every content patch of the full input."""
@@ -125,22 +178,38 @@ class Data2Vec(Objective):
         layers = block_outputs(shadow, x, self.cfg.top_k)
         return layer_targets([y[:, skip:] for y in layers], self.cfg.instance_norm)
 
-    def predict(self, x: Any, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the student's predictions (B, P, D) at every patch, keep (B, K))."""
+    def predict(
+        self, x: Any, keep: torch.Tensor | None = None, masks: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the student's predictions (B * M, P, D) at every patch, keep (B * M, K)) for M = `masks`
+        masked copies of each sample, sample b's copy m at row b * M + m; the patches are embedded
+        once, the transformer and the decoder run on every copy."""
         tower = self._tower
-        patches = tower.patches(x)
+        patches = tower.patches(x).repeat(masks)  # (B * M, P, D)
         if keep is None:
-            B, P = patches.tokens.shape[:2]
-            keep = random_keep(B, P, self.cfg.mask_ratio, patches.tokens.device)
-        tokens = tower.encode_patches(patches.tokens, keep).tokens  # (B, prefix + K, D)
+            keep = self.draw_keep(patches)
+        tokens = tower.encode_patches(patches.tokens, keep).tokens  # (B * M, prefix + K, D)
         return self.decoder(tokens, keep, patches), keep
+
+    def draw_keep(self, patches: Patches) -> torch.Tensor:
+        """(B, K) the visible patches of each row of `patches`: uniform, or inverse blocks."""
+        (B, P), ratio, device = patches.tokens.shape[:2], self.cfg.mask_ratio, patches.tokens.device
+        if self.cfg.mask == "block":
+            return block_keep(B, self._grid, ratio, self.cfg.block_size, device)
+        return random_keep(B, P, ratio, device)
+
+    def latent_loss(self, x: Any, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss over the `num_masks` masked copies, the teacher's targets (B, P, D)); `keep`
+        (B * M, K) fixes the masks (drawn at random when None)."""
+        m = self.cfg.num_masks
+        target = self.targets(x)  # the one teacher pass, whatever M
+        pred, keep = self.predict(x, keep, m)
+        return patch_loss(pred, target.repeat_interleave(m, dim=0) if m > 1 else target, keep, False), target
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         x = batch.get(self.cfg.modality)
         if not isinstance(x, torch.Tensor) or x.shape[0] == 0:
             zero = next(self.decoder.parameters()).sum() * 0.0  # keeps the graph (and DDP) whole
             return {f"{self.name}_loss": zero}
-        target = self.targets(x)
-        pred, keep = self.predict(x)
-        loss = patch_loss(pred, target, keep, norm=False)
+        loss, target = self.latent_loss(x)
         return {f"{self.name}_loss": loss, "target_std": target.std().detach()}

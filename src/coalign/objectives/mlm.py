@@ -173,7 +173,7 @@ class MLM(FusedObjective):
         parts.head, parts.mask_vector = self.head, self.mask_vector
         return parts
 
-    def after_step(self) -> None:
+    def after_step(self, step: int) -> None:
         """After each optimizer step: the momentum copies move towards the new weights."""
         if self.cfg.alpha == 0:
             return

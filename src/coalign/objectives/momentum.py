@@ -182,7 +182,7 @@ class ITC(LearnedScale, Objective):
         if self.cfg.queue_size:
             self.queue = FeatureQueue(self.cfg.queue_size, model.embed_dim)
 
-    def after_step(self) -> None:
+    def after_step(self, step: int) -> None:
         """After each optimizer step: the momentum model moves towards the new weights."""
         if self.owns_momentum:
             self.momentum.update(self.model)

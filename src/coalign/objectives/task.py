@@ -46,13 +46,15 @@ class Task(nn.Module):
         """Parameter-name prefix -> learning-rate multiplier, for the optimizer's groups."""
         return {f"objectives.{i}.": s.lr_scale for i, s in enumerate(specs) if s.lr_scale != 1.0}
 
-    def after_step(self) -> None:
-        """Called by the loop after each optimizer step: objectives that keep state derived from the
-        weights (a momentum model, an EMA teacher) update it here, through their own `after_step`."""
+    def after_step(self, step: int) -> None:
+        """Called by the loop after each optimizer step, `step` the number of steps taken with this
+        one (1 after the first): objectives that keep state derived from the weights (a momentum
+        model, an EMA teacher) update it here, through their own `after_step(step)`; a schedule
+        (data2vec's rising decay) is a function of `step`, which resume restores."""
         for objective in self.objectives:
             hook = getattr(objective, "after_step", None)
             if hook is not None:
-                hook()
+                hook(step)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """{"loss": weighted sum, "<name>_loss": each loss, "<name>/<metric>": each metric}."""

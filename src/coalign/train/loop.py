@@ -93,7 +93,7 @@ def train_step(
     average_gradients(state.task, d)
     grad_norm = clip_grad_norm(list(state.task.parameters()), cfg.grad_clip or math.inf)
     state.optimizer.step()
-    state.task.after_step()  # momentum models / EMA teachers follow the new weights
+    state.task.after_step(state.step + 1)  # momentum models / EMA teachers follow the new weights
     state.scheduler.step()
     state.step += 1
     return StepOutput(out, grad_norm, total)
