@@ -130,8 +130,17 @@ class ShardRows:
         x = np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.shape[1]), np.float32)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
+    def view(self, start: int, stop: int) -> ShardRows:
+        """Rows start..stop-1 as a ShardRows of their own (memmap slices: nothing is read)."""
+        parts = []
+        for i, part in enumerate(self.parts):
+            a, b = max(start, self.starts[i]), min(stop, self.starts[i + 1])
+            if a < b:
+                parts.append(part[a - self.starts[i] : b - self.starts[i]])
+        return ShardRows(parts, self.shape[1])
+
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), E) float32, re-normalised: the given rows (sorted, int) from their shards."""
+        """(len(rows), E) float32, re-normalised: the given rows (int, any order) from their shards."""
         rows = np.asarray(rows, dtype=np.int64)
         part = np.searchsorted(self.starts, rows, side="right") - 1
         x = np.empty((len(rows), self.shape[1]), dtype=np.float32)
@@ -139,6 +148,15 @@ class ShardRows:
             sel = part == i
             x[sel] = self.parts[i][rows[sel] - self.starts[i]]
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def take_rows(x: np.ndarray | ShardRows, rows: np.ndarray) -> np.ndarray:
+    """x[rows] as a C-contiguous float32 array, for x in memory or a ShardRows (a contiguous run of rows
+    is read as one range)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
+        return np.ascontiguousarray(x[int(rows[0]) : int(rows[-1]) + 1])
+    return np.ascontiguousarray(x.take(rows) if isinstance(x, ShardRows) else x[rows])
 
 
 def open_embeddings(out: Path, manifest: dict[str, Any], modality: str) -> ShardRows:

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING
 import faiss
 import numpy as np
 
+from coalign.search import take_rows
 from coalign.search.index import apply_search_params
 
 if TYPE_CHECKING:
+    from coalign.search.index import Rows
     from coalign.search.tune import Candidate
 
 # Rows per step, a bounded float32 copy: of the exact ground truth here; of the adds (the progress bar's
@@ -35,14 +37,14 @@ Z = 1.645
 class Holdout:
     """Held-out query rows, and the exact k-th best score of each over the other rows."""
 
-    def __init__(self, x: np.ndarray, count: int, k: int, seed: int):
+    def __init__(self, x: Rows, count: int, k: int, seed: int):
         n = len(x)
         rng = np.random.default_rng(seed)
         self.held = np.sort(rng.choice(n, size=count, replace=False))
         mask = np.zeros(n, dtype=bool)
         mask[self.held] = True
         self.kept = np.flatnonzero(~mask)  # index position -> row, while tuning
-        self.q = np.ascontiguousarray(x[self.held])
+        self.q = take_rows(x, self.held)
         self.k = k
         best = np.full((count, 0), -np.inf, dtype=np.float32)
         step = CHUNK // 2  # (count, step) scores at a time
@@ -59,7 +61,8 @@ class Holdout:
         order count)."""
         valid = ids >= 0
         rows = self.kept[np.where(valid, ids, 0)]
-        scores = np.einsum("qd,qkd->qk", self.q, self.x[rows])
+        found = take_rows(self.x, rows.ravel()).reshape(*rows.shape, -1)  # (count, k, d)
+        scores = np.einsum("qd,qkd->qk", self.q, found)
         return (valid & (scores >= self.kth[:, None] - 1e-5)).sum(axis=1) / ids.shape[1]
 
     def recall(self, ids: np.ndarray) -> float:

@@ -12,6 +12,11 @@ Flat stops at 200k items because exact search costs ~0.13 s per query there (512
 65 ms at 100k, 0.46 s at 1M; benchmarks/search_latency.py); HNSW stops at 2M because its build takes
 hours on a laptop beyond that, and its graph costs 256 bytes per item on top of the vectors.
 Every index is checked: recall@10 against exact search, on stored vectors used as queries.
+
+The rows are read from the memory-mapped float16 shards (`ShardRows`) in bounded chunks, never all at
+once: a training sample, then the adds and the exact ground truth chunk by chunk. So the embeddings
+need not fit in memory to be indexed (only the index itself must), and `build`, `recall_at_k` and the
+tuner take either a ShardRows or an in-memory float32 array, with the same results.
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ import numpy as np
 from coalign.io import atomic_write_text
 from coalign.registry import ConfigError
 from coalign.search import (
+    ShardRows,
     finished_manifest,
     index_path,
-    load_embeddings,
     open_embeddings,
+    take_rows,
     write_metadata_arrow,
 )
 from coalign.search.shards import SHARDS, part_ranges, shard_dir, write_layout
@@ -43,6 +49,8 @@ REPORT = "report.json"
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80  # faiss's default 40 loses several points of recall on 512-d embeddings
 HNSW_EF_SEARCH = 128
+ADD_CHUNK = 65_536  # rows per add: a bounded float32 copy (128 MB at 512-d) and a progress bar's step
+Rows = np.ndarray | ShardRows  # (n, d) float32 normalised rows, in memory or memory-mapped
 
 
 @dataclass
@@ -105,8 +113,11 @@ def apply_search_params(index: faiss.Index, params: str) -> None:
         faiss.ParameterSpace().set_index_parameters(index, params)
 
 
-def build(x: np.ndarray, factory: str, seed: int = 0) -> faiss.Index:
-    """A trained, filled inner-product index over the rows of x (float32, normalised)."""
+def build(x: Rows, factory: str, seed: int = 0, progress: bool = False) -> faiss.Index:
+    """A trained, filled inner-product index over the rows of x (float32, normalised), trained on a
+    sample and filled chunk by chunk."""
+    from tqdm import tqdm
+
     n, d = x.shape
     try:
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
@@ -119,13 +130,15 @@ def build(x: np.ndarray, factory: str, seed: int = 0) -> faiss.Index:
         ivf = faiss.try_extract_index_ivf(index)
         wanted = max(64 * (ivf.nlist if ivf is not None else 1), 256 * 64)
         sample = np.random.default_rng(seed).permutation(n)[: min(n, wanted)]
-        index.train(x[np.sort(sample)])
-    index.add(x)
+        index.train(take_rows(x, np.sort(sample)))
+    for a in tqdm(range(0, n, ADD_CHUNK), desc=f"add {factory}", disable=not progress, leave=False):
+        index.add(np.ascontiguousarray(x[a : a + ADD_CHUNK]))
     return index
 
 
-def exact_topk_scores(x: np.ndarray, q: np.ndarray, k: int, chunk: int = 65536) -> np.ndarray:
+def exact_topk_scores(x: Rows, q: np.ndarray, k: int, chunk: int | None = None) -> np.ndarray:
     """(nq, k) the k best inner products of each query over x, best first, in row chunks."""
+    chunk = chunk or ADD_CHUNK
     best = np.full((len(q), 0), -np.inf, dtype=np.float32)
     for i in range(0, len(x), chunk):
         s = np.concatenate([best, q @ x[i : i + chunk].T], axis=1)
@@ -133,14 +146,15 @@ def exact_topk_scores(x: np.ndarray, q: np.ndarray, k: int, chunk: int = 65536) 
     return -np.sort(-best, axis=1)
 
 
-def recall_at_k(index: faiss.Index, x: np.ndarray, queries: np.ndarray, k: int) -> float:
+def recall_at_k(index: faiss.Index, x: Rows, queries: np.ndarray, k: int) -> float:
     """Share of returned results as good as the exact k-th result. Scored by similarity, not by id,
     so that equal vectors (repeated captions) in another order do not count as misses."""
-    q = x[queries]
+    q = take_rows(x, queries)
     _, ids = index.search(q, k)
     kth = exact_topk_scores(x, q, k)[:, -1]
     valid = ids >= 0
-    scores = np.einsum("qd,qkd->qk", q, x[np.where(valid, ids, 0)])
+    found = take_rows(x, np.where(valid, ids, 0).ravel()).reshape(*ids.shape, -1)  # (nq, k, d)
+    scores = np.einsum("qd,qkd->qk", q, found)
     hits = valid & (scores >= kth[:, None] - 1e-5)
     return float(hits.sum() / hits.size)
 
@@ -210,7 +224,7 @@ def build_index(
         progress=progress,
     )
     for modality in todo:
-        x = load_embeddings(out, manifest, modality)
+        x = open_embeddings(out, manifest, modality)  # memory-mapped: read in chunks, never all at once
         n, d = x.shape
         if n == 0:
             raise ConfigError(f"'{out}' has no embedded rows to index (every sample was skipped?)")
@@ -224,7 +238,7 @@ def build_index(
             continue
         parts = []
         for i, (a, b) in enumerate(part_ranges(n, shards)):
-            index, entry = _build_one(x[a:b], **opts)
+            index, entry = _build_one(x.view(a, b), **opts)
             path = shard_dir(out, modality) / f"part_{i:05d}.faiss"
             write_index_atomic(index, path)
             entry.update(start=a, stop=b, file=path.name, file_mb=round(path.stat().st_size / 2**20, 2))
@@ -253,7 +267,7 @@ def build_index(
 
 
 def _build_one(
-    x: np.ndarray,
+    x: Rows,
     max_memory_mb: float | None,
     factory: str | None,
     sample_queries: int,
@@ -287,7 +301,7 @@ def _build_one(
     if factory:
         choice = Choice("factory", factory, -1)
     t0 = time.perf_counter()
-    index = build(x, choice.factory, seed)
+    index = build(x, choice.factory, seed, progress)
     seconds = time.perf_counter() - t0
     params = search_params(index)
     apply_search_params(index, params)

@@ -13,6 +13,8 @@
 
 All IVF candidates share one coarse quantizer (k-means on a sample of the rows, never on all of
 them) and one assignment of the rows to its lists, so each costs only its own encoder and add.
+The rows may be a ShardRows (the memory-mapped float16 shards): every read is a sample, the held-out
+queries, or a chunk of CHUNK rows, so only the index being built has to fit in memory.
 A target no candidate reaches is refused with the best recall found. This file builds; the held-out
 queries, recall, latency and the parameter sweep that judge each build are in coalign.search.holdout.
 """
@@ -28,8 +30,9 @@ import numpy as np
 from tqdm import tqdm
 
 from coalign.registry import ConfigError
+from coalign.search import take_rows
 from coalign.search.holdout import CHUNK, Holdout, Z, sweep
-from coalign.search.index import HNSW_EF_CONSTRUCTION, HNSW_M, _pq_m, apply_search_params
+from coalign.search.index import HNSW_EF_CONSTRUCTION, HNSW_M, Rows, _pq_m, apply_search_params
 
 KINDS = ("flat", "ivf-flat", "ivf-sqfp16", "ivf-sq8", "ivf-pq", "ivf-pq-refine", "hnsw", "hnsw-sq8")
 HNSW_TRIAL = 5000  # rows of the trial build that predicts an HNSW build time
@@ -86,14 +89,14 @@ class SharedIVF:
     """The coarse quantizer of every IVF candidate: spherical k-means on a sample of the kept rows,
     then every row's list, computed once."""
 
-    def __init__(self, x: np.ndarray, kept: np.ndarray, nlist: int, seed: int, progress: bool):
+    def __init__(self, x: Rows, kept: np.ndarray, nlist: int, seed: int, progress: bool):
         self.x, self.kept, self.nlist, self.seed, self.progress = x, kept, nlist, seed, progress
         self.centroids: np.ndarray | None = None
 
     def sample(self) -> np.ndarray:
         size = min(len(self.kept), max(40 * self.nlist, 40 * 256))  # 256: an 8-bit PQ's codebook
         rows = np.random.default_rng(self.seed).choice(self.kept, size=size, replace=False)
-        return np.ascontiguousarray(self.x[np.sort(rows)])
+        return take_rows(self.x, np.sort(rows))
 
     def prepare(self) -> None:
         if self.centroids is not None:
@@ -120,14 +123,14 @@ class SharedIVF:
         self.train_sample = xs
 
 
-def add_rows(index: faiss.Index, x: np.ndarray, rows: np.ndarray, assign, desc: str, progress: bool):
+def add_rows(index: faiss.Index, x: Rows, rows: np.ndarray, assign, desc: str, progress: bool):
     """Add x[rows] in order, chunk by chunk; IVF indexes take the precomputed list of each row."""
     ivf = faiss.try_extract_index_ivf(index) if assign is not None else None
     refine = faiss.downcast_index(index)
     refine = refine if isinstance(refine, faiss.IndexRefine) else None
     for a in tqdm(range(0, len(rows), CHUNK), desc=desc, disable=not progress, leave=False):
         r = rows[a : a + CHUNK]
-        xc = np.ascontiguousarray(x[r])
+        xc = take_rows(x, r)
         if ivf is None:
             index.add(xc)
             continue
@@ -138,13 +141,13 @@ def add_rows(index: faiss.Index, x: np.ndarray, rows: np.ndarray, assign, desc: 
             refine.ntotal = refine.refine_index.ntotal
 
 
-def _hnsw_estimate(cand: Candidate, x: np.ndarray, kept: np.ndarray) -> float:
+def _hnsw_estimate(cand: Candidate, x: Rows, kept: np.ndarray) -> float:
     """Seconds to build `cand` over all kept rows, from a trial build on HNSW_TRIAL of them: the
     graph build costs about n log n."""
     m = min(len(kept), HNSW_TRIAL)
     trial = faiss.index_factory(x.shape[1], cand.factory, faiss.METRIC_INNER_PRODUCT)
     faiss.downcast_index(trial).hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    xs = np.ascontiguousarray(x[kept[:m]])
+    xs = take_rows(x, kept[:m])
     t = time.perf_counter()
     trial.train(xs)
     trial.add(xs)
@@ -166,7 +169,7 @@ class Tuner:
 
     def __init__(
         self,
-        x: np.ndarray,
+        x: Rows,
         max_memory_mb: float | None = None,
         max_build_seconds: float | None = None,
         queries: int = 1000,
@@ -284,7 +287,7 @@ class Tuner:
 
 
 def tune(
-    x: np.ndarray,
+    x: Rows,
     target: float,
     max_memory_mb: float | None = None,
     max_build_seconds: float | None = None,
@@ -294,7 +297,8 @@ def tune(
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[faiss.Index, dict]:
-    """The fastest index over x (float32, normalised rows) whose recall@k on held-out rows reaches
+    """The fastest index over x (float32 normalised rows, in memory or a ShardRows) whose recall@k on
+    held-out rows reaches
     `target`, built over every row with its search parameters applied, and the tuning table."""
     check_target(target, max_memory_mb, max_build_seconds, kinds)
     tuner = Tuner(x, max_memory_mb, max_build_seconds, queries, k, kinds, seed, progress)
