@@ -31,6 +31,7 @@ from coalign.data.loader import train_batches
 from coalign.data.transforms.base import Pipeline
 from coalign.data.world import MODALITIES
 from coalign.models.model import Features, StandIn
+from coalign.registry import ConfigError
 from parts import tiny_batch, tiny_model, transforms_for, world
 from test_fsdp import BASE, _assert_same, _free_port
 
@@ -143,6 +144,13 @@ def test_a_rank_without_rows_of_a_modality_neither_hangs_nor_changes_the_weights
     assert any(min(r) == 0 < max(r) for r in rows), rows  # one rank had text rows, the other none
     _assert_same(tmp_path / "one", ranks / "missing")
     _assert_same(tmp_path / "one", ranks / "missing_gradcache")
+
+
+def test_an_unknown_compile_backend_fails_at_load_naming_the_field():
+    with pytest.raises(
+        ConfigError, match="train.compile_backend: unknown torch.compile backend 'nope'.*aot_eager"
+    ):
+        load_recipe("demo", ["train.compile_backend=nope"])
 
 
 @pytest.mark.slow

@@ -182,8 +182,9 @@ class TrainConfig(StrictModel):
         if v != "inductor":
             from torch._dynamo import list_backends
 
-            if v not in list_backends(exclude_tags=()):
-                raise ValueError(f"unknown torch.compile backend '{v}'; valid: {', '.join(list_backends())}")
+            valid = list_backends(exclude_tags=())  # the debug ones (aot_eager, eager) too
+            if v not in valid:
+                raise ValueError(f"unknown torch.compile backend '{v}'; valid: {', '.join(valid)}")
         return v
 
     @pydantic.field_validator("grad_clip")
