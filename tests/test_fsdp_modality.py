@@ -1,12 +1,14 @@
 """FSDP2 with missing modalities and with torch.compile, with two real gloo processes.
 
 A rank whose batch has no rows of a modality still runs that tower (on a stand-in row whose
-features keep no rows, `train/fsdp.py` `stand_ins`): without it, the other rank waits forever in
-the tower's all-gather. The recipe below drops text from half the samples, with 2 samples per rank,
-so that in some steps one rank has text rows and the other none (checked below on the batches
-themselves). The runs must end (each spawn is bounded by a deadline, a hang fails the test instead
-of stalling the suite) with the weights of one process on the same global batches, to 1e-5, plain
-and with GradCache (micro-batches of one sample, which lack text more often still).
+features keep no rows, `train/fsdp.py` `stand_ins`): without it the ranks' collectives fall out of
+step (the other rank waits in the tower's all-gather; with gloo here, the next collective of the
+rank that skipped it meets that all-gather, and gloo aborts on the mismatched sizes). The recipe
+below drops text from half the samples, with 2 samples per rank, so that in some steps one rank has
+text rows and the other none (checked below on the batches themselves). The runs must end (the
+spawn is bounded by a deadline: a hang fails the test instead of stalling the suite) with the
+weights of one process on the same global batches, to 1e-5, plain and with GradCache (micro-batches
+of one sample, which lack text more often still).
 
 The same ranks then train with `train.compile: true` on top of FSDP (backend aot_eager: dynamo
 captures the sharded towers, FSDP's hooks run eagerly around them) and must end with the weights of

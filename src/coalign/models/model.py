@@ -72,8 +72,10 @@ class StandIn:
     key's features have zero rows and send exactly zero gradient into the tower. Why: under FSDP
     (`train/fsdp.py`) every rank must run every sharded tower in every step, because the tower's
     forward all-gathers its weights and its backward reduce-scatters their gradients with the other
-    ranks; a rank that skipped it would leave them waiting. A real row (rather than zeros or an empty
-    batch) keeps every encoder's activations finite, so zero times them stays exactly zero."""
+    ranks; a rank that skipped it would leave them waiting (or, with gloo, meet their all-gather with
+    its next collective). A real row (rather than zeros or an empty batch: the point and audio
+    encoders cannot take zero rows) keeps every encoder's activations finite, so zero times them
+    stays exactly zero."""
 
     row: torch.Tensor  # (1, ...)
 
