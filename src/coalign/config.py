@@ -159,6 +159,7 @@ class TrainConfig(StrictModel):
     accumulate: int = pydantic.Field(1, ge=1)
     # torch.compile each tower (inductor; on the CPU it builds C++ with gcc, a minute or so at start)
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no codegen, for tests)
     # FSDP2 under torchrun: shard each tower's blocks over the ranks (train/fsdp.py); 1 process: ignored
     fsdp: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -173,6 +174,17 @@ class TrainConfig(StrictModel):
     def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not all(0 <= b < 1 for b in v):
             raise ValueError(f"both AdamW betas must lie in [0, 1), got {list(v)}")
+        return v
+
+    @pydantic.field_validator("compile_backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v != "inductor":
+            from torch._dynamo import list_backends
+
+            valid = list_backends(exclude_tags=())  # the debug ones (aot_eager, eager) too
+            if v not in valid:
+                raise ValueError(f"unknown torch.compile backend '{v}'; valid: {', '.join(valid)}")
         return v
 
     @pydantic.field_validator("grad_clip")

@@ -55,6 +55,30 @@ class Features:
             cat([p.group_mask for p in parts]),
         )
 
+    def without_rows(self) -> Features:
+        """The same fields cut to zero rows, still on the graph of what computed them (a `StandIn`'s)."""
+        return Features(
+            Tokens(self.tokens.tokens[:0], None if self.tokens.mask is None else self.tokens.mask[:0]),
+            self.pooled[:0],
+            self.embedding[:0],
+            None if self.group_mask is None else self.group_mask[:0],
+        )
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """In a batch, in place of a key it has no rows of: one real row (1, ...) of that key from
+    elsewhere. `MultimodalModel.forward` runs the key's tower on it and keeps none of its rows, so the
+    key's features have zero rows and send exactly zero gradient into the tower. Why: under FSDP
+    (`train/fsdp.py`) every rank must run every sharded tower in every step, because the tower's
+    forward all-gathers its weights and its backward reduce-scatters their gradients with the other
+    ranks; a rank that skipped it would leave them waiting (or, with gloo, meet their all-gather with
+    its next collective). A real row (rather than zeros or an empty batch: the point and audio
+    encoders cannot take zero rows) keeps every encoder's activations finite, so zero times them
+    stays exactly zero."""
+
+    row: torch.Tensor  # (1, ...)
+
 
 class MultimodalModel(nn.Module):
     def __init__(
@@ -213,12 +237,17 @@ class MultimodalModel(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Features]:
         """Features for every key of the batch that a tower encodes: each modality the model has, and
-        each view `<modality>@<view>` of one (encoded by that modality's tower)."""
-        return {
-            key: self.features(base_modality(key), value)
-            for key, value in batch.items()
-            if base_modality(key) in self.towers and isinstance(value, torch.Tensor)
-        }
+        each view `<modality>@<view>` of one (encoded by that modality's tower), in the batch's order;
+        a `StandIn` gives zero-row features."""
+        out = {}
+        for key, value in batch.items():
+            if base_modality(key) not in self.towers:
+                continue
+            if isinstance(value, StandIn):
+                out[key] = self.features(base_modality(key), value.row).without_rows()
+            elif isinstance(value, torch.Tensor):
+                out[key] = self.features(base_modality(key), value)
+        return out
 
     def _tower(self, modality: str) -> Encoder:
         if modality not in self.towers:

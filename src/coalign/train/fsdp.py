@@ -21,6 +21,9 @@ in separate optimizer groups, because a fused AdamW call cannot mix DTensors and
 any run's, and an FSDP run resumes from a plain checkpoint.
 
 With one process there is nothing to shard: `train.fsdp` is then ignored (and said so).
+
+Every rank runs every sharded tower in every step, also when its batch has no rows of that modality
+(`stand_ins`): a tower's collectives need all the ranks.
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ from torch.distributed.tensor import DTensor
 from coalign.build import build_model
 from coalign.checkpoint import model_weights
 from coalign.config import Recipe
+from coalign.data.sample import base_modality
 from coalign.models.ema import EMA
-from coalign.models.model import MultimodalModel
+from coalign.models.model import MultimodalModel, StandIn
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0's CPU
 
@@ -107,6 +111,72 @@ def shard_task(task: nn.Module, device: torch.device) -> str:
         f"FSDP: {units} units over {dist.get_world_size()} ranks; {sharded / max(total, 1):.0%} of the "
         f"{total:,} trainable parameters sharded (heads, objectives' and 0-d parameters stay whole)"
     )
+
+
+# ------------------------------------------------------------------- every rank runs every tower
+
+
+def _sharded_towers(model: MultimodalModel) -> set[str]:
+    return {m for m, t in model.towers.items() if any(is_sharded(p) for p in t.parameters())}
+
+
+def stand_ins(
+    batches: list[dict[str, Any]], model: MultimodalModel, device: torch.device
+) -> list[dict[str, Any]]:
+    """`batches` (this step's batch, or its micro-batches: as many on every rank, in step) with a
+    `StandIn` (`models/model.py`) for each key of a sharded tower that another rank's batch at the
+    same position has and this one lacks, and the tower keys in one order on every rank.
+
+    Without it a rank whose batch has no rows of a modality would skip that tower's forward, and so
+    its FSDP all-gather and reduce-scatter, while the others wait in them. The stand-in's row is the
+    first row of the lowest rank that has the key (one broadcast); its features keep no rows, so the
+    losses, the gathered global batch and the gradients are those of the rank without the key (its
+    tower's gradient is exactly zero, and the reduce-scatter averages it in as the plain all-reduce
+    averages a missing one). A key that no rank has stays absent, as in one process. Costs one small
+    `all_gather_object` per step; a no-op unless some tower is sharded."""
+    towers = _sharded_towers(model)
+    if not towers:
+        return batches
+
+    def keys(batch: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {
+            k: (tuple(v.shape[1:]), v.dtype)
+            for k, v in batch.items()
+            if isinstance(v, torch.Tensor) and base_modality(k) in towers
+        }
+
+    mine = [keys(b) for b in batches]
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    out = []
+    for i, batch in enumerate(batches):
+        seen = [ranks[i] for ranks in every]
+        order = list(dict.fromkeys(k for found in seen for k in found))  # the same on every rank
+        if all(len(found) == len(order) for found in seen):
+            out.append(batch)  # every rank has every key (the common case): the batch as it is
+            continue
+        filled = {k: v for k, v in batch.items() if k not in order}
+        present = dict(batch.get("present", {}))
+        for key in order:
+            lacking = [key not in found for found in seen]
+            if any(lacking):  # the lowest rank that has it sends its first row
+                src = lacking.index(False)
+                shape, dtype = seen[src][key]
+                sends = dist.get_rank() == src  # the others receive into a new tensor, never their rows
+                row = (
+                    batch[key][:1].contiguous()
+                    if sends
+                    else torch.empty((1, *shape), dtype=dtype, device=device)
+                )
+                dist.broadcast(row, src=src)
+            if key in batch:
+                filled[key] = batch[key]
+            else:
+                filled[key] = StandIn(row)
+                present[key] = torch.zeros(len(batch["id"]), dtype=torch.bool, device=device)
+        filled["present"] = present
+        out.append(filled)
+    return out
 
 
 # --------------------------------------------------------------------------------- gradient clipping

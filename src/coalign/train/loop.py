@@ -38,7 +38,7 @@ from coalign.train.distributed import (
     init_from_env,
     reduce_skips,
 )
-from coalign.train.fsdp import clip_grad_norm, whole_model
+from coalign.train.fsdp import clip_grad_norm, stand_ins, whole_model
 from coalign.train.log import MetricLogger
 from coalign.train.session import Session, setup
 from coalign.train.state import TrainState, rng_state, set_rng_state
@@ -107,13 +107,18 @@ def forward_backward(task: Task, batch: dict[str, Any], accumulate: int, runtime
     on the whole batch (so the objectives see every negative); then each micro-batch is encoded again,
     with its graph, and backpropagated from its slice of the cached feature gradients. The gradient
     equals the whole batch's (to float tolerance) while activation memory is one micro-batch's. The
-    RNG is replayed per micro-batch, so random encoders (patch dropping) draw the same twice."""
+    RNG is replayed per micro-batch, so random encoders (patch dropping) draw the same twice. Under
+    FSDP a (micro-)batch without rows of a modality that another rank's has gets a stand-in for it
+    (`stand_ins`), so that every rank runs that tower's collectives."""
+    device = runtime.device
     if accumulate == 1 or batch_size(batch) < accumulate:
+        (whole,) = stand_ins([runtime.to_device(batch)], task.model, device)  # FSDP: every tower runs
         with runtime.autocast():
-            out = task(runtime.to_device(batch))
+            out = task(whole)
         out["loss"].backward()
         return out
-    parts = [runtime.to_device(p) for p in split_batch(batch, accumulate)]
+    pieces = [batch, *split_batch(batch, accumulate)]
+    whole, *parts = stand_ins([runtime.to_device(p) for p in pieces], task.model, device)
     states, cached = [], []
     with torch.no_grad():
         for part in parts:
@@ -123,7 +128,7 @@ def forward_backward(task: Task, batch: dict[str, Any], accumulate: int, runtime
     keys = list(dict.fromkeys(k for c in cached for k in c))
     leaves = {k: Features.cat([c[k] for c in cached if k in c]).as_leaves() for k in keys}
     with runtime.autocast():
-        out = task.loss(leaves, runtime.to_device(batch))
+        out = task.loss(leaves, whole)
     out["loss"].backward()
     after = rng_state()
     offsets = {k: [0, 0, 0] for k in keys}  # rows of tokens, pooled, embedding handed out so far

@@ -158,7 +158,7 @@ def setup(
         notes.append(shard_task(task, runtime.device))
     if cfg.compile:  # in place, per tower: state_dict keys (checkpoints) stay those of the plain model
         for tower in task.model.towers.values():
-            tower.compile()
+            tower.compile(backend=cfg.compile_backend)
     scales = task.lr_scales(recipe.objectives)
     optimizer = build_optimizer(task, cfg, scales)
     layout = PlainLayout(task, optimizer, plain_group_names(task, scales)) if sharded else None
