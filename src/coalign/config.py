@@ -161,6 +161,9 @@ class TrainConfig(StrictModel):
     compile: bool = False
     # FSDP2 under torchrun: shard each tower's blocks over the ranks (train/fsdp.py); 1 process: ignored
     fsdp: bool = False
+    # FSDP checkpoints: `full` (rank 0 writes the whole state) or `sharded` (each rank its shards,
+    # torch.distributed.checkpoint; train/fsdp_checkpoint.py); every reader takes both
+    checkpoint_format: Literal["full", "sharded"] = "full"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     log_every: int = pydantic.Field(10, gt=0)
     eval_every: int = pydantic.Field(0, ge=0)  # 0: only at the end
@@ -174,6 +177,15 @@ class TrainConfig(StrictModel):
         if not all(0 <= b < 1 for b in v):
             raise ValueError(f"both AdamW betas must lie in [0, 1), got {list(v)}")
         return v
+
+    @pydantic.model_validator(mode="after")
+    def _sharded_needs_fsdp(self) -> TrainConfig:
+        if self.checkpoint_format == "sharded" and not self.fsdp:
+            raise ValueError(
+                "checkpoint_format=sharded writes each rank's FSDP shards and needs train.fsdp: true "
+                "(without FSDP every rank holds the whole model: use checkpoint_format: full)"
+            )
+        return self
 
     @pydantic.field_validator("grad_clip")
     @classmethod
