@@ -183,3 +183,26 @@ def test_ctrl_c_under_torchrun_saves_the_current_step_on_every_rank_and_resumes(
     reference = tmp_path / "reference"
     train(recipe, reference, progress=False, stop_after=stopped + 1)
     _assert_same(reference, run_dir)
+
+
+def test_optimizer_groups_are_matched_by_parameter_name_across_layouts():
+    from coalign.checkpoint import CheckpointError
+    from coalign.train.fsdp_checkpoint import _regroup
+
+    # FSDP splits each kind into sharded and whole groups; one process has one group per kind
+    saved = [
+        {"lr": 0.1, "weight_decay": 0.1, "params": ["a.weight"]},
+        {"lr": 0.1, "weight_decay": 0.1, "params": ["head.weight"]},
+        {"lr": 0.2, "weight_decay": 0.0, "params": ["a.bias", "logit_scale"]},
+    ]
+    plain = [{"lr": 9, "params": ["a.weight", "head.weight"]}, {"lr": 9, "params": ["logit_scale", "a.bias"]}]
+    assert _regroup(saved, plain, Path("c")) == [
+        {"lr": 0.1, "weight_decay": 0.1, "params": ["a.weight", "head.weight"]},
+        {"lr": 0.2, "weight_decay": 0.0, "params": ["logit_scale", "a.bias"]},
+    ]
+    with pytest.raises(CheckpointError, match=r"1 of its own are not in this run \(e.g. head.weight\)"):
+        _regroup(saved, [{"params": ["a.weight", "a.bias", "logit_scale", "b.weight"]}], Path("c"))
+    with pytest.raises(CheckpointError, match="a.weight's group changed"):
+        _regroup(
+            saved, [{"params": ["a.weight", "a.bias"]}, {"params": ["head.weight", "logit_scale"]}], Path("c")
+        )

@@ -73,9 +73,13 @@ def _from_rank0(value: Any) -> Any:
 
 def _checksums(folder: Path) -> dict[str, dict]:
     """The manifest records of every file under `folder` (relative names), hashed by the ranks in
-    turn (file i by rank i mod N) rather than all by rank 0. A collective."""
+    turn (file i by rank i mod N) rather than all by rank 0. A collective; rank 0 lists the files
+    (once it has written its own), so every rank hashes from the same list."""
     rank, world = _world()
-    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    found = (
+        sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if rank == 0 else None
+    )
+    names = _from_rank0(found)
     mine = {n: file_record(folder / n) for i, n in enumerate(names) if i % world == rank}
     if world == 1:
         return mine
@@ -117,9 +121,9 @@ def _regroup(saved: list[dict], current: list[dict], checkpoint: Path) -> list[d
     if set(names) != set(owner):
         lost, new = sorted(set(owner) - set(names)), sorted(set(names) - set(owner))
         raise CheckpointError(
-            f"checkpoint '{checkpoint}' trained other parameters ({len(lost)} of its not in this "
-            f"run{', e.g. ' + lost[0] if lost else ''}; {len(new)} of this run's not in it"
-            f"{', e.g. ' + new[0] if new else ''}): the recipe's model or objectives changed"
+            f"checkpoint '{checkpoint}' was trained with other parameters: {len(lost)} of its own are "
+            f"not in this run{' (e.g. ' + lost[0] + ')' if lost else ''}, {len(new)} of this run's not "
+            f"in it{' (e.g. ' + new[0] + ')' if new else ''}; the recipe's model or objectives changed"
         )
     groups = []
     for g in current:
