@@ -12,6 +12,11 @@ the new one, never half of one. `checkpoint.json` lets a reader tell a checkpoin
 afterwards (a truncated copy, a full disk) from a good one; `latest_checkpoint` then falls back to
 the newest intact checkpoint and says which it passed over.
 
+A run trained with `train.checkpoint_format: sharded` (FSDP) holds `sharded/` instead of
+`weights.safetensors`: a torch.distributed.checkpoint folder where each rank wrote its shards of the
+weights and the optimizer state (`checkpoint_sharded.py`); the manifest lists every file of it,
+and `load_weights` reads it whole in one process, so every reader takes either kind.
+
 This module is the library's floor: evaluation, search and serving read runs through it, and the
 trainer writes them through it.
 """
@@ -22,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,7 +43,9 @@ WEIGHTS = "weights.safetensors"
 STATE = "state.pt"
 MANIFEST = "checkpoint.json"
 LATEST = "LATEST"
+SHARDED = "sharded"  # a sharded checkpoint's torch.distributed.checkpoint folder, in place of WEIGHTS
 MODEL_PREFIX = "model."  # the model's tensors inside a task's weights (the rest are objectives')
+NAME = re.compile(r"step_\d{8}")  # the folders this module writes
 
 log = logging.getLogger("coalign")
 
@@ -58,24 +66,54 @@ def save_checkpoint(
     run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int
 ) -> Path:
     """Write checkpoints/step_XXXXXXXX atomically, point LATEST at it, keep the newest `keep`."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
+    final, tmp = begin_checkpoint(run_dir, step)
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
     torch.save({**state, "step": step}, tmp / STATE)
     for f in (WEIGHTS, STATE):
         fsync_file(tmp / f)
-    files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in (WEIGHTS, STATE)}
-    atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2))
+    return finish_checkpoint(tmp, final, step, {f: file_record(tmp / f) for f in (WEIGHTS, STATE)}, keep)
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """(the checkpoint folder for `step`, the hidden temporary folder to write it in)."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    return final, Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """A written file's entry in the manifest: its size and SHA-256."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def finish_checkpoint(
+    tmp: Path, final: Path, step: int, files: dict[str, dict], keep: int, **about: Any
+) -> Path:
+    """Write the manifest (`files`: relative path -> file_record) last, rename `tmp` into place,
+    point LATEST at it, prune to the newest `keep`. `about` adds fields to the manifest."""
+    root = final.parent
+    atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, **about, "files": files}, indent=2))
     if final.exists():  # re-saving the same step (e.g. after an interrupt): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(root)
     atomic_write_text(root / LATEST, final.name)
-    for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root.parent, keep)
     return final
+
+
+def prune(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints; only folders this module wrote (named
+    step_XXXXXXXX, holding a manifest or a state file), never anything else under checkpoints/."""
+    ours = [
+        p
+        for p in checkpoints(run_dir)
+        if NAME.fullmatch(p.name) and ((p / MANIFEST).is_file() or (p / STATE).is_file())
+    ]
+    for old in ours[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return ours[:-keep]
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -100,7 +138,8 @@ def damage(checkpoint: Path, checksum: bool = True) -> str | None:
     """Why `checkpoint` cannot be used, or None when it is intact (sizes and checksums match its
     manifest). A checkpoint from before manifests existed is accepted when both files are there."""
     checkpoint = Path(checkpoint)
-    missing = [f for f in (WEIGHTS, STATE) if not (checkpoint / f).is_file()]
+    weights = SHARDED if is_sharded(checkpoint) else WEIGHTS
+    missing = [f for f in (weights, STATE) if not (checkpoint / f).exists()]
     if missing:
         return f"{', '.join(missing)} missing"
     if not (checkpoint / MANIFEST).is_file():
@@ -111,6 +150,8 @@ def damage(checkpoint: Path, checksum: bool = True) -> str | None:
     except (ValueError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
     for name, meta in expected.items():
+        if not (checkpoint / name).is_file():
+            return f"{name} missing"
         size = (checkpoint / name).stat().st_size
         if size != meta["bytes"]:
             return f"{name} has {size} bytes, {meta['bytes']} were written"
@@ -157,7 +198,17 @@ def resolve_checkpoint(path: Path) -> Path:
     return found
 
 
+def is_sharded(checkpoint: Path) -> bool:
+    """Whether a checkpoint holds sharded weights (`sharded/`) rather than `weights.safetensors`."""
+    return (Path(checkpoint) / SHARDED).is_dir() and not (Path(checkpoint) / WEIGHTS).exists()
+
+
 def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the task, whole, from either kind of checkpoint."""
+    if is_sharded(checkpoint):
+        from coalign.checkpoint_sharded import read_weights
+
+        return read_weights(checkpoint)
     try:
         return load_file(str(Path(checkpoint) / WEIGHTS))
     except (SafetensorError, OSError) as err:

@@ -162,6 +162,9 @@ class TrainConfig(StrictModel):
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no codegen, for tests)
     # FSDP2 under torchrun: shard each tower's blocks over the ranks (train/fsdp.py); 1 process: ignored
     fsdp: bool = False
+    # FSDP checkpoints: `full` (rank 0 writes the whole state) or `sharded` (each rank its shards,
+    # torch.distributed.checkpoint; train/fsdp_checkpoint.py); every reader takes both
+    checkpoint_format: Literal["full", "sharded"] = "full"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     log_every: int = pydantic.Field(10, gt=0)
     eval_every: int = pydantic.Field(0, ge=0)  # 0: only at the end
@@ -186,6 +189,15 @@ class TrainConfig(StrictModel):
             if v not in valid:
                 raise ValueError(f"unknown torch.compile backend '{v}'; valid: {', '.join(valid)}")
         return v
+
+    @pydantic.model_validator(mode="after")
+    def _sharded_needs_fsdp(self) -> TrainConfig:
+        if self.checkpoint_format == "sharded" and not self.fsdp:
+            raise ValueError(
+                "checkpoint_format=sharded writes each rank's FSDP shards and needs train.fsdp: true "
+                "(without FSDP every rank holds the whole model: use checkpoint_format: full)"
+            )
+        return self
 
     @pydantic.field_validator("grad_clip")
     @classmethod

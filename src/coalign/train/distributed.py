@@ -17,6 +17,7 @@ need, and it is the same arithmetic DDP does.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -126,7 +127,19 @@ def launch(nproc: int, argv: list[str]) -> int:
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
     # torchrun itself, run by this interpreter (a `torchrun` on PATH may belong to another Python)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.call([*cmd, "-m", "coalign", *argv])
+    # Ctrl-C in a terminal reaches torchrun and every rank too, and the ranks then save together
+    # (train/interrupt.py): wait for them instead of killing torchrun (as subprocess.call would);
+    # a SIGTERM sent to this process alone is passed on to torchrun, which passes it to the ranks
+    proc = subprocess.Popen([*cmd, "-m", "coalign", *argv])
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)),
+    }
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def sync_batch_norm(

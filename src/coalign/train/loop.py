@@ -39,6 +39,7 @@ from coalign.train.distributed import (
     reduce_skips,
 )
 from coalign.train.fsdp import clip_grad_norm, stand_ins, whole_model
+from coalign.train.interrupt import Interrupted, StopSignal
 from coalign.train.log import MetricLogger
 from coalign.train.session import Session, setup
 from coalign.train.state import TrainState, rng_state, set_rng_state
@@ -235,30 +236,44 @@ def train(
             merged = SkipCounter(counted, counted.rows)
             merged.update(reduce_skips(_since(state.skipped, counted), d))
             state.skipped = counted = merged
-        if d.main or state.layout is not None:  # FSDP: every rank gathers, rank 0 writes
+        if d.main or state.collective:  # FSDP: every rank gathers (full) or writes (sharded)
             state.save(session.run_dir, cfg.keep_checkpoints, write=d.main)
         d.barrier()
 
     results: Results | None = None
     started = time.perf_counter()
     state.task.train()
+    stop = StopSignal(d, session.runtime.device)  # several ranks: a signal stops all at one step
     try:
-        while state.step < end:
-            done = train_step(state, next(batches), recipe, session.runtime, d)
-            if done is not None:
-                logger.count(done.samples)
-                if d.main and (state.step % cfg.log_every == 0 or state.step == end):
-                    _log_step(logger, state, done, started)
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-                model = eval_model(session)
-                if d.main:  # evaluation runs once, not once per rank
-                    run_eval(session, logger, model)
-                d.barrier()
-            if state.step % cfg.checkpoint_every == 0 or state.step == end:
-                save()
+        with stop:
+            while state.step < end:
+                done = train_step(state, next(batches), recipe, session.runtime, d)
+                if done is not None:
+                    logger.count(done.samples)
+                    if d.main and (state.step % cfg.log_every == 0 or state.step == end):
+                        _log_step(logger, state, done, started)
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+                    model = eval_model(session)
+                    if d.main:  # evaluation runs once, not once per rank
+                        run_eval(session, logger, model)
+                    d.barrier()
+                stopping = stop.agreed()
+                if stopping or state.step % cfg.checkpoint_every == 0 or state.step == end:
+                    save()
+                if stopping:
+                    raise Interrupted(state.step)
+    except Interrupted:
+        logger.write(
+            f"interrupted ({stop.received or 'by another rank'}) at step {state.step}: every rank "
+            f"saved its checkpoint; continue with --resume {run_dir}"
+        )
+        logger.close()
+        raise
     except KeyboardInterrupt:
-        if state.layout is not None:  # gathering the shards needs every rank, which may be gone
-            logger.write(f"interrupted at step {state.step}: FSDP saves at checkpoints only ({run_dir})")
+        if state.collective:  # not a signal (those stop at a step): the other ranks may be anywhere
+            logger.write(
+                f"interrupted at step {state.step}: not saved; the last checkpoint is kept ({run_dir})"
+            )
             logger.close()
             raise
         logger.write(

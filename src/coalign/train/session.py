@@ -18,7 +18,14 @@ from coalign.build import (
     init_checkpoint,
     prepare_transforms,
 )
-from coalign.checkpoint import checkpoint_step, clean_partial, latest_checkpoint, load_state, load_weights
+from coalign.checkpoint import (
+    checkpoint_step,
+    clean_partial,
+    is_sharded,
+    latest_checkpoint,
+    load_state,
+    load_weights,
+)
 from coalign.config import Recipe, load_recipe, save_resolved
 from coalign.data.sources.base import Source
 from coalign.data.transforms.base import Pipeline, Transform
@@ -72,7 +79,7 @@ def check_resumable(run_dir: Path, checkpoint: Path) -> None:
     """A checkpoint that no training wrote (an imported model, an interpolation) has weights but no
     optimizer state to continue: say so and what to do instead, before anything is built."""
     state = load_state(checkpoint)
-    if "optimizer" in state:
+    if "optimizer" in state or is_sharded(checkpoint):  # a sharded one keeps it in its shards
         return
     origin = state.get("imported")
     if isinstance(origin, dict):
@@ -152,7 +159,7 @@ def setup(
     if cfg.fsdp and not d.active:
         notes.append("train.fsdp: one process holds the whole model, nothing to shard: trained plainly")
     if sharded:  # the whole weights first (every rank reads them), then shard (train/fsdp.py)
-        if checkpoint is not None:
+        if checkpoint is not None and not is_sharded(checkpoint):  # a sharded one loads into the shards
             task.load_state_dict(load_weights(checkpoint))
         broadcast_state(task, d)
         notes.append(shard_task(task, runtime.device))
@@ -162,12 +169,16 @@ def setup(
     scales = task.lr_scales(recipe.objectives)
     optimizer = build_optimizer(task, cfg, scales)
     layout = PlainLayout(task, optimizer, plain_group_names(task, scales)) if sharded else None
-    state = TrainState(task, optimizer, build_scheduler(optimizer, cfg), layout=layout)
+    scheduler = build_scheduler(optimizer, cfg)
+    state = TrainState(task, optimizer, scheduler, layout=layout, sharded=cfg.checkpoint_format == "sharded")
     if checkpoint is not None:
-        if sharded:  # the weights are in already; the optimizer state goes into the shards
+        if sharded and not is_sharded(
+            checkpoint
+        ):  # the weights are in; the optimizer state goes into the shards
             state.load_state_dict(load_state(checkpoint))
-        else:
+        else:  # a sharded checkpoint reshards to this world size (train/fsdp_checkpoint.py)
             state.restore(checkpoint)
+            notes += _resharded(checkpoint, d.world)
         notes.append(f"resuming from step {checkpoint_step(checkpoint)} ({checkpoint})")
     elif resume:
         notes.append(f"'{run_dir}' has no checkpoint left: starting again from step 0")
@@ -175,3 +186,8 @@ def setup(
         broadcast_state(task, d)
     pipeline = Pipeline(transforms, recipe.data.drop_modalities)
     return Session(recipe, run_dir, runtime, state, source, pipeline, eval_sources, eval_transforms, notes, d)
+
+
+def _resharded(checkpoint: Path, world: int) -> list[str]:
+    saved = load_state(checkpoint).get("world", world) if is_sharded(checkpoint) else world
+    return [f"the sharded checkpoint of {saved} processes resharded for {world}"] if saved != world else []

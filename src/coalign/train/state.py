@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from coalign.checkpoint import load_state, load_weights, save_checkpoint
+from coalign.checkpoint import is_sharded, load_state, load_weights, save_checkpoint
 from coalign.data.sources.base import SkipCounter
 from coalign.objectives.task import Task
 
@@ -47,6 +47,8 @@ class TrainState:
     # FSDP (train/fsdp.py): converts the sharded optimizer's state to the plain layout and back;
     # with one, `weights`, `state_dict` and `save` are collectives that every rank calls
     layout: Any = None
+    # `train.checkpoint_format: sharded`: every rank writes its shards (train/fsdp_checkpoint.py)
+    sharded: bool = False
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Every tensor of the task, whole (under FSDP gathered on rank 0; empty elsewhere)."""
@@ -59,8 +61,13 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights (those go to safetensors)."""
         plain = self.layout
+        optimizer = plain.optimizer_state() if plain else self.optimizer.state_dict()
+        return {"optimizer": optimizer, **self.trainer_state()}
+
+    def trainer_state(self) -> dict[str, Any]:
+        """What is neither a weight nor an optimizer moment: the same on every rank."""
+        plain = self.layout
         return {
-            "optimizer": plain.optimizer_state() if plain else self.optimizer.state_dict(),
             "scheduler": plain.scheduler_state(self.scheduler) if plain else self.scheduler.state_dict(),
             "rng": rng_state(),
             "step": self.step,
@@ -71,9 +78,14 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.layout is None:
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
         else:
             self.layout.load_optimizer_state(state["optimizer"])
+        self.load_trainer_state(state)
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        if self.layout is None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:
             self.layout.load_scheduler_state(self.scheduler, state["scheduler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -81,11 +93,26 @@ class TrainState:
         # {"counts", "rows"}; checkpoints from before rows were kept hold plain counts
         self.skipped = SkipCounter.from_record(skipped) if "counts" in skipped else SkipCounter(skipped)
 
+    @property
+    def collective(self) -> bool:
+        """Whether saving is a collective that every rank calls (FSDP gathers, sharded writes)."""
+        return self.layout is not None or self.sharded
+
     def save(self, run_dir: Path, keep: int, write: bool = True) -> Path | None:
-        """Write a checkpoint (under FSDP every rank calls it, and only the one with `write` writes)."""
+        """Write a checkpoint (when `collective`, every rank calls it; with the full format only
+        the one with `write` writes, with the sharded one every rank writes its shards)."""
+        if self.sharded:
+            from coalign.train.fsdp_checkpoint import save_sharded
+
+            return save_sharded(self, run_dir, keep)
         weights, state = self.weights(), self.state_dict()
         return save_checkpoint(run_dir, self.step, weights, state, keep) if write else None
 
     def restore(self, checkpoint: Path) -> None:
+        """Load a checkpoint of either format (a sharded one is a collective under torchrun)."""
+        if is_sharded(checkpoint):
+            from coalign.train.fsdp_checkpoint import load_sharded
+
+            return load_sharded(self, checkpoint)
         self.task.load_state_dict(load_weights(checkpoint))
         self.load_state_dict(load_state(checkpoint))
