@@ -8,6 +8,7 @@ from the built-in world, which renders every modality.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,15 +140,16 @@ def tiny_batch(
     size: int = 6,
     missing: str | None = None,
     seed: int = 0,
+    lacking: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """A collated batch of the first `size` samples; with `missing`, every other sample lacks that
-    modality (and its views), so objectives see a presence mask."""
+    """A collated batch of the first `size` samples; with `missing`, every other sample (or the
+    samples `lacking`) lacks that modality (and its views), so objectives see a presence mask."""
     rng = np.random.default_rng(seed)
     pipeline = Pipeline(transforms)
     samples = []
     for i in range(size):
         sample = dict(source[i])
-        if missing is not None and i % 2 == 1:
+        if missing is not None and (i % 2 == 1 if lacking is None else i in lacking):
             sample.pop(missing, None)
         samples.append(pipeline(sample, rng))
     return collate(samples, list(transforms))

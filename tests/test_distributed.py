@@ -64,9 +64,9 @@ def _reference(objective, model, batch) -> tuple[float, dict[str, torch.Tensor]]
     return float(loss), grads
 
 
-def _setup(name: str, folder: Path, teacher: str | None):
+def _setup(name: str, folder: Path, teacher: str | None, lacking=None):
     torch.manual_seed(0)
-    objective, model, batch = objective_setup(name, folder, teacher=teacher)
+    objective, model, batch = objective_setup(name, folder, teacher=teacher, lacking=lacking)
     # BatchNorm (point encoders, SLIP's projection MLP) with running statistics: per sample, so
     # independent of the split. In training mode it normalises per rank on the CPU (no SyncBatchNorm),
     # the one documented difference from a single process.
@@ -75,14 +75,14 @@ def _setup(name: str, folder: Path, teacher: str | None):
     return objective, model, batch
 
 
-def _worker(rank: int, names: list[str], root: str, teacher: str | None) -> None:
+def _worker(rank: int, names: list[str], root: str, teacher: str | None, lacking=None) -> None:
     dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
         for name in names:
             folder = Path(root) / f"{name}-{rank}"
             folder.mkdir()
-            objective, model, batch = _setup(name, folder, teacher)
+            objective, model, batch = _setup(name, folder, teacher, lacking)
             expected_loss, expected = _reference(objective, model, batch)
             task = Task(model, [objective], [1.0])
             part = split_batch(batch, 2)[rank]
@@ -103,6 +103,15 @@ def test_every_objective_gets_the_single_process_gradient_from_two_processes(tmp
     names = OBJECTIVES.names()
     teacher = str(request.getfixturevalue("teacher")) if any(needs_teacher(n) for n in names) else None
     mp.spawn(_worker, args=(names, str(tmp_path), teacher), nprocs=2, join=True)
+
+
+def test_a_rank_with_no_rows_of_a_modality_still_gets_the_single_process_gradient(tmp_path, request):
+    """The batch's second half (rank 1's) lacks the objective's last modality entirely: rank 1 has
+    no features of it, and the objectives still give the single-process loss and gradients (those
+    that gather see the other rank's rows; SigLIP's ring runs with zero rows of its own)."""
+    names = OBJECTIVES.names()
+    teacher = str(request.getfixturevalue("teacher")) if any(needs_teacher(n) for n in names) else None
+    mp.spawn(_worker, args=(names, str(tmp_path), teacher, (3, 4, 5)), nprocs=2, join=True)
 
 
 @pytest.mark.parametrize("name", OBJECTIVES.names())

@@ -228,11 +228,12 @@ def needs_teacher(name: str) -> bool:
 
 
 def objective_setup(
-    name: str, tmp_path, request=None, teacher=None
+    name: str, tmp_path, request=None, teacher=None, lacking=None
 ) -> tuple[Objective, torch.nn.Module, dict]:
     """The objective at its tiny settings, bound to a tiny model with a tower for each modality it
-    names (image and text when it names none), and a batch where every other sample lacks the last
-    of them. A teacher run comes from `teacher` (a path) or the session fixture."""
+    names (image and text when it names none), and a batch where every other sample (or the samples
+    `lacking`) lacks the last of them. A teacher run comes from `teacher` (a path) or the session
+    fixture."""
     options = OBJECTIVES.tiny(name)
     if needs_teacher(name):
         run = load_run(teacher or request.getfixturevalue("teacher"))
@@ -256,7 +257,7 @@ def objective_setup(
     model = tiny_model(transforms, fusion=fusion, decoder=decoder)
     objective = OBJECTIVES.create(name, **options)
     objective.bind(model, transforms)
-    batch = tiny_batch(source, transforms, size=6, missing=bases[-1])
+    batch = tiny_batch(source, transforms, size=6, missing=bases[-1], lacking=lacking)
     assert not batch["present"][bases[-1]].all(), "the batch should lack a modality somewhere"
     return objective, model, batch
 

@@ -64,11 +64,15 @@ class _AllGather(torch.autograd.Function):
 
 
 def _gather(x: torch.Tensor, rows: list[int], grad: bool) -> torch.Tensor:
-    """Concatenate every rank's `x` (rows[r] rows on rank r) in rank order."""
+    """Concatenate every rank's `x` (rows[r] rows on rank r) in rank order. With `grad` (which must
+    agree on every rank) the backward all-reduces on every rank: a rank whose `x` carries no
+    gradient (it has no rows of the key) still joins, through a leaf that does."""
     most = max(rows)
+    if grad and not x.requires_grad:
+        x = x.detach().requires_grad_()
     padded = x.new_zeros((most, *x.shape[1:]))
     padded[: x.shape[0]] = x
-    if grad and x.requires_grad:
+    if grad:
         stacked = _AllGather.apply(padded)
     else:
         with torch.no_grad():
@@ -230,6 +234,11 @@ def gather_global(
     local = {
         "n": n_local,
         "features": {k: {name: _describe(t) for name, t in _fields(f).items()} for k, f in features.items()},
+        # which fields carry a gradient: a rank without the key must still join the backward
+        "grad": {
+            k: [n for n, t in _fields(f).items() if t is not None and t.requires_grad]
+            for k, f in features.items()
+        },
         "present": sorted(batch.get("present", {})),
         "inputs": {k: _describe(v) for k, v in batch.items() if inputs and isinstance(v, torch.Tensor)},
     }
@@ -260,7 +269,8 @@ def gather_global(
             x = mine.get(name)
             if x is None:
                 x = torch.zeros((0, *tail), dtype=dtype, device=device)
-            gathered[name] = _gather(x, rows, grad=name in GRAD_FIELDS)
+            grad = name in GRAD_FIELDS and any(name in m["grad"].get(key, ()) for m in metas)
+            gathered[name] = _gather(x, rows, grad=grad)
         out[key] = Features(
             Tokens(gathered["tokens"], gathered["mask"]),
             gathered["pooled"],

@@ -174,6 +174,21 @@ def ring_siglip_loss(
     return total * (w / max(sum(counts), 1))
 
 
+def _own_pairs(
+    features: dict[str, Features], batch: dict[str, Any], keys: tuple[str, str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's paired rows for the ring; a rank with no rows of a key (another rank may have
+    them) still takes part, with zero rows that carry a gradient, so that every rank runs the ring's
+    passes forward and backward."""
+    if all(k in features for k in keys):
+        return paired(features, batch, *keys)
+    if not features:
+        raise KeyError(f"objective needs modalities {list(keys)}, but this rank's batch has none")
+    ref = next(iter(features.values())).embedding
+    empty = ref.new_zeros((0, ref.shape[-1]))
+    return empty.clone().requires_grad_(), empty.clone().requires_grad_()
+
+
 @OBJECTIVES.register("siglip")
 class SigLIP(LearnedScale, Objective):
     Config = SigLIPConfig
@@ -188,12 +203,14 @@ class SigLIP(LearnedScale, Objective):
         )
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        a, b = paired(features, batch, *self.cfg.modalities)
         scale, bias = self.scale(), self.logit_bias
         if parts(batch) > 1:  # this rank's part of the global batch (the Task under several ranks)
+            a, b = _own_pairs(features, batch, self.cfg.modalities)
             loss = ring_siglip_loss(a, b, scale, bias, self.cfg.chunk_size)
-        elif self.cfg.chunk_size is None:
-            loss = siglip_loss(a, b, scale, bias)
         else:
-            loss = chunked_siglip_loss(a, b, scale, bias, self.cfg.chunk_size)
+            a, b = paired(features, batch, *self.cfg.modalities)
+            if self.cfg.chunk_size is None:
+                loss = siglip_loss(a, b, scale, bias)
+            else:
+                loss = chunked_siglip_loss(a, b, scale, bias, self.cfg.chunk_size)
         return {"siglip_loss": loss, "logit_scale": scale.detach(), "logit_bias": bias.detach()}
