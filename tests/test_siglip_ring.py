@@ -53,6 +53,7 @@ def _worker(rank: int, world: int, root: str) -> None:
                 got = got.clone()
                 dist.all_reduce(got)
                 torch.testing.assert_close(got / world, want, rtol=1e-10, atol=1e-12)
+        dist.barrier()  # no rank tears the group down while a neighbour's last pass is in flight
     finally:
         dist.destroy_process_group()
 
