@@ -208,12 +208,16 @@ def test_source_argument_forms(run_dir, tmp_path):
 # ------------------------------------------------------------------------------------------- index
 
 
-def fake_embedding(out: Path, x: np.ndarray) -> Path:
-    """An OUT folder as `coalign embed` leaves it, holding the given image vectors (no model needed)."""
+def fake_embedding(out: Path, x: np.ndarray, sizes: tuple[int, ...] | None = None) -> Path:
+    """An OUT folder as `coalign embed` leaves it, holding the given image vectors (no model needed),
+    in one float16 shard or split over shards of the given `sizes`."""
     n, d = x.shape
-    np.save(out / "s.npy", x.astype(np.float16))
+    sizes = (n,) if sizes is None else sizes
+    assert sum(sizes) == n
     shard_path(out, "image", 0).parent.mkdir(parents=True)
-    shutil.move(out / "s.npy", shard_path(out, "image", 0))
+    edges = np.cumsum((0, *sizes))
+    for i in range(len(sizes)):
+        np.save(shard_path(out, "image", i), x[edges[i] : edges[i + 1]].astype(np.float16))
     meta = {
         "row": list(range(n)),
         "id": [f"v{i}" for i in range(n)],
@@ -223,18 +227,9 @@ def fake_embedding(out: Path, x: np.ndarray) -> Path:
         "source_index": list(range(n)),
     }
     pq.write_table(pa.table(meta, schema=metadata_schema()), out / METADATA)
-    write_manifest(
-        out,
-        {
-            "checkpoint": "none",
-            "modalities": ["image"],
-            "embed_dim": d,
-            "finished": True,
-            "num_shards": 1,
-            "shards": [{"shard": 0, "rows": n}],
-            "source": {},
-        },
-    )
+    shards = [{"shard": i, "rows": int(s)} for i, s in enumerate(sizes)]
+    manifest = {"modalities": ["image"], "embed_dim": d, "finished": True, "shards": shards}
+    write_manifest(out, {**manifest, "num_shards": len(sizes), "source": {}, "checkpoint": "none"})
     return out
 
 

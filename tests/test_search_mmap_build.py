@@ -8,20 +8,14 @@ import json
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from coalign.search import (
-    METADATA,
     ShardRows,
     load_embeddings,
-    metadata_schema,
     open_embeddings,
     read_manifest,
-    shard_path,
     take_rows,
-    write_manifest,
 )
 from coalign.search import holdout as holdout_mod
 from coalign.search import index as index_mod
@@ -29,6 +23,7 @@ from coalign.search import tune as tune_mod
 from coalign.search.index import build, recall_at_k
 from coalign.search.query import SearchIndex
 from coalign.search.tune import Tuner, tune
+from test_search import fake_embedding
 from test_search_tune import blobs
 
 SIZES = (700, 1100, 37, 1163)  # uneven shards: chunks cross their boundaries
@@ -36,25 +31,7 @@ SIZES = (700, 1100, 37, 1163)  # uneven shards: chunks cross their boundaries
 
 def embedding(out, x: np.ndarray, sizes=SIZES):
     """An OUT folder as `coalign embed` leaves it, with x split over several float16 shards."""
-    n, d = x.shape
-    assert sum(sizes) == n
-    shard_path(out, "image", 0).parent.mkdir(parents=True)
-    edges = np.cumsum((0, *sizes))
-    for i in range(len(sizes)):
-        np.save(shard_path(out, "image", i), x[edges[i] : edges[i + 1]].astype(np.float16))
-    meta = {
-        "row": list(range(n)),
-        "id": [f"v{i}" for i in range(n)],
-        "path": [None] * n,
-        "caption": [None] * n,
-        "labels": ["{}"] * n,
-        "source_index": list(range(n)),
-    }
-    pq.write_table(pa.table(meta, schema=metadata_schema()), out / METADATA)
-    shards = [{"shard": i, "rows": int(s)} for i, s in enumerate(sizes)]
-    manifest = {"modalities": ["image"], "embed_dim": d, "finished": True, "shards": shards}
-    write_manifest(out, {**manifest, "num_shards": len(sizes), "source": {}, "checkpoint": "none"})
-    return out
+    return fake_embedding(out, x, sizes)
 
 
 @pytest.fixture
