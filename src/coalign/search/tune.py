@@ -224,9 +224,9 @@ class Tuner:
             )  # trained, empty: the final build starts here
             assign = shared.assign if ivf is not None else None
             add_rows(index, x, hold.kept, assign, f"add {cand.name}", self.progress)
-            build_s = round(time.perf_counter() - t, 2)
+            build_s = time.perf_counter() - t  # compared unrounded: a tiny build rounds to 0.0
             for target, r in rows.items():
-                r["build_s"] = build_s
+                r["build_s"] = round(build_s, 2)
                 if self.max_build_seconds is not None and build_s > self.max_build_seconds:
                     r["status"] = "over build time"
                 else:
