@@ -68,7 +68,7 @@ def test_a_target_the_mean_reaches_but_the_bound_does_not_is_refused_at_that_set
     target = (max(bound, stats[i - 1][0]) + mean) / 2
     assert bound < target < mean
     cand = Candidate("ivf-flat", "IVF64,Flat", 0, axis="nprobe", values=probes)
-    got = sweep(ivf, cand, hold, target)
+    got = sweep(ivf, cand, hold, [target])[target]
     # The mean alone would accept nprobe=probes[i]; the bound sends the sweep to a costlier setting.
     assert got["status"] == "reaches target" and got["params"] != f"nprobe={probes[i]}"
     assert int(re.fullmatch(r"nprobe=(\d+)", got["params"]).group(1)) > probes[i]
@@ -79,7 +79,7 @@ def test_a_target_the_mean_reaches_but_the_bound_does_not_is_refused_at_that_set
     cand = Candidate("ivf-flat", "IVF64,Flat", 0, axis="nprobe", values=probes[: j + 1])
     assert top_bound < top_mean
     target = (top_bound + top_mean) / 2
-    got = sweep(ivf, cand, hold, target)
+    got = sweep(ivf, cand, hold, [target])[target]
     assert got["status"] == "below target"
     assert got["best_recall"] >= target > got["best_bound"]
 
@@ -93,3 +93,47 @@ def test_refusal_names_the_best_bound():
         str(err.value),
     )
     assert m and float(m.group(2)) <= float(m.group(1)) < 0.999 + 1e-9
+
+
+def test_one_sweep_for_several_targets_searches_each_setting_once_and_chooses_as_separate_sweeps(
+    monkeypatch,
+):
+    import coalign.search.holdout as holdout
+
+    x = blobs(4000)
+    hold = Holdout(x, 200, 10, seed=0)
+    ivf = faiss.index_factory(32, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x[hold.kept])
+    ivf.add(x[hold.kept])
+    cand = Candidate("ivf-flat", "IVF64,Flat", 0, axis="nprobe", values=[1, 2, 4, 8, 16, 32, 64])
+    calls = {"search": 0, "timed": 0}
+    bound, timing = holdout.recall_bound, holdout.latency_ms
+
+    def counted_bound(r):
+        calls["search"] += 1
+        return bound(r)
+
+    def counted_latency(*a, **kw):
+        calls["timed"] += 1
+        return timing(*a, **kw)
+
+    monkeypatch.setattr(holdout, "recall_bound", counted_bound)
+    monkeypatch.setattr(holdout, "latency_ms", counted_latency)
+    targets = [0.5, 0.9, 0.99]
+    both = sweep(ivf, cand, hold, targets)
+    once = dict(calls)
+    hardest = sweep(ivf, cand, hold, [0.99])[0.99]
+    # The hardest target's walk alone searches as many settings as the walk for all three.
+    assert calls["search"] - once["search"] == once["search"]
+    assert once["timed"] == len({both[t]["params"] for t in targets})  # each chosen setting timed once
+    for t in targets:
+        alone = sweep(ivf, cand, hold, [t])[t]
+        assert (both[t]["status"], both[t]["params"], both[t]["recall"]) == (
+            alone["status"],
+            alone["params"],
+            alone["recall"],
+        )
+        assert both[t]["recall_bound"] >= t
+    assert both[0.99]["params"] == hardest["params"]
+    probes = [int(both[t]["params"].split("=")[1]) for t in targets]
+    assert probes == sorted(probes) and probes[0] < probes[-1]  # the targets chose different settings

@@ -225,12 +225,11 @@ class Tuner:
             assign = shared.assign if ivf is not None else None
             add_rows(index, x, hold.kept, assign, f"add {cand.name}", self.progress)
             build_s = time.perf_counter() - t  # compared unrounded: a tiny build rounds to 0.0
+            over = self.max_build_seconds is not None and build_s > self.max_build_seconds
+            found = {} if over else sweep(index, cand, hold, targets)
             for target, r in rows.items():
                 r["build_s"] = round(build_s, 2)
-                if self.max_build_seconds is not None and build_s > self.max_build_seconds:
-                    r["status"] = "over build time"
-                else:
-                    r.update(sweep(index, cand, hold, target))
+                r.update(found.get(target, {"status": "over build time"}))
             del index
         self.tuning_s = time.perf_counter() - started
         return tables
