@@ -196,9 +196,9 @@ def train_coalign(a, manifest: Path, dataset: Dataset, seed: int, out: Path, run
         runtime,
     )
     paths, captions, _ = read_manifest(manifest, list(dataset.labels))
-    flops = flops_per_sample(
-        lambda x: run.model.encode("image", x),
-        lambda x: run.model.encode("text", x),
+    flops = flops_per_sample(  # at the full context, as OpenCLIP runs it: `features`, not the cut `encode`
+        lambda x: run.model.features("image", x).embedding,
+        lambda x: run.model.features("text", x).embedding,
         torch.stack([image_t(p, rng) for p in paths[:8]]),
         text_t.encode(captions[:8]),
     )

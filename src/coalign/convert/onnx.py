@@ -39,14 +39,16 @@ def _libraries():
 
 
 class TowerEmbedding(nn.Module):
-    """One tower and its head: input -> (B, E) normalised embedding (`MultimodalModel.encode`)."""
+    """One tower and its head: input -> (B, E) normalised embedding, as `MultimodalModel.encode`
+    without its cut of text padding: that cut's width depends on the values of the input, which a
+    graph with static shapes cannot hold (the embeddings are the same either way)."""
 
     def __init__(self, model: nn.Module, modality: str):
         super().__init__()
         self.model, self.modality = model, modality
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(self.modality, x)
+        return self.model.features(self.modality, x).embedding
 
 
 def example(run: LoadedRun, modality: str, batch: int, seed: int) -> torch.Tensor:

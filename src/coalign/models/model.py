@@ -233,7 +233,30 @@ class MultimodalModel(nn.Module):
 
     def encode(self, modality: str, x: Any) -> torch.Tensor:
         """(B, E) L2-normalised embeddings: the one function evaluation, search and serving use."""
-        return self.features(modality, x).embedding
+        one = {modality: x}
+        return self.features(modality, self.cut(one, self.trim_lengths(one))[modality]).embedding
+
+    def trim_lengths(self, batch: dict[str, Any]) -> dict[str, int]:
+        """{key: n} for each tower input of the batch whose last axis can be cut to its first n
+        positions without changing any feature a tower computes (`Encoder.trimmed_length`: text
+        padding). A cached tower's input is left whole: its cache keys rows by their full contents.
+        Several ranks must agree on one n per key before cutting (`train/loop.py`)."""
+        out = {}
+        for key, value in batch.items():
+            m = base_modality(key)
+            if m in self.towers and m not in self.caches and isinstance(value, torch.Tensor):
+                n = self.towers[m].trimmed_length(value)
+                if n is not None:
+                    out[key] = n
+        return out
+
+    @staticmethod
+    def cut(batch: dict[str, Any], lengths: dict[str, int]) -> dict[str, Any]:
+        """The batch with each key in `lengths` cut to its first n positions (last axis); the same
+        dict when there is nothing to cut."""
+        if all(batch[k].shape[-1] <= n for k, n in lengths.items()):
+            return batch
+        return {k: v[..., : lengths[k]] if k in lengths else v for k, v in batch.items()}
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Features]:
         """Features for every key of the batch that a tower encodes: each modality the model has, and

@@ -121,6 +121,17 @@ def reduce_skips(local: SkipCounter, d: Dist) -> SkipCounter:
     return total
 
 
+def agreed_lengths(lengths: dict[str, int]) -> dict[str, int]:
+    """Per key, the longest of every rank's `MultimodalModel.trim_lengths`: the ranks' batches are
+    gathered together (features, tokens, inputs), so each key keeps one width on all of them. One
+    small `all_gather_object` per step; call on all ranks at the same step. Unchanged in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return lengths
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, lengths)
+    return {k: max(theirs[k] for theirs in every if k in theirs) for k in lengths}
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """`coalign train ... --nproc N`: run the same command under torchrun with N processes."""
     if nproc < 1:

@@ -34,6 +34,7 @@ from coalign.objectives.task import Task
 from coalign.runtime import Runtime
 from coalign.train.distributed import (
     Dist,
+    agreed_lengths,
     average_gradients,
     init_from_env,
     reduce_skips,
@@ -112,6 +113,9 @@ def forward_backward(task: Task, batch: dict[str, Any], accumulate: int, runtime
     FSDP a (micro-)batch without rows of a modality that another rank's has gets a stand-in for it
     (`stand_ins`), so that every rank runs that tower's collectives."""
     device = runtime.device
+    # Text padding cut before anything else, on the host (no device sync): micro-batches and ranks
+    # then share one width per key, which their concatenated and gathered tokens need.
+    batch = task.model.cut(batch, agreed_lengths(task.model.trim_lengths(batch)))
     if accumulate == 1 or batch_size(batch) < accumulate:
         (whole,) = stand_ins([runtime.to_device(batch)], task.model, device)  # FSDP: every tower runs
         with runtime.autocast():

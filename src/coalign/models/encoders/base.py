@@ -94,6 +94,13 @@ class Encoder(nn.Module):
     def forward(self, x: Any) -> Tokens:
         raise NotImplementedError
 
+    def trimmed_length(self, x: Any) -> int | None:
+        """How many leading positions of the last axis of x (a batch, or groups of items) some item
+        uses, when cutting x to them changes neither the kept tokens nor the pooled vectors; None when
+        it cannot be cut. Text pads every caption to the context length, so a batch of short captions
+        is mostly padding that attends to nothing (`MultimodalModel.trim_lengths`)."""
+        return None
+
     def pool(self, out: Tokens) -> torch.Tensor:
         raise NotImplementedError
 

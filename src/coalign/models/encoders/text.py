@@ -6,6 +6,7 @@ from typing import Literal
 
 import pydantic
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from coalign.models.encoders.base import (
@@ -46,6 +47,9 @@ class TextConfig(EncoderConfig):
     # caption ends. Unset: the tokens that are not pad_id are the real ones.
     eos_id: int | None = pydantic.Field(None, ge=0)
     act: Activation = "gelu"  # OpenAI CLIP's text towers use quick_gelu
+    # Cut a batch to its longest caption before encoding (`trimmed_length`): exact, as padding is
+    # never attended to nor pooled. false: always encode context_length positions.
+    trim_padding: bool = True
     norm_eps: float = pydantic.Field(1e-5, gt=0.0)
 
     @classmethod
@@ -78,6 +82,17 @@ class TextTransformer(Encoder):
             return ids != self.cfg.pad_id
         eos = (ids == self.cfg.eos_id).int()
         return (eos.cumsum(1) - eos) == 0  # up to and including the first <eos> (a row without: all)
+
+    def trimmed_length(self, ids: torch.Tensor) -> int | None:
+        """The positions up to the last real token of any caption in ids (..., L). Padding after
+        it is no key of any real token's attention (bidirectional or causal) and is left out of
+        eos/mean/first pooling, so cutting it changes no real token and no pooled vector. `pool:
+        last` reads the final padded position, so its input is not cut (`forward` pads a cut one
+        back)."""
+        if not self.cfg.trim_padding or self.cfg.pool == "last" or ids.shape[-1] == 0:
+            return None
+        used = self.real_tokens(ids.reshape(-1, ids.shape[-1])).any(0)  # (L,)
+        return int(used.nonzero().max()) + 1 if bool(used.any()) else 1
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -114,6 +129,11 @@ class TextTransformer(Encoder):
         `hidden` (B, L) bool, when given, takes tokens out as padding is taken out (M3AE's text
         masking): no token attends to them and the returned mask marks them False, which is what
         removing them would give, while the batch stays rectangular (rows hide different counts)."""
+        cut = ids.shape[1] < self.cfg.context_length and token_embeds is None and hidden is None
+        if self.cfg.pool == "last" and cut:
+            # ids cut for another tower reading the same batch (a distillation teacher's): the
+            # padding comes back, so position -1 is the one this tower was trained to pool
+            ids = F.pad(ids, (0, self.cfg.context_length - ids.shape[1]), value=self.cfg.pad_id)
         valid = self.real_tokens(ids)  # (B, L)
         if hidden is not None:
             valid = valid & ~hidden
