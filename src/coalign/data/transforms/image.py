@@ -37,6 +37,10 @@ class ImageConfig(StrictModel):
     crop_scale: tuple[float, float] | None = None  # random-resized-crop area range when training
     # larger images (width x height, read from the header before decoding) are skipped: image_too_large
     max_pixels: int = pydantic.Field(MAX_PIXELS, gt=0)
+    # Images read from files are kept decoded in memory (per process, keyed by path) up to this many
+    # megabytes, so later epochs skip reading and decoding them: resized to `size` (12 KB at 64 px)
+    # unless `crop_scale` crops them, then as decoded. 0: decode every time.
+    cache_mb: float = pydantic.Field(256.0, ge=0.0)
 
     @classmethod
     def tiny(cls) -> dict:
@@ -117,20 +121,48 @@ class ImageTransform(Transform):
         self.cfg = cfg or ImageConfig(**kwargs)
         self.mean = torch.tensor(self.cfg.mean).view(3, 1, 1)
         self.std = torch.tensor(self.cfg.std).view(3, 1, 1)
+        self._decoded: dict[str, np.ndarray] = {}  # path -> (H, W, 3) uint8 (see `cache_mb`)
+        self._decoded_bytes = 0
 
     def decode(self, value: Any) -> Image.Image:
         """The raw value as an RGB image, under this transform's pixel limit."""
         return decode_image(value, self.cfg.max_pixels)
 
     def __call__(self, value: Any, rng: np.random.Generator) -> torch.Tensor:
-        img = self.decode(value)
         size = self.cfg.size
-        if self.train and self.cfg.crop_scale is not None:
-            img = self._random_resized_crop(img, rng)
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        pixels = self._cached(value) if isinstance(value, str | Path) and self.cfg.cache_mb else None
+        if pixels is not None and pixels.shape[:2] == (size, size) and not self._crops:  # as cached
+            x = torch.from_numpy(pixels.copy())
+        else:
+            img = self.decode(value) if pixels is None else Image.fromarray(pixels)
+            if self._crops:
+                img = self._random_resized_crop(img, rng)
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BICUBIC)
+            x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+        x = x.permute(2, 0, 1).float() / 255.0
         return (x - self.mean) / self.std  # (3, H, W)
+
+    @property
+    def _crops(self) -> bool:
+        return self.train and self.cfg.crop_scale is not None
+
+    def _cached(self, path: str | Path) -> np.ndarray:
+        """The file's pixels, decoded once while they fit in `cache_mb`: at the output size, or as
+        decoded when `crop_scale` is set (every mode then starts from the full image, as it does when
+        decoding). A file that fails to decode raises, and is not kept."""
+        key = str(path)
+        if key in self._decoded:
+            return self._decoded[key]
+        img = self.decode(path)
+        size = self.cfg.size
+        if self.cfg.crop_scale is None and img.size != (size, size):
+            img = img.resize((size, size), Image.BICUBIC)
+        pixels = np.asarray(img, dtype=np.uint8)
+        if self._decoded_bytes + pixels.nbytes <= self.cfg.cache_mb * 2**20:
+            self._decoded[key] = pixels
+            self._decoded_bytes += pixels.nbytes
+        return pixels
 
     def _random_resized_crop(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         w, h = img.size
