@@ -150,3 +150,18 @@ def test_two_ranks_with_different_caption_lengths_cut_to_one_width(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_ranks_worker, args=(["clip", "filip", "itm"], str(tmp_path)), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_a_transformers_text_tower_cut_gives_the_same_pooled_vectors(pool):
+    from coalign.models.encoders.hf_text import HFText, HFTextConfig
+
+    torch.manual_seed(0)
+    cfg = HFTextConfig(**{**HFTextConfig.tiny(), "vocab_size": 50, "context_length": L, "pool": pool})
+    tower = HFText(cfg).eval()
+    ids = ids_with_lengths([5, 9, 3])
+    assert tower.trimmed_length(ids) == 9
+    with torch.no_grad():
+        torch.testing.assert_close(
+            tower.pool(tower(ids[:, :9])), tower.pool(tower(ids)), atol=1e-6, rtol=1e-5
+        )

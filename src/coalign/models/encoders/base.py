@@ -122,6 +122,13 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
 
+def used_positions(real: torch.Tensor) -> int:
+    """(N, L) bool real tokens -> the positions up to the last real one in any row (at least 1):
+    what `Encoder.trimmed_length` keeps of padded token ids."""
+    used = real.any(0)  # (L,)
+    return int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+
+
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(B, N, D), (B, N) -> (B, D) mean over real tokens."""
     if mask is None:

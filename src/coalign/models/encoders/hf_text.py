@@ -27,7 +27,14 @@ import torch
 from torch import nn
 
 from coalign.io import local_path
-from coalign.models.encoders.base import Encoder, EncoderConfig, Positive, Tokens, masked_mean
+from coalign.models.encoders.base import (
+    Encoder,
+    EncoderConfig,
+    Positive,
+    Tokens,
+    masked_mean,
+    used_positions,
+)
 from coalign.registry import ENCODERS
 
 POOLING_FILE = Path("1_Pooling") / "config.json"  # sentence-transformers' pooling module
@@ -165,6 +172,13 @@ class HFText(Encoder):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> (B, L, D) input token embeddings (before positions), for CoOp and MLM."""
         return self.model.get_input_embeddings()(ids)
+
+    def trimmed_length(self, ids: torch.Tensor) -> int | None:
+        """Up to the last token that is not pad_id in any row: padding is out of the attention mask
+        and of both poolings, and positions count from 0 whatever the width."""
+        if ids.shape[-1] == 0:
+            return None
+        return used_positions(ids.reshape(-1, ids.shape[-1]) != self.cfg.pad_id)
 
     def forward(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> Tokens:
         """ids: (B, L) long, padded with pad_id; `token_embeds` (B, L, D) replaces `embed(ids)`."""

@@ -17,6 +17,7 @@ from coalign.models.encoders.base import (
     Positive,
     Tokens,
     masked_mean,
+    used_positions,
 )
 from coalign.models.layers import Activation, Transformer, init_scaled, padding_attn_mask
 from coalign.registry import ENCODERS
@@ -91,8 +92,7 @@ class TextTransformer(Encoder):
         back)."""
         if not self.cfg.trim_padding or self.cfg.pool == "last" or ids.shape[-1] == 0:
             return None
-        used = self.real_tokens(ids.reshape(-1, ids.shape[-1])).any(0)  # (L,)
-        return int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+        return used_positions(self.real_tokens(ids.reshape(-1, ids.shape[-1])))
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
