@@ -24,6 +24,7 @@ from coalign.data.loader import BatchDataset
 from coalign.data.transforms.base import Pipeline
 from coalign.objectives.task import Task
 from coalign.runtime import Runtime, default_device
+from coalign.train.loop import forward_backward
 from coalign.train.optim import build_optimizer
 
 
@@ -44,10 +45,8 @@ def measure(recipe, precision: str, steps: int, warmup: int = 3) -> dict:
             start, cpu_start = time.perf_counter(), time.process_time()
             samples = 0
         batch = batches[i % len(batches)]
-        with runtime.autocast():
-            loss = task(batch)["loss"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        forward_backward(task, batch, 1, runtime)  # the trainer's step: padding cut, autocast, backward
         opt.step()
         samples += len(batch["id"])
     if device.type == "cuda":
