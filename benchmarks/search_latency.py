@@ -56,6 +56,7 @@ ROW_KEYS = (
     "recall_bound",
     "best_recall",
     "best_bound",
+    "plateau",
     "p50_ms",
 )
 

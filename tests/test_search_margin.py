@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from coalign.registry import ConfigError
-from coalign.search.holdout import Holdout, Z, recall_bound, sweep
+from coalign.search.holdout import PLATEAU, Holdout, Z, recall_bound, sweep
 from coalign.search.tune import Candidate, table_lines, tune
 from test_search_tune import blobs
 
@@ -137,3 +137,32 @@ def test_one_sweep_for_several_targets_searches_each_setting_once_and_chooses_as
     assert both[0.99]["params"] == hardest["params"]
     probes = [int(both[t]["params"].split("=")[1]) for t in targets]
     assert probes == sorted(probes) and probes[0] < probes[-1]  # the targets chose different settings
+
+
+def test_a_sweep_that_stops_gaining_ends_before_the_costliest_settings(monkeypatch):
+    x = blobs(4000)
+    hold = Holdout(x, 200, 10, seed=0)
+    ivf = faiss.index_factory(32, "IVF64,PQ2x4np", faiss.METRIC_INNER_PRODUCT)  # a crude code: capped
+    ivf.train(x[hold.kept])
+    ivf.add(x[hold.kept])
+    probes = [1, 2, 4, 8, 16, 32, 64]
+    cand = Candidate("ivf-pq", "IVF64,PQ2x4np", 0, axis="nprobe", values=probes)
+    recalls = []
+    for p in probes:
+        ivf.nprobe = p
+        recalls.append(recall_bound(hold.recalls(ivf.search(hold.q, 10)[1]))[0])
+    # where the walk must stop: the first doubling that gains less than PLATEAU
+    stop = next(i for i in range(1, len(probes)) if recalls[i] - recalls[i - 1] < PLATEAU)
+    assert stop < len(probes) - 1 and max(recalls) < 0.9
+    searched = []
+    real = Holdout.recalls
+
+    def counted(self, ids):
+        searched.append(1)
+        return real(self, ids)
+
+    monkeypatch.setattr(Holdout, "recalls", counted)
+    got = sweep(ivf, cand, hold, [0.9])[0.9]
+    assert got["status"] == "below target" and got["plateau"] is True
+    assert len(searched) == stop + 1  # settings past the plateau are never searched
+    assert got["best_recall"] == pytest.approx(max(recalls[: stop + 1]), abs=1e-4)

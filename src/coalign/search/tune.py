@@ -348,5 +348,6 @@ def table_lines(report: dict) -> list[str]:
             f"{r.get('params', r.get('best_params', '')) or '-':<22} "
             f"{show(recall):>7} {show(bound):>7} {r.get('p50_ms', float('nan')):>8.3f} "
             f"{r.get('p99_ms', float('nan')):>8.3f}  {r['status']}"
+            + (" (stopped gaining)" if r.get("plateau") else "")
         )
     return lines
