@@ -26,10 +26,8 @@ def pngs(folder, count: int, size: int = 40) -> list[str]:
 @pytest.mark.parametrize("train", [True, False])
 def test_cached_pixels_equal_decoding_every_time(tmp_path, crop, train):
     paths = pngs(tmp_path, 3)
-    cached, fresh = (
-        ImageTransform(size=32, crop_scale=crop),
-        ImageTransform(size=32, crop_scale=crop, cache_mb=0),
-    )
+    cached = ImageTransform(size=32, crop_scale=crop, cache_mb=256)
+    fresh = ImageTransform(size=32, crop_scale=crop)  # the default: decode every time
     if not train:
         cached.eval(), fresh.eval()
     for epoch in range(2):  # the second epoch comes from the cache
@@ -44,11 +42,11 @@ def test_cached_pixels_equal_decoding_every_time(tmp_path, crop, train):
 
 def test_a_cached_file_is_not_read_again(tmp_path):
     (path,) = pngs(tmp_path, 1)
-    t = ImageTransform(size=32)
+    t = ImageTransform(size=32, cache_mb=256)
     first = t(path, np.random.default_rng(0))
     Image.new("RGB", (40, 48), "red").save(path)  # changed on disk: the cache answers, unread
     assert torch.equal(t(path, np.random.default_rng(0)), first)
-    assert not torch.equal(ImageTransform(size=32, cache_mb=0)(path, np.random.default_rng(0)), first)
+    assert not torch.equal(ImageTransform(size=32)(path, np.random.default_rng(0)), first)
 
 
 def test_the_cache_keeps_within_its_size_and_still_decodes_the_rest(tmp_path):
@@ -63,7 +61,7 @@ def test_the_cache_keeps_within_its_size_and_still_decodes_the_rest(tmp_path):
 def test_a_corrupt_file_raises_every_time_and_is_not_kept(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
-    t = ImageTransform(size=32)
+    t = ImageTransform(size=32, cache_mb=256)
     for _ in range(2):
         with pytest.raises(SampleError, match="corrupt_image|cannot identify"):
             t(str(bad), np.random.default_rng(0))
