@@ -75,28 +75,33 @@ def _setup(name: str, folder: Path, teacher: str | None, lacking=None):
     return objective, model, batch
 
 
-def _worker(rank: int, names: list[str], root: str, teacher: str | None, lacking=None) -> None:
+def objectives_on_rank(rank: int, names: list[str], root: str, teacher: str | None = None, lacking=None):
+    """(name, objective, model, batch) for each name, inside a 2-rank gloo group torn down at the end."""
     dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
         for name in names:
             folder = Path(root) / f"{name}-{rank}"
             folder.mkdir()
-            objective, model, batch = _setup(name, folder, teacher, lacking)
-            expected_loss, expected = _reference(objective, model, batch)
-            task = Task(model, [objective], [1.0])
-            part = split_batch(batch, 2)[rank]
-            torch.manual_seed(1)
-            out = task.loss(model(part), part)
-            assert abs(out["loss"].item() - expected_loss) < 1e-5, (name, out["loss"].item(), expected_loss)
-            out["loss"].backward()
-            average_gradients(task, Dist(rank, 2))
-            got = _grads([model, objective])
-            assert got.keys() == expected.keys(), (name, sorted(set(got) ^ set(expected)))
-            for key in expected:
-                _assert_close(got[key], expected[key], f"{name} {key}")
+            yield (name, *_setup(name, folder, teacher, lacking))
     finally:
         dist.destroy_process_group()
+
+
+def _worker(rank: int, names: list[str], root: str, teacher: str | None, lacking=None) -> None:
+    for name, objective, model, batch in objectives_on_rank(rank, names, root, teacher, lacking):
+        expected_loss, expected = _reference(objective, model, batch)
+        task = Task(model, [objective], [1.0])
+        part = split_batch(batch, 2)[rank]
+        torch.manual_seed(1)
+        out = task.loss(model(part), part)
+        assert abs(out["loss"].item() - expected_loss) < 1e-5, (name, out["loss"].item(), expected_loss)
+        out["loss"].backward()
+        average_gradients(task, Dist(rank, 2))
+        got = _grads([model, objective])
+        assert got.keys() == expected.keys(), (name, sorted(set(got) ^ set(expected)))
+        for key in expected:
+            _assert_close(got[key], expected[key], f"{name} {key}")
 
 
 def test_every_objective_gets_the_single_process_gradient_from_two_processes(tmp_path, request):

@@ -4,8 +4,6 @@ changes: the kept tokens, the pooled vectors, every objective's loss and gradien
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,7 +12,7 @@ from coalign.objectives.task import Task
 from coalign.registry import OBJECTIVES
 from coalign.runtime import Runtime
 from coalign.train.loop import forward_backward
-from test_distributed import _assert_close, _grads, _reference, _setup
+from test_distributed import _assert_close, _grads, _reference, _setup, objectives_on_rank
 from test_registries import needs_teacher
 
 L = 16
@@ -112,36 +110,26 @@ def test_encode_cuts_and_gives_the_uncut_embeddings(tmp_path):
 
 
 def _ranks_worker(rank: int, names: list[str], root: str) -> None:
-    import torch.distributed as dist
-
     from coalign.data.collate import split_batch
     from coalign.train.distributed import Dist, average_gradients
 
-    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
-        for name in names:
-            folder = Path(root) / f"{name}-{rank}"
-            folder.mkdir()
-            objective, model, batch = _setup(name, folder, None)
-            batch = shortened(model, batch)
-            first, second = split_batch(batch, 2)
-            second["text"][..., -6:] = model.towers["text"].cfg.pad_id  # rank 1's captions end sooner
-            whole = {**batch, "text": torch.cat([first["text"], second["text"]])}
-            expected_loss, expected = _reference(objective, model, whole)
-            part = (first, second)[rank]
-            own = model.trim_lengths(part)["text"]
-            assert own == whole["text"].shape[-1] - (4, 6)[rank]  # the ranks alone would cut differently
-            task = Task(model, [objective], [1.0])
-            torch.manual_seed(1)
-            out = forward_backward(task, part, 1, Runtime.cpu())  # the ranks agree on rank 0's width
-            assert abs(out["loss"].item() - expected_loss) < 1e-5, (name, out["loss"].item(), expected_loss)
-            average_gradients(task, Dist(rank, 2))
-            got = _grads([model, objective])
-            for key in expected:
-                _assert_close(got[key], expected[key], f"{name} {key}")
-    finally:
-        dist.destroy_process_group()
+    for name, objective, model, batch in objectives_on_rank(rank, names, root):
+        batch = shortened(model, batch)
+        first, second = split_batch(batch, 2)
+        second["text"][..., -6:] = model.towers["text"].cfg.pad_id  # rank 1's captions end sooner
+        whole = {**batch, "text": torch.cat([first["text"], second["text"]])}
+        expected_loss, expected = _reference(objective, model, whole)
+        part = (first, second)[rank]
+        own = model.trim_lengths(part)["text"]
+        assert own == whole["text"].shape[-1] - (4, 6)[rank]  # the ranks alone would cut differently
+        task = Task(model, [objective], [1.0])
+        torch.manual_seed(1)
+        out = forward_backward(task, part, 1, Runtime.cpu())  # the ranks agree on rank 0's width
+        assert abs(out["loss"].item() - expected_loss) < 1e-5, (name, out["loss"].item(), expected_loss)
+        average_gradients(task, Dist(rank, 2))
+        got = _grads([model, objective])
+        for key in expected:
+            _assert_close(got[key], expected[key], f"{name} {key}")
 
 
 @pytest.mark.slow
