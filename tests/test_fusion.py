@@ -172,7 +172,7 @@ def test_mlm_loss_equals_a_brute_force_cross_entropy(setup):
     out = mlm(features, batch)
     mlm.generator = torch.Generator().manual_seed(3)  # the same masking again
     with torch.no_grad():
-        tokens, masked = mlm.predict(features, batch)
+        tokens, masked, _ = mlm.predict(features, batch)
         logits = mlm.head(tokens).float()  # (M, L, V), every position
     specials = transforms["text"].special_ids()
     total, count = 0.0, 0

@@ -24,6 +24,7 @@ from coalign.data.sample import present_rows
 from coalign.models.decoder import valid_of
 from coalign.models.model import Features
 from coalign.objectives.base import Objective, ObjectiveConfig, paired_tokens
+from coalign.objectives.distributed import own_rows
 from coalign.registry import OBJECTIVES, ConfigError
 
 
@@ -37,19 +38,24 @@ class CaptionConfig(ObjectiveConfig):
 
 
 def caption_loss(
-    logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, label_smoothing: float = 0.0
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    label_smoothing: float = 0.0,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, accuracy): the mean cross-entropy of the next-token predictions over real targets.
 
     logits (M, L, V): position t predicts ids[:, t + 1]; ids (M, L); valid (M, L) bool, the caption's
     real tokens. Only the (n, V) rows that predict a real token go through the loss: padding costs
-    nothing, and a batch without any target gives 0 (still attached to the graph)."""
+    nothing, and a batch without any target gives 0 (still attached to the graph). `scale` (default
+    1 / n) multiplies the sums (`Rows.per_item` under several ranks)."""
     keep = valid[:, 1:]  # (M, L - 1): the targets that are real tokens
     pred = logits[:, :-1][keep].float()  # (n, V)
     target = ids[:, 1:][keep]  # (n,)
-    n = max(target.shape[0], 1)
-    loss = F.cross_entropy(pred, target, reduction="sum", label_smoothing=label_smoothing) / n
-    accuracy = (pred.argmax(-1) == target).float().sum() / n
+    scale = 1.0 / max(target.shape[0], 1) if scale is None else scale
+    loss = F.cross_entropy(pred, target, reduction="sum", label_smoothing=label_smoothing) * scale
+    accuracy = (pred.argmax(-1) == target).float().sum() * scale
     return loss, accuracy.detach()
 
 
@@ -85,6 +91,11 @@ class Caption(Objective):
         if ids.shape[0] == 0:
             zero = sum(p.sum() for p in self.model.decoder.parameters()) * 0.0  # keeps the graph whole
             return {"caption_loss": zero, "accuracy": zero.detach()}
-        logits = self.model.decoder(tt, ti)  # (M, L, V)
-        loss, accuracy = caption_loss(logits, ids.to(logits.device), valid_of(tt), self.cfg.label_smoothing)
+        # under several ranks each decodes its own captions of the gathered batch (local loss)
+        own = own_rows(batch, (text, image), ids.shape[0])
+        tt, ti, ids = own.pick_tokens(tt), own.pick_tokens(ti), own.pick(ids)
+        logits = self.model.decoder(tt, ti)  # (m, L, V)
+        valid = valid_of(tt)
+        scale = own.per_item(valid[:, 1:].sum())  # over the real targets of every rank
+        loss, accuracy = caption_loss(logits, ids.to(logits.device), valid, self.cfg.label_smoothing, scale)
         return {"caption_loss": loss, "accuracy": accuracy}

@@ -49,6 +49,7 @@ from coalign.models.ema import EMA
 from coalign.models.masking import Patches, block_keep, random_keep
 from coalign.models.model import Features
 from coalign.objectives.base import Objective
+from coalign.objectives.distributed import Rows, own_rows
 from coalign.objectives.mae import (
     DecoderOptions,
     MaskedDecoder,
@@ -179,31 +180,41 @@ class Data2Vec(Objective):
         return layer_targets([y[:, skip:] for y in layers], self.cfg.instance_norm)
 
     def predict(
-        self, x: Any, keep: torch.Tensor | None = None, masks: int = 1
+        self, x: Any, keep: torch.Tensor | None = None, masks: int = 1, own: Rows | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(the student's predictions (B * M, P, D) at every patch, keep (B * M, K)) for M = `masks`
         masked copies of each sample, sample b's copy m at row b * M + m; the patches are embedded
-        once, the transformer and the decoder run on every copy."""
+        once, the transformer and the decoder run on every copy. `x` may be the `own` rows
+        (`Rows.pick`) of a larger batch: masks drawn at random are then drawn for every row of it, so
+        each rank hides what a single process would, and cut to these rows."""
         tower = self._tower
         patches = tower.patches(x).repeat(masks)  # (B * M, P, D)
         if keep is None:
-            keep = self.draw_keep(patches)
+            own = own or Rows.every(x.shape[0])
+            drawn = self.draw_keep(patches, own.total * masks)
+            keep = own.repeated(masks).take(drawn) if own.count else drawn[:masks]  # [:masks]: a stand-in
         tokens = tower.encode_patches(patches.tokens, keep).tokens  # (B * M, prefix + K, D)
         return self.decoder(tokens, keep, patches), keep
 
-    def draw_keep(self, patches: Patches) -> torch.Tensor:
-        """(B, K) the visible patches of each row of `patches`: uniform, or inverse blocks."""
+    def draw_keep(self, patches: Patches, rows: int | None = None) -> torch.Tensor:
+        """(rows, K) visible patches (default: one per row of `patches`): uniform, or inverse blocks."""
         (B, P), ratio, device = patches.tokens.shape[:2], self.cfg.mask_ratio, patches.tokens.device
+        B = B if rows is None else rows
         if self.cfg.mask == "block":
             return block_keep(B, self._grid, ratio, self.cfg.block_size, device)
         return random_keep(B, P, ratio, device)
 
-    def latent_loss(self, x: Any, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the loss over the `num_masks` masked copies, the teacher's targets (B, P, D)); `keep`
-        (B * M, K) fixes the masks (drawn at random when None)."""
+    def latent_loss(
+        self, x: Any, keep: torch.Tensor | None = None, own: Rows | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss over the `num_masks` masked copies, the teacher's targets (B, P, D)) of the `own`
+        rows of `x` (all of them by default); `keep` (B * M, K) fixes their masks (drawn at random
+        when None)."""
         m = self.cfg.num_masks
-        target = self.targets(x)  # the one teacher pass, whatever M
-        pred, keep = self.predict(x, keep, m)
+        own = own or Rows.every(x.shape[0])
+        mine = own.pick(x)
+        target = self.targets(mine)  # the one teacher pass, whatever M
+        pred, keep = self.predict(mine, keep, m, own)
         return patch_loss(pred, target.repeat_interleave(m, dim=0) if m > 1 else target, keep, False), target
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -211,5 +222,7 @@ class Data2Vec(Objective):
         if not isinstance(x, torch.Tensor) or x.shape[0] == 0:
             zero = next(self.decoder.parameters()).sum() * 0.0  # keeps the graph (and DDP) whole
             return {f"{self.name}_loss": zero}
-        loss, target = self.latent_loss(x)
-        return {f"{self.name}_loss": loss, "target_std": target.std().detach()}
+        # under several ranks each encodes its own rows of the gathered batch (local loss)
+        own = own_rows(batch, (self.cfg.modality,), x.shape[0])
+        loss, target = self.latent_loss(x, own=own)
+        return {f"{self.name}_loss": own.share(loss), "target_std": own.share(target.std()).detach()}

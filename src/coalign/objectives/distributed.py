@@ -24,6 +24,11 @@ mean. Why that scaling: the parameter gradients are averaged over the ranks (tra
 and the gather's backward sums the gradients of every rank's copy of a row, so the averaged gradient
 of W * share_r is the sum over ranks of d share_r, i.e. the gradient of the global loss, exactly.
 `mean_over_ranks` then gives every rank the global value to log (one small all-reduce).
+
+Objectives that encode, fuse or decode the batch again (MAE, data2vec, M3AE, MLM, ITM, captioning,
+WRA) do that for their own rows (`Rows.pick`), and turn their means into shares with `Rows.share`
+(rows of equal weight) or `Rows.per_item` (items whose number varies per row); their random masks
+are drawn for every row of the global batch and cut, so that each rank draws what one process would.
 """
 
 from __future__ import annotations
@@ -152,6 +157,38 @@ class Rows:
         """The same rows offset by `by` in a longer sequence of `total` (the second view of SimCLR)."""
         return Rows(self.start + by, self.stop + by, total, self.world)
 
+    def pick(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of `x` (total, ...) for an objective that encodes them again; when it owns
+        none, `x`'s first row as a stand-in: every rank must run the towers (under FSDP their forward
+        all-gathers the weights) and some encoders cannot take zero rows. `share` and `per_item` then
+        weigh the stand-in's terms by exactly 0."""
+        return x[:1] if self.count == 0 and x.shape[0] > 0 else self.take(x)
+
+    def pick_tokens(self, t: Tokens) -> Tokens:
+        """`pick` on a tower's tokens and their padding mask."""
+        return Tokens(self.pick(t.tokens), None if t.mask is None else self.pick(t.mask))
+
+    def share(self, mean: torch.Tensor) -> torch.Tensor:
+        """W * this rank's share of a mean over rows of equal weight, from `mean` over its own rows
+        (`pick`ed): the mean over the ranks of these values is the global mean (0 for a stand-in)."""
+        return mean * (self.world * self.count / max(self.total, 1))
+
+    def per_item(self, count: int | torch.Tensor) -> float:
+        """The factor that turns a sum over this rank's `count` items (tokens, positions: a number
+        that varies per row and per draw) into W * its share of the mean over every rank's items: 1 /
+        count in one process; under several ranks W / (the counts summed over the ranks, one small
+        all-reduce that every rank must join), and 0 for a `pick`ed stand-in."""
+        count = int(count) if self.count else 0
+        if self.world == 1:
+            return 1.0 / max(count, 1)
+        total = sum_over_ranks(torch.tensor(count))
+        return 0.0 if self.count == 0 else self.world / max(total, 1)
+
+    def repeated(self, copies: int) -> Rows:
+        """The same rows after each row was repeated `copies` times in place (row b -> b * c .. b * c +
+        c - 1): data2vec's masked copies of each sample."""
+        return Rows(self.start * copies, self.stop * copies, self.total * copies, self.world)
+
     def mean(self, values: torch.Tensor, total: int | None = None) -> torch.Tensor:
         """The mean over all `total` rows (default: self.total) of per-row terms, from this rank's
         terms `values` (count,): W * sum(values) / total; its mean over the ranks is the mean."""
@@ -190,6 +227,14 @@ def from_rank_zero(x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         dist.broadcast(x, src=0)
     return x
+
+
+def sum_over_ranks(x: torch.Tensor) -> int:
+    """The sum over the ranks of a count `x` (0-d): the global normaliser of a local loss whose
+    denominator depends on each rank's own random draw (MLM's chosen positions)."""
+    x = x.detach().to(torch.int64).reshape(1).clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return int(x.item())
 
 
 def mean_over_ranks(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,6 +13,10 @@ choose negatives, they do not train. A draw is never the positive, nor any sampl
 it a mismatch would teach the head noise. A row with no admissible negative at all (every sample
 of the batch shares its caption) contributes its positive only. The draws use torch's global RNG
 (checkpointed with the run, so resume draws the same negatives) unless a test sets `generator`.
+
+Under several ranks the negatives are drawn from the global batch, and each rank fuses only the
+pairs of its own rows (the local loss of `objectives/distributed.py`): the fusion part runs on 3M/W
+pairs per rank instead of every rank fusing all 3M.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from coalign.data.sample import present_rows
 from coalign.models.model import Features
 from coalign.objectives.base import FusedObjective, FusedOptions, paired, paired_tokens, take_rows
+from coalign.objectives.distributed import own_rows
 from coalign.registry import OBJECTIVES
 
 
@@ -90,13 +95,21 @@ class ITM(FusedObjective):
             same = same_rows(ids.to(sim.device))  # (M, M), symmetric, True on the diagonal
             neg_b, ok_a = hard_negatives(sim, same, self.cfg.temperature, self.generator)  # b for each a
             neg_a, ok_b = hard_negatives(sim.T, same, self.cfg.temperature, self.generator)  # a for each b
-        arange = torch.arange(M, device=sim.device)
-        ia = torch.cat([arange, arange[ok_a], neg_a[ok_b]])  # (P,) rows of a in each fused pair
-        ib = torch.cat([arange, neg_b[ok_a], arange[ok_b]])  # (P,) rows of b
+            # P pairs in all: whether a row has a negative depends on the captions only, not on the
+            # draw, so every rank counts the same P without communicating
+            P = M + int(ok_a.sum() + ok_b.sum())
+        # this rank fuses the pairs of its own rows (local loss; all of them in one process): the
+        # positives and the negative of each own a_i and of each own b_j, which may be other ranks' rows
+        own = own_rows(batch, (a, b), M)
+        mine = own.index(sim.device)
+        ok_a, ok_b = own.take(ok_a), own.take(ok_b)
+        ia = torch.cat([mine, mine[ok_a], own.take(neg_a)[ok_b]])  # (p,) rows of a in each fused pair
+        ib = torch.cat([mine, own.take(neg_b)[ok_a], mine[ok_b]])  # (p,) rows of b
         labels = torch.zeros(ia.shape[0], dtype=torch.long, device=sim.device)
-        labels[:M] = 1
+        labels[: own.count] = 1
         fused = self.model.fuse({a: take_rows(ta, ia), b: take_rows(tb, ib)})
-        logits = self.model.fusion.match_logits(fused)  # (P, 2): the fusion part's matching head
-        loss = F.cross_entropy(logits, labels.to(logits.device))
-        accuracy = (logits.argmax(-1) == labels.to(logits.device)).float().mean()
+        logits = self.model.fusion.match_logits(fused)  # (p, 2): the fusion part's matching head
+        labels = labels.to(logits.device)
+        loss = own.mean(F.cross_entropy(logits, labels, reduction="none"), total=P)
+        accuracy = own.mean((logits.argmax(-1) == labels).float(), total=P)
         return {"itm_loss": loss, "accuracy": accuracy.detach()}

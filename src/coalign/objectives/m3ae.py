@@ -36,6 +36,7 @@ from coalign.models.layers import padding_attn_mask
 from coalign.models.masking import random_keep
 from coalign.models.model import Features
 from coalign.objectives.base import FusedObjective, FusedOptions
+from coalign.objectives.distributed import Rows, own_rows
 from coalign.objectives.mae import DecoderSize, MaskedDecoder, masked_tower, patch_loss, probe_patches
 from coalign.registry import OBJECTIVES, ConfigError
 
@@ -68,14 +69,15 @@ def hide_words(
 
 
 def text_loss(
-    logits: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor
+    logits: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy, accuracy) over the hidden words: logits (n, V) of the hidden positions in
-    row-major order, ids (B, L), hidden (B, L) bool; 0 (still in the graph) when none is hidden."""
+    row-major order, ids (B, L), hidden (B, L) bool; 0 (still in the graph) when none is hidden.
+    `scale` (default 1 / n) multiplies the sums (`Rows.per_item` under several ranks)."""
     target = ids[hidden]  # (n,)
-    n = max(target.shape[0], 1)
-    loss = F.cross_entropy(logits.float(), target, reduction="sum") / n
-    return loss, ((logits.argmax(-1) == target).float().sum() / n).detach()
+    scale = 1.0 / max(target.shape[0], 1) if scale is None else scale
+    loss = F.cross_entropy(logits.float(), target, reduction="sum") * scale
+    return loss, ((logits.argmax(-1) == target).float().sum() * scale).detach()
 
 
 @OBJECTIVES.register("m3ae")
@@ -125,16 +127,20 @@ class M3AE(FusedObjective):
         nn.init.trunc_normal_(self.text_head.weight, std=0.02)
         nn.init.zeros_(self.text_head.bias)
 
-    def encode(self, ids: torch.Tensor, images: torch.Tensor):
-        """The joint encoding of the masked pairs: fused text rows (M, L, Df), fused image rows
-        (M, 1 + K, Df), the image patches (with their pixel targets), keep (M, K), hidden (M, L)."""
+    def encode(self, ids: torch.Tensor, images: torch.Tensor, own: Rows | None = None):
+        """The joint encoding of the masked pairs: fused text rows (m, L, Df), fused image rows
+        (m, 1 + K, Df), the image patches (with their pixel targets), keep (m, K), hidden (m, L), of
+        the `own` rows of the M pairs (all of them by default; `Rows.pick`). The masks are drawn for
+        all M, so each rank hides what a single process would."""
         c, model = self.cfg, self.model
+        own = own or Rows.every(ids.shape[0])
         vit, text = model.towers[self.image], model.towers[c.text]
-        patches = vit.patches(images, targets=True)
-        keep = random_keep(ids.shape[0], patches.count, c.image_mask_ratio, images.device)  # (M, K)
-        image_tokens = vit.encode_patches(patches.tokens, keep)  # (M, 1 + K, D)
+        patches = vit.patches(own.pick(images), targets=True)
+        keep = own.pick(random_keep(ids.shape[0], patches.count, c.image_mask_ratio, images.device))
+        image_tokens = vit.encode_patches(patches.tokens, keep)  # (m, 1 + K, D)
         words = self.words.to(ids.device)[ids.clamp(0, self.words.shape[0] - 1)]  # (M, L)
-        hidden = hide_words(text.real_tokens(ids) & words, c.text_mask_ratio)
+        hidden = own.pick(hide_words(text.real_tokens(ids) & words, c.text_mask_ratio))
+        ids = own.pick(ids)
         text_tokens = text(ids, hidden=hidden)  # hidden words are out of its mask
         fused = model.fuse({c.text: text_tokens, self.image: image_tokens}).tokens  # (M, Nq + Nc, Df)
         L, n = ids.shape[1], fused.shape[1]
@@ -156,7 +162,9 @@ class M3AE(FusedObjective):
         if ids.shape[0] == 0:
             zero = self.text_head.weight.sum() * 0.0  # keeps the graph (and DDP) whole
             return {"m3ae_loss": zero}
-        t_rows, i_rows, patches, keep, hidden = self.encode(ids, images)
+        own = own_rows(batch, (c.text, image), ids.shape[0])  # each rank its own pairs (local loss)
+        t_rows, i_rows, patches, keep, hidden = self.encode(ids, images, own)
+        ids = own.pick(ids)
         L, real = ids.shape[1], model.towers[c.text].real_tokens(ids)
 
         dec = self.decoder
@@ -169,12 +177,12 @@ class M3AE(FusedObjective):
         pixels = dec.head(out[:, L + dec.prefix :])  # (M, P, p * p * 3)
         logits = self.text_head(out[:, :L][hidden]).float().masked_fill(~self.words, float("-inf"))
 
-        image_loss = patch_loss(pixels, patches.target, keep, c.norm_pix)
-        words_loss, accuracy = text_loss(logits, ids, hidden)
+        image_loss = own.share(patch_loss(pixels, patches.target, keep, c.norm_pix))  # K hidden per row
+        words_loss, accuracy = text_loss(logits, ids, hidden, own.per_item(hidden.sum()))
         return {
             "m3ae_loss": image_loss + c.text_weight * words_loss,
             "image_mse": image_loss.detach(),
             "text_ce": words_loss.detach(),
             "text_accuracy": accuracy,
-            "text_hidden": hidden.sum().float().detach() / real.sum().clamp_min(1),
+            "text_hidden": own.share(hidden.sum().float().detach() / real.sum().clamp_min(1)),
         }

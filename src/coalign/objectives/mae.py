@@ -36,6 +36,7 @@ from coalign.models.layers import Transformer, init_weights, sincos_grid
 from coalign.models.masking import Patches, hidden_mask, is_maskable, patchify, random_keep
 from coalign.models.model import Features
 from coalign.objectives.base import Objective, ObjectiveConfig
+from coalign.objectives.distributed import Rows, own_rows
 from coalign.registry import OBJECTIVES, ConfigError
 
 __all__ = [
@@ -226,13 +227,15 @@ class MAE(Objective):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reconstruct(
-        self, x: Any, keep: torch.Tensor | None = None
+        self, x: Any, keep: torch.Tensor | None = None, own: Rows | None = None
     ) -> tuple[torch.Tensor, Patches, torch.Tensor]:
-        """(predictions (B, P, T) for every patch, the patches with their targets, keep (B, K))."""
-        patches = self._tower.patches(x, targets=True)
+        """(predictions (B, P, T) for every patch, the patches with their targets, keep (B, K)) of
+        the `own` rows of `x` (all of them by default; `Rows.pick`). The masks are drawn for every
+        row of `x`, so each rank hides what a single process would."""
+        own = own or Rows.every(x.shape[0])
+        patches = self._tower.patches(own.pick(x), targets=True)
         if keep is None:
-            B, P = patches.tokens.shape[:2]
-            keep = random_keep(B, P, self.cfg.mask_ratio, patches.tokens.device)
+            keep = own.pick(random_keep(own.total, patches.count, self.cfg.mask_ratio, patches.tokens.device))
         tokens = self._tower.encode_patches(patches.tokens, keep).tokens  # (B, prefix + K, D)
         return self.decoder(tokens, keep, patches), patches, keep
 
@@ -241,9 +244,11 @@ class MAE(Objective):
         if not isinstance(x, torch.Tensor) or x.shape[0] == 0:
             zero = next(self.parameters()).sum() * 0.0  # keeps the graph (and DDP) whole
             return {f"{self.name}_loss": zero}
-        pred, patches, keep = self.reconstruct(x)
+        # under several ranks each re-encodes its own rows of the gathered batch (local loss)
+        own = own_rows(batch, (self.cfg.modality,), x.shape[0])
+        pred, patches, keep = self.reconstruct(x, own=own)
         if patches.kind == "set":
             loss = set_loss(pred, patches.target, keep)
         else:
             loss = patch_loss(pred, patches.target, keep, self.cfg.norm_pix)
-        return {f"{self.name}_loss": loss}
+        return {f"{self.name}_loss": own.share(loss)}  # every row hides as many patches

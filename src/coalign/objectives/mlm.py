@@ -31,6 +31,7 @@ from coalign.data.sample import present_rows
 from coalign.models.ema import EMA
 from coalign.models.model import Features, MultimodalModel
 from coalign.objectives.base import FusedObjective, FusedOptions, paired_tokens
+from coalign.objectives.distributed import Rows, own_rows
 from coalign.objectives.momentum import (
     MomentumOptions,
     clear_momentum_cache,
@@ -110,19 +111,23 @@ def mlm_loss(
     blocked: torch.Tensor,
     soft: torch.Tensor | None = None,
     alpha: float = 0.0,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, accuracy) over the positions with a label. tokens (M, L, D) fused query tokens; labels
     (M, L); blocked (V,) bool: ids never predicted (their logits are -inf). Without `soft`: the mean
     cross-entropy. With `soft` (n, V), the momentum model's probabilities at the chosen positions:
-    (1 - alpha) mean CE + alpha mean KL(soft || prediction) (ALBEF's momentum distillation)."""
+    (1 - alpha) mean CE + alpha mean KL(soft || prediction) (ALBEF's momentum distillation).
+
+    `scale` (default 1 / the number of chosen positions) multiplies the sums: under several ranks
+    `Rows.per_item`, which makes the value this rank's share of the mean over every rank's positions."""
     logits = mlm_logits(head, tokens, labels, blocked)  # (n, V)
     target = labels[labels != IGNORE]  # (n,)
-    n = max(target.shape[0], 1)
     # no chosen position (a batch of one-word captions): 0, still attached to the graph
-    loss = F.cross_entropy(logits, target, reduction="sum") / n
+    scale = 1.0 / max(target.shape[0], 1) if scale is None else scale
+    loss = F.cross_entropy(logits, target, reduction="sum") * scale
     if soft is not None:
-        loss = (1 - alpha) * loss + alpha * soft_kl(logits, soft).sum() / n
-    accuracy = (logits.argmax(-1) == target).float().sum() / n
+        loss = (1 - alpha) * loss + alpha * soft_kl(logits, soft).sum() * scale
+    accuracy = (logits.argmax(-1) == target).float().sum() * scale
     return loss, accuracy.detach()
 
 
@@ -182,9 +187,15 @@ class MLM(FusedObjective):
             self.momentum.update(self.model)
             clear_momentum_cache(self.momentum)
 
+    @property
+    def pair(self) -> tuple[str, str]:
+        """(the masked tower, the other one)."""
+        return self.cfg.masked, next(m for m in self.cfg.modalities if m != self.cfg.masked)
+
     def masking(self, batch: dict[str, Any]) -> Masked:
-        text = self.cfg.masked
-        other = next(m for m in self.cfg.modalities if m != text)
+        """The masking of the batch's M captions (all of them: every rank draws the same numbers a
+        single process would)."""
+        text, other = self.pair
         rows = dict(zip((text, other), present_rows(batch, (text, other)), strict=True))[text]
         ids = batch[text]
         if ids.ndim != 2:
@@ -208,36 +219,44 @@ class MLM(FusedObjective):
         masked: Masked,
         features: dict[str, Features],
         batch: dict[str, Any],
+        own: Rows,
     ) -> torch.Tensor:
-        """Fused query tokens (M, L, D) of the masked captions with their unmasked image, through
-        `model` (the model itself, or its momentum copy with its own mask vector)."""
-        text = self.cfg.masked
-        other = next(m for m in self.cfg.modalities if m != text)
+        """Fused query tokens (m, L, D) of the `own` rows' masked captions (`masked` holds just those)
+        with their unmasked image, through `model` (the model itself, or its momentum copy with its
+        own mask vector)."""
+        text, other = self.pair
         embeds = model.towers[text].embed(masked.ids)  # (M, L, D_text)
         embeds = torch.where(masked.use_mask[..., None], mask_vector.to(embeds.dtype), embeds)
         query = model.features(text, masked.ids, token_embeds=embeds).tokens
         _, context = paired_tokens(features, batch, text, other)  # the unmasked image tokens
+        context = own.pick_tokens(context)
         fused = model.fuse({text: query, other: context})
         return fused.tokens[:, : masked.ids.shape[1]]  # the query's rows
 
-    def predict(self, features: dict[str, Features], batch: dict[str, Any]) -> tuple[torch.Tensor, Masked]:
-        """Fused query tokens (M, L, D) of the masked captions with their image, and the masking."""
-        masked = self.masking(batch)
-        return self.fused_masked(self.model, self.mask_vector, masked, features, batch), masked
+    def predict(
+        self, features: dict[str, Features], batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, Masked, Rows]:
+        """Fused query tokens (m, L, D) of this rank's masked captions with their image, their
+        masking, and which of the batch's M captions they are (all M in one process)."""
+        whole = self.masking(batch)
+        own = own_rows(batch, self.pair, whole.ids.shape[0])
+        masked = Masked(own.pick(whole.ids), own.pick(whole.use_mask), own.pick(whole.labels))
+        return self.fused_masked(self.model, self.mask_vector, masked, features, batch, own), masked, own
 
     @torch.no_grad()
-    def momentum_targets(self, masked: Masked, batch: dict[str, Any]) -> torch.Tensor:
+    def momentum_targets(self, masked: Masked, batch: dict[str, Any], own: Rows) -> torch.Tensor:
         """(n, V) the momentum model's probabilities at the chosen positions (the same masking)."""
         keys = tuple(self.cfg.modalities)
         shadow, parts = self.momentum.shadow, self.head_momentum.shadow
-        tokens = self.fused_masked(
-            shadow, parts.mask_vector, masked, momentum_features(self.momentum, batch, keys), batch
-        )
+        features = momentum_features(self.momentum, batch, keys)
+        tokens = self.fused_masked(shadow, parts.mask_vector, masked, features, batch, own)
         return torch.softmax(mlm_logits(parts.head, tokens, masked.labels, ~self.words), dim=-1)
 
     def forward(self, features: dict[str, Features], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        tokens, masked = self.predict(features, batch)
-        soft = self.momentum_targets(masked, batch) if self.cfg.alpha > 0 else None
-        loss, accuracy = mlm_loss(self.head, tokens, masked.labels, ~self.words, soft, self.cfg.alpha)
-        chosen = (masked.labels != IGNORE).float().mean()
+        tokens, masked, own = self.predict(features, batch)
+        soft = self.momentum_targets(masked, batch, own) if self.cfg.alpha > 0 else None
+        picked = masked.labels != IGNORE
+        scale = own.per_item(picked.sum())  # over the chosen positions of every rank
+        loss, accuracy = mlm_loss(self.head, tokens, masked.labels, ~self.words, soft, self.cfg.alpha, scale)
+        chosen = own.share(picked.float().mean())  # the fraction of positions chosen
         return {"mlm_loss": loss, "accuracy": accuracy, "chosen": chosen.detach()}

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from coalign.models.model import Features
 from coalign.objectives.base import FusedObjective, FusedOptions, paired_tokens
+from coalign.objectives.distributed import own_rows
 from coalign.registry import OBJECTIVES
 
 
@@ -108,6 +109,8 @@ class WRA(FusedObjective):
         fusion = self.model.fusion
         q, c = fusion.query, fusion.context
         tq, tc = paired_tokens(features, batch, q, c)  # matched pairs only: (M, Nq, D), (M, Nc, D)
+        own = own_rows(batch, (q, c), tq.tokens.shape[0])  # each rank aligns its own pairs (local loss)
+        tq, tc = own.pick_tokens(tq), own.pick_tokens(tc)
         fused = self.model.fuse({q: tq, c: tc})  # (M, Nq [+ Nc], D)
         nq = tq.tokens.shape[1]
         valid = torch.ones(fused.tokens.shape[:2], dtype=torch.bool, device=fused.tokens.device)
@@ -131,4 +134,4 @@ class WRA(FusedObjective):
         region_mask[:, :skip_r] = False
         cfg = self.cfg
         dist = wra_distance(words, regions, word_mask, region_mask, cfg.beta, cfg.iterations, cfg.inner)
-        return {"wra_loss": dist.mean()}
+        return {"wra_loss": own.share(dist.mean())}
