@@ -38,6 +38,9 @@ def measure(recipe, precision: str, steps: int, warmup: int = 3) -> dict:
     data = BatchDataset(source, Pipeline(transforms), recipe.data.batch_size, recipe.seed)
     batches = [data[i] for i in range(4)]
     task = Task.from_specs(build_model(recipe, transforms), recipe.objectives, transforms).to(device).train()
+    if recipe.train.compile:  # as the trainer does (train/session.py): in place, per tower
+        for tower in task.model.towers.values():
+            tower.compile(backend=recipe.train.compile_backend)
     opt = build_optimizer(task, recipe.train)
     samples = 0
     for i in range(warmup + steps):
@@ -66,11 +69,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="demo")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile: >= 4 batches)")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
-    results = [measure(recipe, p, args.steps) for p in args.precision]
+    results = [measure(recipe, p, args.steps, args.warmup) for p in args.precision]
     print(
         json.dumps(
             {
