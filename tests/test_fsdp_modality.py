@@ -38,11 +38,18 @@ from parts import tiny_batch, tiny_model, transforms_for, world
 from test_fsdp import BASE, _assert_same, _free_port
 
 MISSING = ["data.batch_size=4", "data.drop_modalities={text: 0.5}"]
+# MAE re-encodes each rank's own image rows: a rank with none runs a stand-in row weighted 0
+MISSING_MAE = [
+    "data.batch_size=4",
+    "data.drop_modalities={image: 0.5}",
+    "objectives=[{name: clip}, {name: mae}]",
+]
 # the spawned ranks, one run after another; "compiled" with the aot_eager backend (dynamo's capture
 # and autograd tracing of the sharded towers without inductor's C++ build, a minute on this CPU)
 RUNS = [
     ("missing", [*MISSING]),
     ("missing_gradcache", [*MISSING, "train.accumulate=2"]),
+    ("missing_mae", [*MISSING_MAE]),
     ("uncompiled", []),
     ("compiled", ["train.compile=true", "train.compile_backend=aot_eager"]),
 ]
@@ -93,9 +100,9 @@ def ranks(tmp_path_factory) -> Path:
     return root
 
 
-def _text_rows_per_rank(run: Path, steps: int) -> list[tuple[int, int]]:
-    """(rank 0's, rank 1's) number of text rows in each step's batch, as the runs saw them."""
-    recipe = _recipe(*MISSING)
+def _rows_per_rank(run: Path, steps: int, missing=MISSING, key: str = "text") -> list[tuple[int, int]]:
+    """(rank 0's, rank 1's) number of `key` rows in each step's batch, as the runs saw them."""
+    recipe = _recipe(*missing)
     source = build_source(recipe.data.train, "data.train")
     transforms = build_transforms(recipe)
     prepare_transforms(transforms, source, run, resume=True)  # the run's fitted tokenizer
@@ -106,7 +113,7 @@ def _text_rows_per_rank(run: Path, steps: int) -> list[tuple[int, int]]:
         rows = []
         for _ in range(steps):
             present = next(batches)["present"]
-            rows.append(int(present["text"].sum()) if "text" in present else 0)
+            rows.append(int(present[key].sum()) if key in present else 0)
         per_rank.append(rows)
     return list(zip(*per_rank, strict=True))
 
@@ -142,10 +149,22 @@ def test_a_rank_without_rows_of_a_modality_neither_hangs_nor_changes_the_weights
 
     train(_recipe(*MISSING), tmp_path / "one", progress=False)
     assert "coalign: FSDP: " in (ranks / "missing0.log").read_text()  # it did shard
-    rows = _text_rows_per_rank(tmp_path / "one", _recipe().train.steps)
+    rows = _rows_per_rank(tmp_path / "one", _recipe().train.steps)
     assert any(min(r) == 0 < max(r) for r in rows), rows  # one rank had text rows, the other none
     _assert_same(tmp_path / "one", ranks / "missing")
     _assert_same(tmp_path / "one", ranks / "missing_gradcache")
+
+
+@pytest.mark.slow
+def test_mae_on_a_rank_without_image_rows_neither_hangs_nor_changes_the_weights(ranks, tmp_path):
+    """MAE encodes each rank's own image rows of the gathered batch again; a rank that owns none runs
+    the sharded image tower on a stand-in row weighted 0, so neither rank waits for the other."""
+    from coalign.train.loop import train
+
+    train(_recipe(*MISSING_MAE), tmp_path / "one", progress=False)
+    rows = _rows_per_rank(tmp_path / "one", _recipe().train.steps, MISSING_MAE, "image")
+    assert any(min(r) == 0 < max(r) for r in rows), rows  # one rank had image rows, the other none
+    _assert_same(tmp_path / "one", ranks / "missing_mae")
 
 
 def test_an_unknown_compile_backend_fails_at_load_naming_the_field():

@@ -1,12 +1,15 @@
 """FSDP2 (`train.fsdp: true`): each tower's parameters sharded over the ranks with `fully_shard`.
 
-What is sharded: every transformer block of every tower (`Encoder.lock_blocks()`) and of the
-fusion part, one FSDP unit each, then each tower itself (its embeddings and final norm). A unit's
+What is sharded: every transformer block of every tower (`Encoder.lock_blocks()`), each tower's
+token embedding and every block of the fusion part, one FSDP unit each. A unit's
 parameters live as 1/N shards (DTensors) between uses; its forward all-gathers them and frees them
 after, its backward reduce-scatters the gradient (the mean over the ranks, the same arithmetic as
 the plain all-reduce). The momentum copy (`models/ema.py`) of an objective is sharded the same way,
 so its EMA update works shard by shard. What stays whole on every rank, with its gradient averaged
-by the loop's flat all-reduce (`train/distributed.py`): the projection heads, the fusion part's own
+by the loop's flat all-reduce (`train/distributed.py`): each tower's parameters outside its blocks
+and token embedding (patch embedding, positions, class token, norms: called outside the tower's
+forward by the objectives that encode patches again, `patches` / `encode_patches` for MAE, data2vec,
+M3AE, where a sharded weight would meet plain tensors), the projection heads, the fusion part's own
 norms and heads (called outside its forward: `match_logits`, `context_tokens`), the objectives' own
 parameters, towers that are wholly locked (nothing to train, and their feature caches run a
 different number of forwards per rank), and every 0-d parameter (`fully_shard` cannot shard a
@@ -68,12 +71,13 @@ def _scalars(module: nn.Module) -> set[nn.Parameter]:
     return {p for p in module.parameters() if p.ndim == 0}
 
 
-def _shard(module: nn.Module, mesh) -> None:
-    """One FSDP unit. Resharded after every forward, the outermost too (FSDP2 keeps a root's
-    parameters gathered after its forward unless told): a forward without a backward (GradCache's
-    first pass, the momentum copy) must not leave gathered copies that the optimizer step then makes
-    stale."""
-    fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=_scalars(module) or None)
+def _shard(module: nn.Module, mesh, whole: set[nn.Parameter] | None = None) -> None:
+    """One FSDP unit (`whole`: parameters it leaves unsharded). Resharded after every forward, the
+    outermost too (FSDP2 keeps a root's parameters gathered after its forward unless told): a
+    forward without a backward (GradCache's first pass, the momentum copy) must not leave gathered
+    copies that the optimizer step then makes stale."""
+    ignored = _scalars(module) | (whole or set())
+    fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=ignored or None)
 
 
 def _shard_model(model: MultimodalModel, mesh) -> int:
@@ -85,10 +89,14 @@ def _shard_model(model: MultimodalModel, mesh) -> int:
         # token embeddings are units of their own: objectives call `tower.embed` outside the
         # tower's forward (MLM), and the tower's gathered weights exist only during that forward
         embeddings = [m for m in tower.modules() if isinstance(m, nn.Embedding)]
-        for block in [*embeddings, *tower.lock_blocks()]:
+        blocks = [*embeddings, *tower.lock_blocks()]
+        for block in blocks:
             _shard(block, mesh)
             units += 1
-        _shard(tower, mesh)
+        # the tower's own unit (the root of its blocks) keeps its remaining parameters whole: the
+        # patch hooks (`patches`, `encode_patches`) use them outside the tower's forward
+        inside = {id(p) for b in blocks for p in b.parameters()}
+        _shard(tower, mesh, {p for p in tower.parameters() if id(p) not in inside})
         units += 1
     if model.fusion is not None:
         for block in _blocks(model.fusion):
