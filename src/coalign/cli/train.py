@@ -34,7 +34,7 @@ def cmd_train(args) -> int:
     import os
 
     from coalign.config import load_recipe
-    from coalign.train.distributed import launch
+    from coalign.train.distributed import launch, shutdown
     from coalign.train.loop import train
 
     if args.nproc < 1:
@@ -53,6 +53,7 @@ def cmd_train(args) -> int:
         result = train(None, args.resume, resume=True, progress=not args.no_progress)
     else:
         result = train(recipe, args.out, progress=not args.no_progress)
+    shutdown()  # the group torchrun's ranks trained in (train() keeps it for callers that own it)
     if result.step and int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {result.run_dir}")
     return 0

@@ -69,8 +69,13 @@ def init_from_env() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def shutdown(d: Dist) -> None:
-    if d.active and dist.is_initialized():
+def shutdown(d: Dist | None = None) -> None:
+    """Destroy the process group (of `d`, or whatever group is initialised) once every rank has
+    reached this point. A gloo group left to the interpreter's exit, or destroyed by one rank while
+    another still uses it, can abort a rank with "terminate called without an active exception",
+    and torchrun then reports a run that finished as failed."""
+    if (d is None or d.active) and dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
