@@ -35,7 +35,7 @@ from coalign.data.world import MODALITIES
 from coalign.models.model import Features, StandIn
 from coalign.registry import ConfigError
 from parts import tiny_batch, tiny_model, transforms_for, world
-from test_fsdp import BASE, _assert_same, _free_port
+from test_fsdp import BASE, _assert_same, _free_port, _weights
 
 MISSING = ["data.batch_size=4", "data.drop_modalities={text: 0.5}"]
 # MAE re-encodes each rank's own image rows: a rank with none runs a stand-in row weighted 0
@@ -44,12 +44,18 @@ MISSING_MAE = [
     "data.drop_modalities={image: 0.5}",
     "objectives=[{name: clip}, {name: mae}]",
 ]
+# momentum copies, updated after every step: ALBEF's of the whole model (itc), data2vec's teacher of a
+# tower; decays of 0.5 so that the copies move well beyond the tolerance in 4 steps
+MOMENTUM = [
+    "objectives=[{name: itc, momentum: 0.5}, {name: data2vec, modality: image, top_k: 1, momentum: 0.5}]"
+]
 # the spawned ranks, one run after another; "compiled" with the aot_eager backend (dynamo's capture
 # and autograd tracing of the sharded towers without inductor's C++ build, a minute on this CPU)
 RUNS = [
     ("missing", [*MISSING]),
     ("missing_gradcache", [*MISSING, "train.accumulate=2"]),
     ("missing_mae", [*MISSING_MAE]),
+    ("momentum", [*MOMENTUM]),
     ("uncompiled", []),
     ("compiled", ["train.compile=true", "train.compile_backend=aot_eager"]),
 ]
@@ -165,6 +171,19 @@ def test_mae_on_a_rank_without_image_rows_neither_hangs_nor_changes_the_weights(
     rows = _rows_per_rank(tmp_path / "one", _recipe().train.steps, MISSING_MAE, "image")
     assert any(min(r) == 0 < max(r) for r in rows), rows  # one rank had image rows, the other none
     _assert_same(tmp_path / "one", ranks / "missing_mae")
+
+
+@pytest.mark.slow
+def test_momentum_copies_are_sharded_as_their_sources_and_follow_them_as_in_one_process(ranks, tmp_path):
+    """The EMA update meets sharded towers (DTensors) and their copies: ALBEF's momentum model and
+    data2vec's teacher must follow their sources as they do in one process."""
+    from coalign.train.loop import train
+
+    train(_recipe(*MOMENTUM), tmp_path / "one", progress=False)
+    weights = _weights(ranks / "momentum")
+    assert any(".momentum.shadow." in k for k in weights)
+    assert any(".teacher.shadow." in k for k in weights)
+    _assert_same(tmp_path / "one", ranks / "momentum")
 
 
 def test_an_unknown_compile_backend_fails_at_load_naming_the_field():

@@ -46,6 +46,56 @@ def test_ema_update_equals_its_formula_and_copies_buffers():
         EMA(source, decay=1.0)
 
 
+def _ema_in_layouts(rank: int, port: int) -> None:
+    """A rank of the test below: the EMA formula with FSDP's sharded parameters on either side."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+
+        def net(seed: int, sharded: bool) -> torch.nn.Module:
+            torch.manual_seed(seed)
+            m = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Linear(6, 2))
+            return fully_shard(m, mesh=mesh) if sharded else m
+
+        def whole(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+            return {
+                n: p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+                for n, p in m.named_parameters()
+            }
+
+        for source_sharded, shadow_sharded in [(True, True), (True, False), (False, True)]:
+            source = net(1, source_sharded)
+            ema = EMA(net(0, False), decay=0.75)
+            if shadow_sharded:
+                fully_shard(ema.shadow, mesh=mesh)
+            before = whole(ema.shadow)
+            ema.update(source)
+            after, target = whole(ema.shadow), whole(source)
+            for name in before:
+                expected = 0.75 * before[name] + 0.25 * target[name]
+                torch.testing.assert_close(after[name], expected, rtol=1e-6, atol=1e-7, msg=name)
+            assert all(hasattr(p, "full_tensor") is shadow_sharded for p in ema.shadow.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ema_update_follows_a_sharded_source_and_keeps_the_shadow_s_layout():
+    """Two gloo ranks: a sharded source with a sharded or a whole shadow, a whole source with a
+    sharded shadow (FSDP shards momentum copies as their sources, a locked tower's copy may differ)."""
+    import torch.multiprocessing as mp
+
+    from test_fsdp import _free_port
+
+    mp.spawn(_ema_in_layouts, args=(_free_port(),), nprocs=2, join=True)
+
+
 # ----------------------------------------------------------------------------------------- queue
 
 

@@ -21,7 +21,7 @@ import copy
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 class EMA(nn.Module):
@@ -51,16 +51,30 @@ class EMA(nn.Module):
         missing = [n for n, _ in mine if n not in params]
         if missing:
             raise KeyError(f"EMA source lacks the shadow's parameters {missing[:5]}")
-        targets = [params[n].detach().to(p.dtype) for n, p in mine]
-        # lerp: shadow + (1 - decay) (source - shadow) = decay shadow + (1 - decay) source, in one pass
+        # lerp: shadow + (1 - decay) (source - shadow) = decay shadow + (1 - decay) source, in one pass;
         # one foreach call per kind: FSDP's sharded parameters (DTensors, train/fsdp.py) and whole
         # tensors cannot share one
-        pairs_of = [(p, t) for (_, p), t in zip(mine, targets, strict=True)]
+        pairs = [(p, _like(params[n].detach(), p)) for n, p in mine]
         for sharded in (False, True):
-            pairs = [(p, t) for p, t in pairs_of if isinstance(p, DTensor) is sharded]
-            if pairs:
-                torch._foreach_lerp_([p for p, _ in pairs], [t for _, t in pairs], 1.0 - decay)
+            kind = [(p, t) for p, t in pairs if isinstance(p, DTensor) is sharded]
+            if kind:
+                torch._foreach_lerp_([p for p, _ in kind], [t for _, t in kind], 1.0 - decay)
         buffers = dict(source.named_buffers())
         for name, b in self.shadow.named_buffers():
             if name in buffers:
                 b.copy_(buffers[name])
+
+
+def _like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The source tensor `t` in the layout of the shadow's `p`: its dtype, and sharded as `p` is.
+    A shadow sharded where its source is whole, or whole where it is sharded (FSDP shards a momentum
+    copy as its source, `train/fsdp.py`, but a tower locked in the model may have a sharded copy)
+    meets its source here: the sharded side is gathered (`full_tensor`) or the whole side cut to
+    this rank's shard (`distribute_tensor`), collectives that every rank runs in the same update."""
+    if isinstance(t, DTensor) and not isinstance(p, DTensor):
+        t = t.full_tensor()
+    elif isinstance(p, DTensor) and not isinstance(t, DTensor):
+        t = distribute_tensor(t, p.device_mesh, p.placements)
+    elif isinstance(t, DTensor) and t.placements != p.placements:
+        t = t.redistribute(p.device_mesh, p.placements)
+    return t.to(p.dtype)

@@ -53,6 +53,7 @@ from coalign.checkpoint import model_weights
 from coalign.config import Recipe
 from coalign.data.sample import base_modality
 from coalign.models.ema import EMA
+from coalign.models.encoders.base import Encoder
 from coalign.models.model import MultimodalModel, StandIn
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0's CPU
@@ -80,24 +81,30 @@ def _shard(module: nn.Module, mesh, whole: set[nn.Parameter] | None = None) -> N
     fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=ignored or None)
 
 
-def _shard_model(model: MultimodalModel, mesh) -> int:
-    """fully_shard the model's towers (block by block, then the tower) and its fusion blocks."""
+def _shard_tower(tower: nn.Module, mesh) -> int:
+    """fully_shard a tower block by block, then the tower; returns the number of units."""
+    # token embeddings are units of their own: objectives call `tower.embed` outside the tower's
+    # forward (MLM), and the tower's gathered weights exist only during that forward
+    embeddings = [m for m in tower.modules() if isinstance(m, nn.Embedding)]
+    blocks = [*embeddings, *tower.lock_blocks()]
+    for block in blocks:
+        _shard(block, mesh)
+    # the tower's own unit (the root of its blocks) keeps its remaining parameters whole: the patch
+    # hooks (`patches`, `encode_patches`) use them outside the tower's forward
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    _shard(tower, mesh, {p for p in tower.parameters() if id(p) not in inside})
+    return len(blocks) + 1
+
+
+def _shard_model(model: MultimodalModel, mesh, towers: set[str] | None = None) -> int:
+    """fully_shard the model's towers (`towers`, by default those with something to train) and its
+    fusion blocks; returns the number of units."""
     units = 0
-    for tower in model.towers.values():
-        if not any(p.requires_grad for p in tower.parameters()):
+    for name, tower in model.towers.items():
+        trains = any(p.requires_grad for p in tower.parameters())
+        if not (trains if towers is None else name in towers):
             continue  # wholly locked: nothing to train (and a feature cache forwards per rank)
-        # token embeddings are units of their own: objectives call `tower.embed` outside the
-        # tower's forward (MLM), and the tower's gathered weights exist only during that forward
-        embeddings = [m for m in tower.modules() if isinstance(m, nn.Embedding)]
-        blocks = [*embeddings, *tower.lock_blocks()]
-        for block in blocks:
-            _shard(block, mesh)
-            units += 1
-        # the tower's own unit (the root of its blocks) keeps its remaining parameters whole: the
-        # patch hooks (`patches`, `encode_patches`) use them outside the tower's forward
-        inside = {id(p) for b in blocks for p in b.parameters()}
-        _shard(tower, mesh, {p for p in tower.parameters() if id(p) not in inside})
-        units += 1
+        units += _shard_tower(tower, mesh)
     if model.fusion is not None:
         for block in _blocks(model.fusion):
             _shard(block, mesh)
@@ -106,12 +113,20 @@ def _shard_model(model: MultimodalModel, mesh) -> int:
 
 
 def shard_task(task: nn.Module, device: torch.device) -> str:
-    """Shard the task's model and every momentum copy of a model it holds, in place; says what."""
+    """Shard the task's model and every momentum copy it holds, in place; says what. A copy is
+    sharded as its source: a model's copy (ALBEF's momentum model) in the towers sharded in the
+    task's model (its own parameters never train, so "has something to train" cannot pick them), a
+    tower's copy (data2vec's teacher) as a tower. `EMA.update` then works shard by shard."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     units = _shard_model(task.model, mesh)
+    towers = _sharded_towers(task.model)
     for m in task.modules():
-        if isinstance(m, EMA) and isinstance(m.shadow, MultimodalModel):
-            _shard_model(m.shadow, mesh)
+        if not isinstance(m, EMA):
+            continue
+        if isinstance(m.shadow, MultimodalModel):
+            units += _shard_model(m.shadow, mesh, towers)
+        elif isinstance(m.shadow, Encoder) and towers:
+            units += _shard_tower(m.shadow, mesh)
     params = [p for p in task.parameters() if p.requires_grad]
     sharded = sum(p.numel() for p in params if is_sharded(p))
     total = sum(p.numel() for p in params)
