@@ -145,10 +145,13 @@ def test_two_workers_and_a_front_answer_as_one_server(folders, tiny_run):
             got = json.loads(r.read())["results"]
         want = one.post("/search/image", files={"file": ("q.png", thumb[1])}, data={"k": "4"}).json()
         assert same(got, want["results"]) and len(got) == 4
-        assert (
-            post(uf, "/embed", {"text": "a red circle"})[1]
-            == one.post("/embed", json={"text": "a red circle"}).json()
-        )
+        embedded = post(uf, "/embed", {"text": "a red circle"})[1]
+        want = one.post("/embed", json={"text": "a red circle"}).json()
+        assert {k: v for k, v in embedded.items() if k != "embedding"} == {
+            k: v for k, v in want.items() if k != "embedding"
+        }
+        # another process: its matmuls may split the sums otherwise (float rounding, no more)
+        assert max(abs(a - b) for a, b in zip(embedded["embedding"], want["embedding"], strict=True)) < 1e-5
         # A worker's 4xx is the front's: the same status and error as one server.
         for bad in ({"id": "no-such-item"}, {"image": "not base64!"}, {"text": "a", "k": 1000}):
             status, got = post(uf, "/search", bad)

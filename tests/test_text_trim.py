@@ -46,8 +46,10 @@ def test_cut_ids_give_the_same_tokens_and_pooled_vectors(pool, causal, eos_id):
     full, cut = tower(ids), tower(ids[:, :9])
     real = full.mask[:, :9]
     assert torch.equal(cut.mask, real) and not full.mask[:, 9:].any()
-    torch.testing.assert_close(cut.tokens[real], full.tokens[:, :9][real], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(tower.pool(cut), tower.pool(full), atol=1e-6, rtol=1e-5)
+    # exact in arithmetic; in floats a shorter sequence may block the matmuls otherwise (1.4e-6 seen
+    # on an AMD EPYC in fp32)
+    torch.testing.assert_close(cut.tokens[real], full.tokens[:, :9][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tower.pool(cut), tower.pool(full), atol=1e-5, rtol=1e-5)
     groups = torch.stack([ids, ids.flip(0)])  # (2, 4, L): groups of captions cut as one batch
     assert tower.trimmed_length(groups) == 9
 
