@@ -3,7 +3,7 @@
     python benchmarks/flip_throughput.py [--ratios 0 0.5 0.75] [--steps 20] [overrides ...]
 
 Uses the demo recipe's model with `model.towers.image.mask_ratio` set per run; precision fp32
-(see train_throughput.py for why bf16 is not the default on CPUs without AMX).
+(see train_throughput.py for why bf16 is not the default on CPUs without AMX or AVX512_BF16).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """What every benchmark's JSON says about the machine it ran on: figures differ by CPU generation
-(AMX makes bf16 several times faster than fp32; AVX2-only machines emulate it), so each carries them."""
+(AMX or AVX512_BF16 make bf16 several times faster than fp32; AVX2-only machines emulate it), so
+each carries them."""
 
 from __future__ import annotations
 
