@@ -7,6 +7,8 @@ a folder that one process left half done.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from coalign.search import METADATA, part_path, read_manifest, shard_path
@@ -41,10 +44,23 @@ def _manifest(root: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Embed as each rank does (one OpenMP thread): the same kernels, so the same bits. Matmuls
+    split over another number of threads may round one value a float16 unit apart."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _embed_two(run: Path, source: Path, out: Path) -> str:
     cmd = [sys.executable, "-m", "coalign", "embed", str(run), str(source), str(out)]
     cmd += ["--shard-size", str(SHARD), "--batch-size", "2", "--no-progress", "--nproc", "2"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default, made explicit
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -70,7 +86,8 @@ def _assert_same_output(got: Path, expected: Path) -> None:
 def test_two_processes_embed_exactly_what_one_does(tiny_run, tmp_path):
     source = _manifest(tmp_path)
     one = tmp_path / "one"
-    summary = embed_source(tiny_run, str(source), one, batch_size=2, shard_size=SHARD, progress=False)
+    with one_thread():
+        summary = embed_source(tiny_run, str(source), one, batch_size=2, shard_size=SHARD, progress=False)
     assert summary["rows"] == 11 and summary["shards"] == 6
     rows = [s["rows"] for s in read_manifest(one)["shards"]]
     assert len(set(rows)) > 1, rows  # the shards keep different numbers of rows
@@ -78,7 +95,10 @@ def test_two_processes_embed_exactly_what_one_does(tiny_run, tmp_path):
     # One process embeds 2 of the 6 shards and stops; two processes finish the folder, in two rounds
     # (one launch, to keep the test short: the numbering after reused shards is the harder case).
     half = tmp_path / "half"
-    embed_source(tiny_run, str(source), half, batch_size=2, shard_size=SHARD, progress=False, stop_after=2)
+    with one_thread():
+        embed_source(
+            tiny_run, str(source), half, batch_size=2, shard_size=SHARD, progress=False, stop_after=2
+        )
     out = _embed_two(tiny_run, source, half)
     assert "embedded 11 items" in out and "4 computed, 2 reused" in out
     _assert_same_output(half, one)
