@@ -8,7 +8,8 @@ from the built-in world, which renders every modality.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +168,17 @@ def bad_grads(*modules: torch.nn.Module, every: bool = False) -> list[str]:
             elif not torch.isfinite(p.grad).all():
                 bad.append(f"{i}.{name}: non-finite gradient")
     return bad
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread inside the block, as each rank of a 2-process test runs (torchrun's
+    OMP_NUM_THREADS=1): the same kernels give the same bits, where matmuls split over another number
+    of threads may round a value apart. Also quicker for strings of tiny ops, where two threads
+    wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

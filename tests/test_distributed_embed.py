@@ -7,7 +7,6 @@ a folder that one process left half done.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -16,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from coalign.search import METADATA, part_path, read_manifest, shard_path
 from coalign.search.embed import embed_source
+from parts import one_thread
 
 pytestmark = pytest.mark.slow
 
@@ -42,18 +41,6 @@ def _manifest(root: Path) -> Path:
     path = root / "pictures.csv"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Embed as each rank does (one OpenMP thread): the same kernels, so the same bits. Matmuls
-    split over another number of threads may round one value a float16 unit apart."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _embed_two(run: Path, source: Path, out: Path) -> str:

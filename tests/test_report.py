@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import html
 import io
 import json
@@ -25,6 +24,7 @@ from PIL import Image
 from coalign.cli.report import add_report
 from coalign.evaluate.report import SECTIONS, read_metrics, thumbnail, write_report
 from coalign.evaluate.results import read_results
+from parts import one_thread
 
 EVAL_SAMPLES = 24
 EXAMPLES = 4
@@ -91,17 +91,6 @@ def test_summary_headline_numbers_are_results_json(run_dir, page):
     assert row and row.group(1) == f"{100 * value:.1f}%"
     assert "<dt>steps</dt><dd>4 of 4</dd>" in summary
     assert "<dt>checkpoint</dt><dd>step_00000004</dd>" in summary
-
-
-@contextlib.contextmanager
-def one_thread():
-    """One sample at a time is a string of tiny ops; with 2 threads each one waits for the other core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
