@@ -84,6 +84,7 @@ def objectives_on_rank(rank: int, names: list[str], root: str, teacher: str | No
             folder = Path(root) / f"{name}-{rank}"
             folder.mkdir()
             yield (name, *_setup(name, folder, teacher, lacking))
+        dist.barrier()  # no rank tears the group down while another's last collective is in flight
     finally:
         dist.destroy_process_group()
 

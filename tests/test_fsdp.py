@@ -70,6 +70,7 @@ def _worker(rank: int, root: str, port: int) -> None:
         train(None, out / "cut", resume=True, progress=False)
         train(_recipe("train.fsdp=true", "train.accumulate=2"), out / "gradcache", progress=False)
         train(_recipe("train.fsdp=true", "train.precision=bf16"), out / "bf16", progress=False)
+        dist.barrier()  # no rank tears the group down while another's last collective is in flight
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -60,6 +60,7 @@ def _worker(rank: int, root: str, port: int) -> None:
             (out / "cut" / "checkpoints" / "step_00000001" / "notes.txt").write_text("mine")
         dist.barrier()
         train(None, out / "cut", resume=True, progress=False)
+        dist.barrier()  # no rank tears the group down while another's last collective is in flight
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

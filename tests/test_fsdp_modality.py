@@ -85,6 +85,7 @@ def _train_in_ranks(rank: int, root: str, port: int) -> None:
             with open(out / f"{name}{rank}.log", "w") as log, contextlib.redirect_stdout(log):
                 train(_recipe("train.fsdp=true", *overrides), out / name, progress=False)
             (out / f"{name}{rank}.graphs").write_text(str(counters["stats"]["unique_graphs"] - graphs))
+        dist.barrier()  # no rank tears the group down while another's last collective is in flight
     finally:
         dist.destroy_process_group()
 

@@ -82,6 +82,7 @@ def _ema_in_layouts(rank: int, port: int) -> None:
                 expected = 0.75 * before[name] + 0.25 * target[name]
                 torch.testing.assert_close(after[name], expected, rtol=1e-6, atol=1e-7, msg=name)
             assert all(hasattr(p, "full_tensor") is shadow_sharded for p in ema.shadow.parameters())
+        dist.barrier()  # no rank tears the group down while another's last collective is in flight
     finally:
         dist.destroy_process_group()
 
