@@ -2,9 +2,9 @@
 
 bf16 autocast pays on CUDA and on CPUs with bf16 dot products (AMX, or AVX512_BF16 as on AMD's EPYC);
 elsewhere (plain AVX2 or AVX-512) bf16 matrix math is emulated and several times *slower* than fp32,
-so `auto` picks fp32 there. Training, evaluation, suites,
-few-shot, embedding and serving all take a Runtime, so each runs on the GPU when there is one and
-none of them carries its own "autocast or nothing" fallback.
+so `auto` picks fp32 there. Training, evaluation, suites, few-shot, embedding and serving all take a
+Runtime, so each runs on the GPU when there is one and none of them carries its own "autocast or
+nothing" fallback.
 """
 
 from __future__ import annotations

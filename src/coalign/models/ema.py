@@ -75,6 +75,4 @@ def _like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         t = t.full_tensor()
     elif isinstance(p, DTensor) and not isinstance(t, DTensor):
         t = distribute_tensor(t, p.device_mesh, p.placements)
-    elif isinstance(t, DTensor) and t.placements != p.placements:
-        t = t.redistribute(p.device_mesh, p.placements)
-    return t.to(p.dtype)
+    return t.to(p.dtype)  # both sharded: one mesh, FSDP's dim-0 shards on both sides
