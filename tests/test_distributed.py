@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -185,8 +186,7 @@ def test_two_processes_train_like_one_and_resume_exactly(tmp_path):
     while not (tmp_path / "cut" / "checkpoints" / "step_00000004").is_dir():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_all(proc)
     import shutil
 
     shutil.copytree(tmp_path / "cut", tmp_path / "cut1")
@@ -214,6 +214,30 @@ def test_killing_one_rank_stops_the_run_instead_of_hanging(tmp_path):
         pytest.fail("the other rank hung after its peer was killed")
     assert proc.returncode != 0
     assert "SIGKILL" in out or "Signal 9" in out or "failed" in out.lower(), out[-2000:]
+
+
+def _kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL `coalign train --nproc N` and every rank under it, and wait until none runs: a rank
+    outside the launcher's process group could otherwise still be renaming a checkpoint into place
+    while the test copies the folder."""
+    ranks = _children_running_coalign(proc.pid)  # before the launcher dies: found by ancestry
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while any(_running(pid) for pid in ranks):
+        assert time.monotonic() < deadline, f"ranks {ranks} outlived SIGKILL"
+        time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (a killed rank waiting to be reaped runs no code)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _children_running_coalign(pid: int) -> list[int]:
