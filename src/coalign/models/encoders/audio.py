@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from coalign.models.encoders.base import Dropout, Encoder, EncoderConfig, MlpRatio, Positive, Tokens
-from coalign.models.layers import Transformer, init_weights, sincos_grid
+from coalign.models.layers import PatchConv, Transformer, init_weights, sincos_grid
 from coalign.models.masking import Patches, keep_patches, patchify
 from coalign.registry import ENCODERS
 
@@ -120,7 +120,7 @@ class AudioTransformer(Encoder):
         # Derived from the config, so kept out of checkpoints.
         self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
         self.register_buffer("fbank", fbank, persistent=False)  # (n_freqs, n_mels)
-        self.patch_embed = nn.Conv2d(1, cfg.width, cfg.patch, cfg.patch)
+        self.patch_embed = PatchConv(1, cfg.width, cfg.patch)
         # Learnable, initialised to 2-D sin-cos over (mel, time): usable from the first step.
         self.pos_embed = nn.Parameter(sincos_grid(*self.grid, cfg.width).unsqueeze(0))  # (1, Gf, Gt, D)
         if cfg.pool == "cls":

@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from coalign.models.encoders.base import Dropout, Encoder, EncoderConfig, MlpRatio, Positive, Tokens
-from coalign.models.layers import MLP, Activation, Transformer, init_scaled, init_weights, sincos_grid
+from coalign.models.layers import (
+    MLP,
+    Activation,
+    PatchConv,
+    Transformer,
+    init_scaled,
+    init_weights,
+    sincos_grid,
+)
 from coalign.models.masking import Patches, keep_patches, patchify, random_keep
 from coalign.registry import ENCODERS
 
@@ -127,7 +135,7 @@ class ViT(Encoder):
         self.patch_embed = (
             conv_stem(cfg.width, cfg.patch_size)
             if cfg.stem == "conv"
-            else nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+            else PatchConv(3, cfg.width, cfg.patch_size, bias=cfg.patch_bias)
         )
         # Not zeros: the CLS row (token + its zero position) goes through norm_pre, and a LayerNorm
         # of a constant row has gradient 1 / sqrt(eps) ~ 300x; a zero CLS token carried >70% of the
