@@ -7,7 +7,7 @@
 Both sides train on one exported CSV of PNG files (`scenes.py`: the built-in world, or a scene
 generator that is not the world), with the same ViT and text transformer sizes (this script writes
 OpenCLIP's model-config JSON and coalign's recipe from the same options), batch, steps, learning rate,
-warmup, weight decay, precision, threads and seeds. Everything else is each side's *default*: coalign's
+warmup, weight decay, AdamW betas and eps, precision, threads and seeds. Everything else is each side's *default*: coalign's
 recipe names only the sizes (`--set` adds dotted overrides), OpenCLIP runs with its trainer's defaults.
 Each side keeps its own tokenizer and image preprocessing.
 
@@ -114,6 +114,8 @@ def coalign_recipe(a: argparse.Namespace, manifest: Path, labels: list[str], see
             "lr": a.lr,
             "warmup_steps": a.warmup,
             "weight_decay": a.wd,
+            "betas": list(a.betas),
+            "eps": a.eps,
             "precision": a.precision,
             "threads": a.threads,
             "log_every": 1,
@@ -229,6 +231,7 @@ def train_openclip(a, manifest: Path, seed: int, out: Path, runtime: Runtime):
         "--csv-separator", ",", "--csv-img-key", "filepath", "--csv-caption-key", "title",
         "--batch-size", str(a.batch_size), "--epochs", str(a.steps * a.batch_size // n),
         "--lr", str(a.lr), "--warmup", str(a.warmup), "--wd", str(a.wd),
+        "--beta1", str(a.betas[0]), "--beta2", str(a.betas[1]), "--eps", str(a.eps),
         "--precision", OPENCLIP_PRECISION[a.precision], "--seed", str(seed), "--workers", "0",
         "--device", runtime.device.type, "--logs", str(logs), "--name", name,
         "--log-every-n-steps", "1", "--save-frequency", "0", "--report-to", "",
@@ -328,6 +331,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--wd", type=float, default=0.1)
+    # AdamW's betas and eps go to both sides: left to itself, open_clip_train picks them by the model's
+    # name (0.98 / 1e-6 only for names containing "vit"), and the benchmark's model is "coalign-bench"
+    p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.98], metavar=("BETA1", "BETA2"))
+    p.add_argument("--eps", type=float, default=1e-6)
     p.add_argument("--precision", choices=sorted(OPENCLIP_PRECISION), default="bf16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--image-size", type=int, default=64)

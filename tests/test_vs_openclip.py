@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("open_clip_train")
 pytest.importorskip("pandas")  # OpenCLIP's csv loader
@@ -35,7 +36,10 @@ def finite(values: dict) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["scenes", "world"])
 def test_both_sides_train_two_steps_and_report_finite_figures(tmp_path, dataset):
-    report = load_benchmark().main([*TINY, "--dataset", dataset, "--seeds", "0", "--out", str(tmp_path)])
+    adam = ["--betas", "0.9", "0.95", "--eps", "1e-7"]  # not either side's default
+    report = load_benchmark().main(
+        [*TINY, *adam, "--dataset", dataset, "--seeds", "0", "--out", str(tmp_path)]
+    )
     assert set(report["sides"]) == {"coalign", "openclip"}
     for side in report["sides"].values():
         (run,) = side["runs"]
@@ -51,6 +55,11 @@ def test_both_sides_train_two_steps_and_report_finite_figures(tmp_path, dataset)
     assert coalign > 0 and math.isclose(coalign, openclip, rel_tol=0.05)
     assert 0 < report["sides"]["coalign"]["runs"][0]["fraction_of_matmul_peak"] < 1
     assert (tmp_path / f"data-{dataset}" / "train.csv").read_text().startswith("filepath,title,")
+    # both sides ran the AdamW they were given (open_clip_train otherwise picks betas by model name)
+    recipe = yaml.safe_load((tmp_path / dataset / "coalign" / "coalign-seed0.yaml").read_text())
+    assert (recipe["train"]["betas"], recipe["train"]["eps"]) == ([0.9, 0.95], 1e-7)
+    params = (tmp_path / dataset / "openclip" / "openclip-logs" / "openclip-seed0" / "params.txt").read_text()
+    assert {"beta1: 0.9", "beta2: 0.95", "eps: 1e-07"} <= set(params.splitlines())
 
 
 def test_the_two_sides_get_the_same_architecture():
