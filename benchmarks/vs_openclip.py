@@ -7,8 +7,9 @@
 Both sides train on one exported CSV of PNG files (`scenes.py`: the built-in world, or a scene
 generator that is not the world), with the same ViT and text transformer sizes (this script writes
 OpenCLIP's model-config JSON and coalign's recipe from the same options), batch, steps, learning rate,
-warmup, weight decay, AdamW betas and eps, precision, threads and seeds. Everything else is each side's *default*: coalign's
-recipe names only the sizes (`--set` adds dotted overrides), OpenCLIP runs with its trainer's defaults.
+warmup, weight decay, AdamW betas and eps, precision, threads and seeds. Everything else is each side's
+*default*: coalign's recipe names only the sizes (`--set` adds dotted overrides), OpenCLIP runs with
+its trainer's defaults.
 Each side keeps its own tokenizer and image preprocessing.
 
 Then one evaluation path for both: the held-out images and captions go through each side's encoders,
