@@ -7,7 +7,9 @@ earlier seeds (per side `seeds`, `mean`, `std`: the acceptance file kept only th
 report holds both datasets, `--dataset` picks one). Summaries enter through their sufficient
 statistics (n, sum, sum of squares from the mean and the sample standard deviation), so the result is
 the mean and sample standard deviation over every seed, as `vs_openclip.py` computes them over runs.
-A seed that two inputs both hold for the same side is refused.
+A seed that two inputs both hold for the same side is refused. `SIDE=FILE` (`coalign=old.json`) takes
+only that side of a file: to set one side's earlier seeds against the other side run again with
+changed settings.
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ class Pool:
         return {"seeds": sorted(self.seeds), "mean": mean, "std": std}
 
 
-def take(pools: dict[str, Pool], report: dict, where: str) -> None:
+def take(pools: dict[str, Pool], report: dict, where: str, only: str | None = None) -> None:
     for side, block in report.get("sides", {}).items():
+        if only is not None and side != only:
+            continue
         pool = pools.setdefault(side, Pool())
         if "runs" in block:
             pool.add_seeds([r["seed"] for r in block["runs"]], where)
@@ -70,11 +74,13 @@ def take(pools: dict[str, Pool], report: dict, where: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("files", nargs="+", help="reports; SIDE=FILE takes only that side of one")
     p.add_argument("--dataset", required=True, help="the dataset to combine (scenes, world)")
     a = p.parse_args(argv)
     pools: dict[str, Pool] = {}
-    for path in a.files:
+    for arg in a.files:
+        only, sep, rest = arg.partition("=")
+        only, path = (only, Path(rest)) if sep and only in SIDES else (None, Path(arg))
         report = json.loads(path.read_text())
         if "sides" not in report:  # a combined file of several datasets
             if a.dataset not in report:
@@ -82,8 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
             report = report[a.dataset]
         elif report.get("dataset", a.dataset) != a.dataset:
             raise SystemExit(f"{path}: dataset '{report['dataset']}', not '{a.dataset}'")
-        take(pools, report, str(path))
-    out: dict = {"benchmark": "vs_openclip", "dataset": a.dataset, "files": [str(f) for f in a.files]}
+        if only is not None and only not in report.get("sides", {}):
+            raise SystemExit(f"{path}: no side '{only}'; it holds {sorted(report.get('sides', {}))}")
+        take(pools, report, str(path), only)
+    out: dict = {"benchmark": "vs_openclip", "dataset": a.dataset, "files": list(a.files)}
     out["sides"] = {side: pool.summary() for side, pool in pools.items()}
     if all(s in out["sides"] for s in SIDES):
         c, o = (out["sides"][s]["mean"] for s in SIDES)

@@ -66,3 +66,21 @@ def test_a_seed_counted_twice_is_refused(tmp_path):
     path.write_text(json.dumps({"dataset": "scenes", "sides": {"coalign": {"runs": [_run(1, 0.3, 0.8)]}}}))
     with pytest.raises(SystemExit, match=r"seed\(s\) \[1\] already counted"):
         load().main(["--dataset", "scenes", str(path), str(path)])
+
+
+def test_side_equals_file_takes_one_side_only(tmp_path):
+    both = {
+        "dataset": "scenes",
+        "sides": {"coalign": {"runs": [_run(0, 0.4, 0.7)]}, "openclip": {"runs": [_run(0, 0.9, 0.5)]}},
+    }
+    again = {"dataset": "scenes", "sides": {"openclip": {"runs": [_run(0, 0.2, 0.9)]}}}
+    (tmp_path / "both.json").write_text(json.dumps(both))
+    (tmp_path / "again.json").write_text(json.dumps(again))
+    out = load().main(
+        ["--dataset", "scenes", f"coalign={tmp_path / 'both.json'}", str(tmp_path / "again.json")]
+    )
+    assert out["sides"]["coalign"]["mean"]["zero_shot/shape"] == 0.4
+    assert out["sides"]["openclip"]["mean"]["zero_shot/shape"] == 0.2  # not both files' seed 0
+    assert out["coalign_at_least_openclip"] == {"shape": True}
+    with pytest.raises(SystemExit, match="no side 'coalign'; it holds \\['openclip'\\]"):
+        load().main(["--dataset", "scenes", f"coalign={tmp_path / 'again.json'}"])
