@@ -90,6 +90,7 @@ CASES = [
     case("train.eps=0", field="train.eps", id="adam-eps-zero"),
     case("train.steps=0", field="train.steps", id="steps-zero"),
     case("objectives.0.lr_scale=0", field="objectives.0.lr_scale", id="lr-scale-zero"),
+    case("model.towers.text.lr_scale=-1", field="model.towers.text.lr_scale", id="tower-lr-scale-negative"),
     case("objectives=[]", field="objectives", id="no-objectives"),
     case("model.towers={}", field="model.towers", id="no-towers"),
     case("model.embed_dim=0", field="model.embed_dim", id="embed-dim-zero"),

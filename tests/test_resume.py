@@ -74,6 +74,27 @@ def test_optimizer_groups_decay_and_lr_scales():
     assert groups == {(0.2, 0.1): 12, (0.0, 0.1): 4, (0.2, 1.0): 4, (0.0, 1.0): 2}
 
 
+def test_a_tower_s_lr_scale_reaches_its_parameters_and_not_its_head(tmp_path, tiny_recipe):
+    """`model.towers.text.lr_scale`: every text-tower parameter (decayed or not) steps at the
+    scaled rate; the image tower, every head and the objective's temperature at the base rate."""
+    from coalign.train.session import setup
+
+    recipe = tiny_recipe("train.lr=0.01", "model.towers.text.lr_scale=0.25")
+    session = setup(recipe, tmp_path / "run")
+    lr_of = {
+        name: g["initial_lr"]  # the scheduler scales "lr" by the warmup factor
+        for g in session.state.optimizer.param_groups
+        for p in g["params"]
+        for name, q in session.state.task.named_parameters()
+        if q is p
+    }
+    text = {n for n in lr_of if n.startswith("model.towers.text.")}
+    assert text and any(n.endswith("bias") for n in text) and any(n.endswith("weight") for n in text)
+    assert {lr_of[n] for n in text} == {0.0025}
+    assert {lr_of[n] for n in lr_of.keys() - text} == {0.01}
+    assert any(n.startswith("model.heads.text") for n in lr_of) and any(n.startswith("objectives.") for n in lr_of)
+
+
 def test_fused_adamw_takes_the_foreach_steps():
     """The trainer's AdamW is the fused kernel on the CPU: the same updates as the foreach form."""
     from coalign.config import TrainConfig

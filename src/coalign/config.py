@@ -53,6 +53,9 @@ class TowerSpec(Part):
     freeze_norm: bool = False
     # a locked tower's features, remembered per input row (exact: see models/lock.py FeatureCache)
     cache: bool = False
+    # learning-rate multiplier for the tower's own parameters (not its head, `model.heads.<name>`):
+    # a pretrained tower fine-tuned beside a new one usually wants a smaller step than the new one
+    lr_scale: float = pydantic.Field(1.0, gt=0)
 
     @pydantic.model_validator(mode="after")
     def _unlock_needs_lock(self) -> TowerSpec:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from coalign.config import ObjectiveSpec
+from coalign.config import ObjectiveSpec, Recipe
 from coalign.models.model import Features, MultimodalModel
 from coalign.objectives.base import Objective
 from coalign.objectives.distributed import as_part, gather_global, mean_over_ranks, world_size
@@ -42,9 +42,13 @@ class Task(nn.Module):
         return cls(model, objectives, [s.weight for s in specs])
 
     @staticmethod
-    def lr_scales(specs: list[ObjectiveSpec]) -> dict[str, float]:
-        """Parameter-name prefix -> learning-rate multiplier, for the optimizer's groups."""
-        return {f"objectives.{i}.": s.lr_scale for i, s in enumerate(specs) if s.lr_scale != 1.0}
+    def lr_scales(recipe: Recipe) -> dict[str, float]:
+        """Parameter-name prefix -> learning-rate multiplier, for the optimizer's groups: each
+        objective's own parameters (`objectives.N.lr_scale`) and each tower's
+        (`model.towers.<name>.lr_scale`; its head keeps the base rate)."""
+        towers = {f"model.towers.{m}.": t.lr_scale for m, t in recipe.model.towers.items()}
+        objectives = {f"objectives.{i}.": s.lr_scale for i, s in enumerate(recipe.objectives)}
+        return {prefix: s for prefix, s in (towers | objectives).items() if s != 1.0}
 
     def after_step(self, step: int) -> None:
         """Called by the loop after each optimizer step, `step` the number of steps taken with this

@@ -166,7 +166,7 @@ def setup(
     if cfg.compile:  # in place, per tower: state_dict keys (checkpoints) stay those of the plain model
         for tower in task.model.towers.values():
             tower.compile(backend=cfg.compile_backend)
-    scales = task.lr_scales(recipe.objectives)
+    scales = task.lr_scales(recipe)
     optimizer = build_optimizer(task, cfg, scales)
     layout = PlainLayout(task, optimizer, plain_group_names(task, scales)) if sharded else None
     scheduler = build_scheduler(optimizer, cfg)
