@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,6 +175,38 @@ def matmul_peak(precision: str, threads: int, n: int = 2048, reps: int = 10) -> 
     return 2 * n**3 * reps / (time.perf_counter() - started)
 
 
+def coalign_encoders(run_dir: Path, runtime: Runtime) -> tuple[Encoders, Any]:
+    """A trained coalign run's encoders for `evaluate`, and the loaded run."""
+    run = load_run(run_dir)
+    image_t, text_t = run.transforms["image"], run.transforms["text"]
+    rng = np.random.default_rng(0)
+    encoders = Encoders(
+        lambda paths: run.model.encode("image", torch.stack([image_t(p, rng) for p in paths])),
+        lambda texts: run.model.encode("text", text_t.encode(texts)),
+        runtime,
+    )
+    return encoders, run
+
+
+def openclip_encoders(config: Path, run_logs: Path, runtime: Runtime) -> tuple[Encoders, Any, Any, Any]:
+    """An `open_clip_train` run's encoders for `evaluate` (its model config, its log folder with the
+    last epoch's checkpoint), and the model, its preprocessing and its tokenizer."""
+    import open_clip  # the reference side only
+
+    open_clip.add_model_config(config)
+    model, _, preprocess = open_clip.create_model_and_transforms(OPENCLIP_MODEL)
+    checkpoint = sorted((run_logs / "checkpoints").glob("epoch_*.pt"))[-1]
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(OPENCLIP_MODEL)
+    encoders = Encoders(
+        lambda paths: model.encode_image(torch.stack([preprocess(Image.open(p)) for p in paths])),
+        lambda texts: model.encode_text(tokenizer(texts)),
+        runtime,
+    )
+    return encoders, model, preprocess, tokenizer
+
+
 def train_coalign(a, manifest: Path, dataset: Dataset, seed: int, out: Path, runtime: Runtime):
     run_dir = out / f"coalign-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -190,14 +223,8 @@ def train_coalign(a, manifest: Path, dataset: Dataset, seed: int, out: Path, run
     losses, elapsed = [r["loss"] for r in rows], [r["elapsed_s"] for r in rows]
     k = SKIP if len(rows) > 2 * SKIP else 0  # a tiny run keeps every step
     speed = (len(rows) - 1 - k) * a.batch_size / max(elapsed[-1] - elapsed[k], 1e-9) if rows else 0.0
-    run = load_run(run_dir)
-    image_t, text_t = run.transforms["image"], run.transforms["text"]
-    rng = np.random.default_rng(0)
-    encoders = Encoders(
-        lambda paths: run.model.encode("image", torch.stack([image_t(p, rng) for p in paths])),
-        lambda texts: run.model.encode("text", text_t.encode(texts)),
-        runtime,
-    )
+    encoders, run = coalign_encoders(run_dir, runtime)
+    image_t, text_t, rng = run.transforms["image"], run.transforms["text"], np.random.default_rng(0)
     paths, captions, _ = read_manifest(manifest, list(dataset.labels))
     flops = flops_per_sample(  # at the full context, as OpenCLIP runs it: `features`, not the cut `encode`
         lambda x: run.model.features("image", x).embedding,
@@ -214,8 +241,6 @@ def train_coalign(a, manifest: Path, dataset: Dataset, seed: int, out: Path, run
 
 
 def train_openclip(a, manifest: Path, seed: int, out: Path, runtime: Runtime):
-    import open_clip  # the reference side only
-
     config = out / "openclip-model" / f"{OPENCLIP_MODEL}.json"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(json.dumps(openclip_config(a), indent=2))
@@ -248,17 +273,7 @@ def train_openclip(a, manifest: Path, seed: int, out: Path, runtime: Runtime):
     times = [float(x) for x in re.findall(r"Batch \(t\): ([\d.]+)", text)]
     times = times[SKIP:] if len(times) > 2 * SKIP else times
     speed = a.batch_size * len(times) / max(sum(times), 1e-9)
-    open_clip.add_model_config(config)
-    model, _, preprocess = open_clip.create_model_and_transforms(OPENCLIP_MODEL)
-    checkpoint = sorted((logs / name / "checkpoints").glob("epoch_*.pt"))[-1]
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
-    model.eval()
-    tokenizer = open_clip.get_tokenizer(OPENCLIP_MODEL)
-    encoders = Encoders(
-        lambda paths: model.encode_image(torch.stack([preprocess(Image.open(p)) for p in paths])),
-        lambda texts: model.encode_text(tokenizer(texts)),
-        runtime,
-    )
+    encoders, model, preprocess, tokenizer = openclip_encoders(config, logs / name, runtime)
     paths, captions, _ = read_manifest(manifest, [])
     flops = flops_per_sample(
         model.encode_image, model.encode_text, torch.stack([preprocess(Image.open(p)) for p in paths[:8]]),

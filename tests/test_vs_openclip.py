@@ -8,6 +8,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -60,6 +61,39 @@ def test_both_sides_train_two_steps_and_report_finite_figures(tmp_path, dataset)
     assert (recipe["train"]["betas"], recipe["train"]["eps"]) == ([0.9, 0.95], 1e-7)
     params = (tmp_path / dataset / "openclip" / "openclip-logs" / "openclip-seed0" / "params.txt").read_text()
     assert {"beta1: 0.9", "beta2: 0.95", "eps: 1e-07"} <= set(params.splitlines())
+    # the probe reads both sides' runs where the benchmark left them
+    probe = load_probe().main(
+        [
+            "--dataset", dataset, "--data-dir", str(tmp_path / f"data-{dataset}"), "--folds", "2",
+            "--precision", "fp32", f"co={tmp_path / dataset / 'coalign' / 'coalign-seed0'}",
+            f"oc={tmp_path / dataset / 'openclip' / 'openclip-logs' / 'openclip-seed0'}",
+        ]
+    )  # fmt: skip
+    for name in ("co", "oc"):
+        labels = probe["runs"][name]
+        assert set(labels) == {"shape", "color", "size", "position"}
+        assert all(0 <= v["zero_shot"] <= 1 and 0 <= v["linear_probe"] <= 1 for v in labels.values())
+    zero_shot = report["sides"]["coalign"]["runs"][0]["zero_shot"]  # the same evaluation as the benchmark's
+    assert {k: v["zero_shot"] for k, v in probe["runs"]["co"].items()} == pytest.approx(zero_shot, abs=1e-4)
+
+
+def load_probe():
+    spec = importlib.util.spec_from_file_location(
+        "vs_openclip_probe", BENCH.with_name("vs_openclip_probe.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_linear_probe_reads_a_label_the_features_hold_and_not_one_they_do_not():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+    held = np.eye(5)[y] + 0.15 * rng.standard_normal((300, 5))  # the label, plus noise
+    noise = rng.standard_normal((300, 5))
+    probe = load_probe().probe_accuracy
+    assert probe(held, y) > 0.98
+    assert probe(noise, y) < 0.35  # chance is 0.2
 
 
 def test_the_two_sides_get_the_same_architecture():
