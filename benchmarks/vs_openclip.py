@@ -290,10 +290,11 @@ def train_openclip(a, manifest: Path, seed: int, out: Path, runtime: Runtime):
 # --------------------------------------------------------------------------------------------- evaluate
 
 
-def evaluate(encoders: Encoders, dataset: Dataset, test: Path) -> dict:
-    """The one evaluation of both sides: zero-shot per label and caption<->image retrieval."""
+def evaluate(encoders: Encoders, dataset: Dataset, test: Path, images: torch.Tensor | None = None) -> dict:
+    """The one evaluation of both sides: zero-shot per label and caption<->image retrieval.
+    `images`: the test images' embeddings when the caller has them already (the probe)."""
     paths, captions, labels = read_manifest(test, list(dataset.labels))
-    images = encoders.images(paths)  # (N, E)
+    images = encoders.images(paths) if images is None else images  # (N, E)
     zero_shot = {}
     for key, classnames in dataset.labels.items():
         others = [k for k in dataset.labels if k != key]

@@ -52,8 +52,9 @@ def encoders_of(run: Path, runtime: Runtime) -> vs.Encoders:
 def probe_run(run: Path, dataset, test: Path, runtime: Runtime, folds: int) -> dict:
     encoders = encoders_of(run, runtime)
     paths, _, labels = read_manifest(test, list(dataset.labels))
-    images = encoders.images(paths).numpy()
-    zero_shot = vs.evaluate(encoders, dataset, test)["zero_shot"]
+    images = encoders.images(paths)
+    zero_shot = vs.evaluate(encoders, dataset, test, images)["zero_shot"]
+    images = images.numpy()
     return {
         key: {
             "zero_shot": round(zero_shot[key], 4),

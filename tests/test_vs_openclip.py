@@ -23,8 +23,9 @@ TINY = [
 ]  # fmt: skip
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("vs_openclip", BENCH)
+def load_benchmark(name: str = "vs_openclip"):
+    """A script of benchmarks/ as a module (vs_openclip.py, or another beside it)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH.with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -62,7 +63,7 @@ def test_both_sides_train_two_steps_and_report_finite_figures(tmp_path, dataset)
     params = (tmp_path / dataset / "openclip" / "openclip-logs" / "openclip-seed0" / "params.txt").read_text()
     assert {"beta1: 0.9", "beta2: 0.95", "eps: 1e-07"} <= set(params.splitlines())
     # the probe reads both sides' runs where the benchmark left them
-    probe = load_probe().main(
+    probe = load_benchmark("vs_openclip_probe").main(
         [
             "--dataset", dataset, "--data-dir", str(tmp_path / f"data-{dataset}"), "--folds", "2",
             "--precision", "fp32", f"co={tmp_path / dataset / 'coalign' / 'coalign-seed0'}",
@@ -77,23 +78,22 @@ def test_both_sides_train_two_steps_and_report_finite_figures(tmp_path, dataset)
     assert {k: v["zero_shot"] for k, v in probe["runs"]["co"].items()} == pytest.approx(zero_shot, abs=1e-4)
 
 
-def load_probe():
-    spec = importlib.util.spec_from_file_location(
-        "vs_openclip_probe", BENCH.with_name("vs_openclip_probe.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_linear_probe_reads_a_label_the_features_hold_and_not_one_they_do_not():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 5, 300)
     held = np.eye(5)[y] + 0.15 * rng.standard_normal((300, 5))  # the label, plus noise
     noise = rng.standard_normal((300, 5))
-    probe = load_probe().probe_accuracy
+    probe = load_benchmark("vs_openclip_probe").probe_accuracy
     assert probe(held, y) > 0.98
     assert probe(noise, y) < 0.35  # chance is 0.2
+
+
+def test_the_probe_refuses_a_run_that_is_no_folder_in_one_line(tmp_path, capsys):
+    (tmp_path / "test.csv").write_text("filepath,title,shape,color,size,position\n")
+    with pytest.raises(SystemExit):
+        load_benchmark("vs_openclip_probe").main(["--data-dir", str(tmp_path), f"co={tmp_path / 'nope'}"])
+    (message,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert "NAME=FOLDER" in message and "nope" in message
 
 
 def test_the_two_sides_get_the_same_architecture():
